@@ -1,0 +1,127 @@
+"""Typed, frozen model configs for LaBraM and its VQ-NSP tokenizer.
+
+Defaults are the original's (github 935963004/LaBraM, c431221): the `labram_*` factories in modeling_finetune.py
+and modeling_pretrain.py with the README's fine-tuning flags, and `vqnsp_encoder_*` in modeling_vqnsp.py with the
+README's 8192 x 64 codebook. Variants are small functions returning a config, as big_vision does.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+PATCH_SIZE = 200  # samples per patch: one second at 200 Hz
+NUM_CHANNEL_ROWS = 128  # channel slots of pos_embed; row 0 is the cls token
+MAX_PATCHES = 16  # rows of time_embed: at most 16 one-second patches per channel
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The neural Transformer: fine-tuning model, pretraining student, and tokenizer encoder/decoder."""
+
+    embed_dim: int = 200
+    depth: int = 12
+    num_heads: int = 10
+    mlp_ratio: float = 4.0
+    # TemporalConv width; 25 time steps x out_chans must equal embed_dim.
+    out_chans: int = 8
+    # 0 means TemporalConv over raw 200-sample patches; > 0 is the tokenizer decoder's 1x1 projection of codes.
+    in_chans: int = 0
+    qkv_bias: bool = False
+    qk_norm: bool = True
+    # Layer scale: gamma_1/gamma_2 exist only when init_values > 0 (the tokenizer uses 0).
+    init_values: float = 0.1
+    layer_norm_eps: float = 1e-6
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # The fine-tuning head: 0 = no head (features), 1 = one binary logit, C > 1 = C classes.
+    num_classes: int = 0
+    init_scale: float = 0.001
+    # The pretraining vocabulary (lm_head width); the tokenizer's codebook size.
+    vocab_size: int = 8192
+    # Fused attention backend passed to jax.nn.dot_product_attention: None/'xla' everywhere, 'cudnn' on GPUs.
+    attention: Literal["xla", "cudnn"] | None = None
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+
+    def __post_init__(self) -> None:
+        if self.embed_dim % self.num_heads:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        if self.in_chans == 0 and 25 * self.out_chans != self.embed_dim:
+            raise ValueError(f"TemporalConv gives 25 * out_chans = {25 * self.out_chans} features, "
+                             f"but embed_dim is {self.embed_dim}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.num_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    def replace(self, **changes) -> "TransformerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerConfig:
+    """VQ-NSP: encoder -> task layer -> normalised-EMA codebook -> decoder -> amplitude and phase heads."""
+
+    encoder: TransformerConfig = TransformerConfig(qkv_bias=True, qk_norm=False, init_values=0.0)
+    decoder: TransformerConfig = TransformerConfig(depth=3, in_chans=64, qkv_bias=True, qk_norm=False,
+                                                   init_values=0.0)
+    codebook_size: int = 8192
+    code_dim: int = 64
+    decay: float = 0.99
+    beta: float = 1.0  # commitment weight
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    decoder_out_dim: int = PATCH_SIZE  # one amplitude (or phase) per FFT bin of a patch
+
+    def __post_init__(self) -> None:
+        if self.decoder.in_chans != self.code_dim:
+            raise ValueError(f"decoder.in_chans ({self.decoder.in_chans}) must equal code_dim ({self.code_dim})")
+
+    def replace(self, **changes) -> "TokenizerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# The paper's three sizes (modeling_finetune.py factories; the pretraining factories match).
+def base(**overrides) -> TransformerConfig:
+    """LaBraM-Base, 5.8M parameters."""
+    return TransformerConfig(**overrides)
+
+
+def large(**overrides) -> TransformerConfig:
+    """LaBraM-Large, 46M parameters."""
+    return TransformerConfig(embed_dim=400, depth=24, num_heads=16, out_chans=16).replace(**overrides)
+
+
+def huge(**overrides) -> TransformerConfig:
+    """LaBraM-Huge, 369M parameters."""
+    return TransformerConfig(embed_dim=800, depth=48, num_heads=16, out_chans=32).replace(**overrides)
+
+
+def tiny(**overrides) -> TransformerConfig:
+    """The TINY parity set's size: for tests only."""
+    return TransformerConfig(embed_dim=100, depth=2, num_heads=5, mlp_ratio=2.0, out_chans=4).replace(**overrides)
+
+
+def tokenizer_base(**overrides) -> TokenizerConfig:
+    """vqnsp_encoder_base_decoder_3x200x12 with the README's 8192 x 64 codebook."""
+    return TokenizerConfig(**overrides)
+
+
+def tokenizer_large(**overrides) -> TokenizerConfig:
+    """vqnsp_encoder_large_decoder_3x200x24: a 24-layer encoder, otherwise as base."""
+    return TokenizerConfig(encoder=TokenizerConfig().encoder.replace(depth=24)).replace(**overrides)
+
+
+def tokenizer_tiny(**overrides) -> TokenizerConfig:
+    """The TINY parity set's tokenizer (512 x 64 codebook): for tests only."""
+    kw = dict(embed_dim=100, num_heads=5, mlp_ratio=2.0, qkv_bias=True, qk_norm=False, init_values=0.0)
+    return TokenizerConfig(encoder=TransformerConfig(depth=2, out_chans=4, **kw),
+                           decoder=TransformerConfig(depth=1, in_chans=64, **kw),
+                           codebook_size=512).replace(**overrides)
+
+
+SIZES = {"base": base, "large": large, "huge": huge, "tiny": tiny}

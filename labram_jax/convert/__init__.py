@@ -1,0 +1,55 @@
+"""Move LaBraM weights between the original PyTorch checkpoints and labram-jax models, in both directions."""
+from __future__ import annotations
+
+import os
+
+from labram_jax.convert.pth import read_pth, write_pth
+from labram_jax.convert.state_dict import (Model, Task, build, infer_config, load_state_dict, state_dict,
+                                           student_weights, task_of)
+
+
+def _model_weights(obj: object, source: str) -> dict:
+    """The state dict inside a .pth: `{'model': sd}` (or 'module', 'state_dict', as the original's loaders try)
+    or a bare state dict."""
+    if isinstance(obj, dict):
+        for key in ("model", "module", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if obj and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()):
+            return obj
+    raise ValueError(f"{source}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+
+
+def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classes: int | None = None,
+                 head_dim: int | None = None, seed: int = 0) -> Model:
+    """Load a .pth written by the original code into a ready labram-jax model.
+
+    task: "classify" (NeuralTransformer; also accepts a pretraining checkpoint and keeps its `student.*` weights
+    as the original's fine-tuning loader does, leaving fc_norm and head freshly initialised), "pretrain"
+    (NeuralTransformerForMEM) or "tokenizer" (VQNSP). The architecture is read from the weights' shapes.
+    num_classes sets the head when fine-tuning from a pretraining checkpoint (or replaces a checkpoint's head).
+    head_dim is needed only for tokenizers whose head size is not LaBraM's 20.
+    Raises ValueError naming every missing, unexpected or mis-shaped key: it never loads half a model.
+    """
+    source = os.fspath(path)
+    weights = _model_weights(read_pth(path), source)
+    fresh: tuple[str, ...] = ()
+    if task == "classify" and any(k.startswith("student.") for k in weights):
+        weights, fresh = student_weights(weights), ("fc_norm.", "head.")
+    elif task == "classify" and num_classes is not None and weights.get("head.weight") is not None \
+            and weights["head.weight"].shape[0] != num_classes:
+        # As the original's fine-tuning script: a head of another width is dropped, not loaded.
+        weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+        fresh = ("head.",)
+    cfg = infer_config(weights, task, source, num_classes=num_classes, head_dim=head_dim)
+    model = build(cfg, task, seed)
+    load_state_dict(model, weights, allow_missing=fresh, source=source)
+    return model
+
+
+def to_pytorch(model: Model, path: str | os.PathLike) -> None:
+    """Write `{'model': state_dict}` in the original's key layout; the original loads it with strict=True."""
+    write_pth(path, {"model": state_dict(model)})
+
+
+__all__ = ["from_pytorch", "to_pytorch", "read_pth", "write_pth", "state_dict", "load_state_dict", "task_of"]

@@ -1,0 +1,152 @@
+"""Weights between our Flax models and the original's PyTorch state dicts, key for key.
+
+Parameter paths already read like state-dict keys (`blocks.0.attn.qkv.kernel`), so the mapping is a handful of
+rules: Flax names (`kernel`, `scale`) become torch names (`weight`), kernels are transposed, and the tokenizer's
+nn.Sequential layers are renumbered. Keys come out in torch's order (a module's own tensors, then its children),
+so a written file lists them as the original does.
+"""
+from __future__ import annotations
+
+import collections
+import re
+from typing import Iterator, Literal
+
+import numpy as np
+from flax import nnx
+
+from labram_jax import configs
+from labram_jax.models.labram import LaBraM, LaBraMForMEM
+from labram_jax.models.vqnsp import VQNSP
+
+Task = Literal["classify", "pretrain", "tokenizer"]
+Model = LaBraM | LaBraMForMEM | VQNSP
+
+# nn.Sequential(Linear, Tanh, Linear) and nn.Sequential(Linear, ReLU) number their layers 0 and 2 / 0.
+_RENAMES = ((re.compile(r"(task_layer(?:_angle)?)\.fc1\."), r"\1.0."),
+            (re.compile(r"(task_layer(?:_angle)?)\.fc2\."), r"\1.2."))
+
+
+def _variables(node: nnx.Module, prefix: tuple = ()) -> Iterator[tuple[tuple, nnx.Variable]]:
+    """(path, variable) in torch's state_dict order: a module's own tensors first, then its children."""
+    children = []
+    items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
+    for name, value in items:
+        if isinstance(value, nnx.Variable):
+            yield prefix + (name,), value
+        elif isinstance(value, (nnx.Module, nnx.List)):
+            children.append((name, value))
+    for name, child in children:
+        yield from _variables(child, prefix + (name,))
+
+
+def torch_key(path: tuple) -> str:
+    *parents, leaf = (str(p) for p in path)
+    key = ".".join(parents + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
+    for pattern, repl in _RENAMES:
+        key = pattern.sub(repl, key)
+    return key
+
+
+def _to_torch(path: tuple, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":  # Flax [in, out] / [kh, kw, in, out] -> torch [out, in] / [out, in, kh, kw]
+        value = value.T if value.ndim == 2 else value.transpose(3, 2, 0, 1)
+    return np.ascontiguousarray(value)
+
+
+def _from_torch(path: tuple, value: np.ndarray) -> np.ndarray:
+    if path[-1] == "kernel":
+        value = value.T if value.ndim == 2 else value.transpose(2, 3, 1, 0)
+    return np.ascontiguousarray(value)
+
+
+def state_dict(model: Model) -> "collections.OrderedDict[str, np.ndarray]":
+    """The model's weights in the original's key layout, as numpy arrays."""
+    return collections.OrderedDict((torch_key(path), _to_torch(path, np.asarray(var[...])))
+                                   for path, var in _variables(model))
+
+
+def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missing: tuple[str, ...] = (),
+                    source: str = "checkpoint") -> None:
+    """Copy `weights` into `model`, strictly: one error names every missing, unexpected and mis-shaped key.
+
+    Keys starting with a prefix in `allow_missing` may be absent and keep their fresh initialisation (the
+    original's fine-tuning loader leaves fc_norm and head fresh when it starts from a pretraining checkpoint).
+    """
+    targets = {torch_key(path): (path, var) for path, var in _variables(model)}
+    missing = [k for k in targets if k not in weights and not k.startswith(allow_missing)]
+    unexpected = [k for k in weights if k not in targets]
+    misshaped = [f"{k} {tuple(np.shape(weights[k]))} (expected {_to_torch(p, np.asarray(v[...])).shape})"
+                 for k, (p, v) in targets.items()
+                 if k in weights and tuple(np.shape(weights[k])) != _to_torch(p, np.asarray(v[...])).shape]
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in
+                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    if problems:
+        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+    for key, (path, var) in targets.items():
+        if key in weights:
+            var[...] = _from_torch(path, np.asarray(weights[key])).astype(np.asarray(var[...]).dtype)
+
+
+def _require(weights: dict, keys: list[str], source: str, task: str) -> None:
+    absent = [k for k in keys if k not in weights]
+    if absent:
+        raise ValueError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
+                         f"(found e.g. {', '.join(list(weights)[:5])})")
+
+
+def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, task: str,
+                      head_dim: int | None = None) -> configs.TransformerConfig:
+    """A TransformerConfig from the shapes of one Transformer's weights (keys under `prefix`)."""
+    _require(weights, [prefix + "cls_token", prefix + "blocks.0.mlp.fc1.weight"], source, task)
+    d = weights[prefix + "cls_token"].shape[-1]
+    depth = 1 + max(int(m.group(1)) for k in weights if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k)))
+    q_norm = weights.get(prefix + "blocks.0.attn.q_norm.weight")
+    # Without q/k norm the head count is not in the weights; LaBraM's tokenizers all use head_dim 20.
+    heads = d // (q_norm.shape[0] if q_norm is not None else head_dim or 20)
+    conv1 = weights.get(prefix + "patch_embed.conv1.weight")
+    proj = weights.get(prefix + "patch_embed.proj.weight")
+    head = weights.get(prefix + "head.weight")
+    return configs.TransformerConfig(
+        embed_dim=d, depth=depth, num_heads=heads,
+        mlp_ratio=weights[prefix + "blocks.0.mlp.fc1.weight"].shape[0] / d,
+        out_chans=conv1.shape[0] if conv1 is not None else d // 25,
+        in_chans=proj.shape[1] if proj is not None else 0,
+        qkv_bias=prefix + "blocks.0.attn.q_bias" in weights, qk_norm=q_norm is not None,
+        init_values=0.1 if prefix + "blocks.0.gamma_1" in weights else 0.0,
+        num_classes=head.shape[0] if head is not None else 0,
+        vocab_size=weights[prefix + "lm_head.weight"].shape[0] if prefix + "lm_head.weight" in weights else 8192)
+
+
+def infer_config(weights: dict[str, np.ndarray], task: Task, source: str = "checkpoint", *,
+                 num_classes: int | None = None, head_dim: int | None = None
+                 ) -> configs.TransformerConfig | configs.TokenizerConfig:
+    if task == "pretrain":
+        return infer_transformer(weights, "student.", source, task)
+    if task == "classify":
+        cfg = infer_transformer(weights, "", source, task)
+        return cfg if num_classes is None else cfg.replace(num_classes=num_classes)
+    if task == "tokenizer":
+        _require(weights, ["quantize.embedding.weight"], source, task)
+        codebook_size, code_dim = weights["quantize.embedding.weight"].shape
+        return configs.TokenizerConfig(encoder=infer_transformer(weights, "encoder.", source, task, head_dim),
+                                       decoder=infer_transformer(weights, "decoder.", source, task, head_dim),
+                                       codebook_size=codebook_size, code_dim=code_dim)
+    raise ValueError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
+
+
+def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The original's fine-tuning loader on a pretraining checkpoint: keep `student.*`, strip the prefix, and drop
+    what the fine-tuning model does not have (mask_token, the student's norm and lm_head)."""
+    kept = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
+    return {k: v for k, v in kept.items() if not k.startswith(("mask_token", "norm.", "lm_head."))}
+
+
+def build(cfg: configs.TransformerConfig | configs.TokenizerConfig, task: Task, seed: int = 0) -> Model:
+    rngs = nnx.Rngs(seed)
+    if task == "tokenizer":
+        return VQNSP(cfg, rngs=rngs)
+    return LaBraMForMEM(cfg, rngs=rngs) if task == "pretrain" else LaBraM(cfg, rngs=rngs)
+
+
+def task_of(model: Model) -> Task:
+    return {LaBraM: "classify", LaBraMForMEM: "pretrain", VQNSP: "tokenizer"}[type(model)]

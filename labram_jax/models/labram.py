@@ -1,0 +1,180 @@
+"""LaBraM's neural Transformer: the fine-tuning model and the masked-EEG-modeling (pretraining) model.
+
+Input convention, as the original: x is float32 [B, N, A, 200] (N channels, A one-second patches, the µV signal
+divided by 100) and input_chans is an int array [N+1] of pos_embed rows with a leading 0 for the cls token.
+Tokens are channel-major: token n*A + a is patch a of channel n.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, TransformerConfig
+from labram_jax.models.layers import (FINETUNE_INIT, PRETRAIN_INIT, Block, InitScheme, PatchEmbed, TemporalConv,
+                                      dropout, layer_norm, linear, param, scaled, torch_default_uniform)
+
+
+class Transformer(nnx.Module):
+    """Patch embedding, cls token, channel (pos) and time embeddings, and the blocks.
+
+    A base class rather than a submodule, so parameter paths stay those of the original's state dict.
+    """
+
+    def _build(self, cfg: TransformerConfig, rngs: nnx.Rngs, init: InitScheme) -> None:
+        d = cfg.embed_dim
+        self.cfg = cfg
+        self.patch_embed = TemporalConv(cfg, rngs, init) if cfg.in_chans == 0 else PatchEmbed(cfg, rngs)
+        self.cls_token = param(rngs.params(), (1, 1, d), init.weight, (None, None, "embed"))
+        self.pos_embed = param(rngs.params(), (1, NUM_CHANNEL_ROWS + 1, d), init.weight, (None, None, "embed"))
+        self.time_embed = param(rngs.params(), (1, MAX_PATCHES, d), init.weight, (None, None, "embed"))
+        self.blocks = nnx.List([Block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
+
+    def embed(self, patches: jax.Array, input_chans: jax.Array, num_patches: int, cls_row: jax.Array) -> jax.Array:
+        """cat(cls, patches) + channel embedding, then + time embedding on the patches (the original's order)."""
+        b, _, d = patches.shape
+        pos = self.pos_embed[0][input_chans[1:]]  # [N, D]
+        patch_pos = jnp.repeat(pos, num_patches, axis=0)  # channel-major
+        time = jnp.tile(self.time_embed[0, :num_patches], (pos.shape[0], 1))
+        cls = self.cls_token[...] + self.pos_embed[0][cls_row][None, None]
+        return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches + patch_pos + time], axis=1)
+
+    def run_blocks(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+        if rng is not None:
+            drop_rng, rng = jax.random.split(rng)
+            x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if rng is None else jax.random.fold_in(rng, i))
+        return x
+
+
+def _check_input(x: jax.Array, input_chans: jax.Array) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"x must be [B, N, A, 200] (batch, channels, patches, samples); got shape {x.shape}")
+    if input_chans.shape != (x.shape[1] + 1,):
+        raise ValueError(f"input_chans must have N+1 = {x.shape[1] + 1} entries (a leading 0 for cls); "
+                         f"got shape {input_chans.shape}")
+    if x.shape[2] > MAX_PATCHES:
+        raise ValueError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
+
+
+class LaBraM(Transformer):
+    """The fine-tuning model (the original's NeuralTransformer), also the tokenizer's encoder and decoder.
+
+    Output: head(fc_norm(mean of patch tokens)); the cls token attends but is not pooled. num_classes 0 gives the
+    pooled features, 1 a single binary logit.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        with nnx.use_eager_sharding(False):  # sharding is applied by labram_jax.sharding, from one rule table
+            d = cfg.embed_dim
+            self._build(cfg, rngs, FINETUNE_INIT)
+            self.fc_norm = layer_norm(d, cfg.layer_norm_eps, rngs)
+            if cfg.num_classes > 0:
+                head_init = scaled(FINETUNE_INIT.weight, cfg.init_scale)
+                self.head = linear(d, cfg.num_classes, ("embed", "classes"), rngs, kernel_init=head_init)
+            else:
+                self.head = None
+
+    def tokens(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """All tokens after the last block, before fc_norm: [B, 1 + N*A, D]."""
+        input_chans = jnp.asarray(input_chans)
+        _check_input(x, input_chans)
+        patches = self.patch_embed(x.astype(self.cfg.dtype))
+        h = self.embed(patches, input_chans, x.shape[2], input_chans[0])
+        return self.run_blocks(h, rng)
+
+    def features(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """fc_norm(mean over patch tokens): [B, D], the input of the head."""
+        return self.fc_norm(self.tokens(x, input_chans, rng=rng)[:, 1:].mean(axis=1))
+
+    def patch_features(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """fc_norm of every patch token: [B, N*A, D] (the original's return_patch_tokens)."""
+        return self.fc_norm(self.tokens(x, input_chans, rng=rng)[:, 1:])
+
+    def __call__(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Logits [B, num_classes] (features [B, D] when num_classes is 0). Pass rng to train with dropout."""
+        h = self.features(x, input_chans, rng=rng)
+        return self.head(h) if self.head is not None else h
+
+
+class MaskedEEGModel(Transformer):
+    """The pretraining student (NeuralTransformerForMaskedEEGModeling): a mask token and a final norm."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        d = cfg.embed_dim
+        self._build(cfg, rngs, PRETRAIN_INIT)
+        self.mask_token = param(rngs.params(), (1, 1, d), PRETRAIN_INIT.weight, (None, None, "embed"))
+        self.norm = layer_norm(d, cfg.layer_norm_eps, rngs)
+        # Unused by masked EEG modeling (the wrapper owns the lm_head it trains); kept so checkpoints round-trip.
+        self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight)
+
+    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *,
+                 rng: jax.Array | None = None) -> jax.Array:
+        """norm of all tokens [B, 1 + N*A, D]; mask [B, N*A] is True where a patch is replaced by the mask token."""
+        input_chans = jnp.asarray(input_chans)
+        _check_input(x, input_chans)
+        patches = self.patch_embed(x.astype(self.cfg.dtype))
+        w = mask[..., None].astype(patches.dtype)
+        # The mask token replaces the patch before the embeddings are added: masked patches keep channel and time.
+        patches = patches * (1 - w) + self.mask_token[...] * w
+        # Quirk of the original: the cls slot gets the first channel's row, pos_embed[input_chans[1]], not row 0.
+        h = self.embed(patches, input_chans, x.shape[2], input_chans[1])
+        return self.norm(self.run_blocks(h, rng))
+
+
+class LaBraMForMEM(nnx.Module):
+    """Masked EEG modeling: predict the tokenizer's codes of masked patches, then the symmetric pass."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        with nnx.use_eager_sharding(False):
+            d = cfg.embed_dim
+            self.cfg = cfg
+            self.student = MaskedEEGModel(cfg, rngs)
+            # lm_head.bias and projection_head keep PyTorch's default init: only the student is re-initialised.
+            self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight,
+                                  bias_init=torch_default_uniform(d))
+            # Unused by the original's forward; kept so checkpoints round-trip.
+            self.projection_head = nnx.List([linear(d, d, ("embed", "embed"), rngs,
+                                                    kernel_init=torch_default_uniform(d),
+                                                    bias_init=torch_default_uniform(d))])
+
+    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """Logits of the masked patches [B, M, V] and, from the second pass with ~mask, of the others [B, L-M, V].
+
+        Every row of `mask` must hold the same number M of True entries, as the original's random_masking makes;
+        row-major flattening of the outputs gives the original's boolean-index order.
+        """
+        num_masked = masked_count(mask)
+        rngs = (None, None) if rng is None else jax.random.split(rng)
+        tokens = self.student(x, input_chans, mask, rng=rngs[0])[:, 1:]
+        tokens_sym = self.student(x, input_chans, ~mask, rng=rngs[1])[:, 1:]
+        x_rec = self.lm_head(select(tokens, mask, num_masked))
+        x_rec_sym = self.lm_head(select(tokens_sym, ~mask, mask.shape[1] - num_masked))
+        return x_rec, x_rec_sym
+
+
+def masked_count(mask: jax.Array) -> int:
+    """The static number of masked patches per row; the original masks exactly L - int(L * 0.5)."""
+    length = mask.shape[1]
+    return length - int(length * 0.5)
+
+
+def select(values: jax.Array, mask: jax.Array, count: int) -> jax.Array:
+    """values[mask] with a static shape [B, count, ...]: the True positions of each row, in order."""
+    order = jnp.argsort(~mask, axis=1, stable=True)[:, :count]
+    return jnp.take_along_axis(values, order.reshape(order.shape + (1,) * (values.ndim - 2)), axis=1)
+
+
+def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
+    """Cross-entropy on both passes, summed (engine_for_pretraining.py); tokens [B, N*A] from the tokenizer."""
+    labels = select(tokens, mask, x_rec.shape[1])
+    labels_sym = select(tokens, ~mask, x_rec_sym.shape[1])
+
+    def ce(logits, y):
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        return -jnp.take_along_axis(logp, y[..., None], axis=-1).mean()
+
+    loss_rec, loss_rec_sym = ce(x_rec, labels), ce(x_rec_sym, labels_sym)
+    return {"loss": loss_rec + loss_rec_sym, "loss_rec": loss_rec, "loss_rec_sym": loss_rec_sym}

@@ -1,0 +1,247 @@
+"""The building blocks LaBraM shares with its tokenizer: patch embeddings, attention, MLP, Transformer block.
+
+Attribute names follow the original PyTorch modules (github 935963004/LaBraM, modeling_finetune.py) so that a
+parameter's path reads like its state-dict key. Every parameter carries logical axis names; `sharding.py` maps
+them onto a device mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from labram_jax.configs import TransformerConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def trunc_normal(std: float = 0.02, bound: float = 2.0) -> Initializer:
+    """timm's trunc_normal_(std, a=-bound, b=bound) with *absolute* bounds.
+
+    The fine-tuning model and the tokenizer use timm's default bound of 2.0 (i.e. 100 sigma: untruncated); the
+    pretraining model truncates at one sigma (bound = std).
+    """
+    def init(key, shape, dtype=jnp.float32):
+        return std * jax.random.truncated_normal(key, -bound / std, bound / std, shape, dtype)
+    return init
+
+
+def torch_default_uniform(fan_in: int) -> Initializer:
+    """PyTorch's default Linear/Conv init (kaiming_uniform with a=sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def scaled(init: Initializer, factor: float) -> Initializer:
+    return lambda key, shape, dtype=jnp.float32: init(key, shape, dtype) * factor
+
+
+def sharded(init: Initializer, *names: str | None) -> Initializer:
+    return nnx.with_partitioning(init, names)
+
+
+def linear(in_dim: int, out_dim: int, names: tuple[str | None, str | None], rngs: nnx.Rngs, *,
+           kernel_init: Initializer, bias_init: Initializer = nnx.initializers.zeros_init(), use_bias: bool = True,
+           dtype: str = "float32") -> nnx.Linear:
+    return nnx.Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
+                      kernel_init=sharded(kernel_init, *names), bias_init=sharded(bias_init, names[1]),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, names: tuple[str | None] = ("norm",)) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs,
+                         scale_init=sharded(nnx.initializers.ones_init(), *names),
+                         bias_init=sharded(nnx.initializers.zeros_init(), *names))
+
+
+def param(key: jax.Array, shape: tuple[int, ...], init: Initializer, names: tuple[str | None, ...]) -> nnx.Param:
+    return nnx.Param(init(key, shape), out_sharding=names)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth as timm's drop_path: drop the whole residual branch per sample, rescale the rest."""
+    if rate == 0.0 or rng is None:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=False)  # torch's nn.GELU is the exact erf form
+
+
+@dataclasses.dataclass(frozen=True)
+class InitScheme:
+    """How the original initialises a model; the fine-tuning and pretraining scripts differ."""
+
+    trunc_bound: float  # timm's absolute bound: 2.0 (fine-tune, tokenizer) or 0.02 = one sigma (pretraining)
+    torch_default_convs: bool  # fine-tune/tokenizer leave Conv2d at PyTorch's default; pretraining re-inits it
+
+    @property
+    def weight(self) -> Initializer:
+        return trunc_normal(0.02, self.trunc_bound)
+
+
+FINETUNE_INIT = InitScheme(trunc_bound=2.0, torch_default_convs=True)
+PRETRAIN_INIT = InitScheme(trunc_bound=0.02, torch_default_convs=False)
+
+
+class TemporalConv(nnx.Module):
+    """Patch embedding of raw EEG: three conv -> GroupNorm -> GELU stages along time.
+
+    The original runs Conv2d over a [B, 1, N*A, 200] image, so GroupNorm statistics span every token of a sample;
+    and it flattens the output time-major, feature = t * out_chans + c. Both are reproduced here.
+    """
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, init: InitScheme):
+        c = cfg.out_chans
+
+        def conv(cin: int, width: int, stride: int) -> nnx.Conv:
+            if init.torch_default_convs:
+                kernel_init = bias_init = torch_default_uniform(cin * width)
+            else:
+                kernel_init, bias_init = init.weight, nnx.initializers.zeros_init()
+            return nnx.Conv(cin, c, kernel_size=(1, width), strides=(1, stride), padding=((0, 0), (width // 2,) * 2),
+                            kernel_init=sharded(kernel_init, None, None, None, None),
+                            bias_init=sharded(bias_init, None),
+                            precision=jax.lax.Precision.HIGHEST, dtype=cfg.dtype, rngs=rngs)
+
+        def group_norm() -> nnx.GroupNorm:
+            return nnx.GroupNorm(c, num_groups=4, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
+                                 scale_init=sharded(nnx.initializers.ones_init(), None),
+                                 bias_init=sharded(nnx.initializers.zeros_init(), None))
+
+        self.conv1, self.norm1 = conv(1, 15, 8), group_norm()
+        self.conv2, self.norm2 = conv(c, 3, 1), group_norm()
+        self.conv3, self.norm3 = conv(c, 3, 1), group_norm()
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, a, t = x.shape
+        h = x.reshape(b, n * a, t, 1)  # NHWC: H = token, W = time
+        for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2), (self.conv3, self.norm3)):
+            h = gelu(norm(conv(h)))
+        return h.reshape(b, n * a, -1)  # [B, NA, T, C] -> (T C)
+
+
+class PatchEmbed(nnx.Module):
+    """The tokenizer decoder's patch embedding: a 1x1 convolution of the code vectors (a per-token linear map)."""
+
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
+        init = torch_default_uniform(cfg.in_chans)
+        self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(1, 1),
+                             kernel_init=sharded(init, None, None, "code", "embed"),
+                             bias_init=sharded(init, "embed"),
+                             precision=jax.lax.Precision.HIGHEST, dtype=cfg.dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, a, _ = x.shape  # [B, N, A, code_dim]
+        return self.proj(x).reshape(b, n * a, -1)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, weight_init: Initializer, proj_init: Initializer):
+        d = cfg.embed_dim
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.attention, self.attn_drop_rate, self.drop_rate = cfg.attention, cfg.attn_drop_rate, cfg.drop_rate
+        self.qkv = linear(d, 3 * d, ("embed", "qkv"), rngs, kernel_init=weight_init, use_bias=False, dtype=cfg.dtype)
+        # The original has q and v biases but no k bias (it concatenates zeros in the middle).
+        self.q_bias = nnx.Param(jnp.zeros((d,)), out_sharding=("qkv",)) if cfg.qkv_bias else None
+        self.v_bias = nnx.Param(jnp.zeros((d,)), out_sharding=("qkv",)) if cfg.qkv_bias else None
+        self.q_norm = layer_norm(cfg.head_dim, cfg.layer_norm_eps, rngs, (None,)) if cfg.qk_norm else None
+        self.k_norm = layer_norm(cfg.head_dim, cfg.layer_norm_eps, rngs, (None,)) if cfg.qk_norm else None
+        self.proj = linear(d, d, ("qkv", "embed"), rngs, kernel_init=proj_init, dtype=cfg.dtype)
+
+    def __call__(self, x: jax.Array, rngs: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        b, l, d = x.shape
+        qkv = self.qkv(x)
+        if self.q_bias is not None:
+            qkv = qkv + jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.v_bias[...]), self.v_bias[...]])
+        qkv = qkv.reshape(b, l, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, hd]
+        if self.q_norm is not None:  # per-head LayerNorm before the 1/sqrt(hd) scaling, as the original
+            q, k = self.q_norm(q), self.k_norm(k)
+        attn_rng, proj_rng = rngs if rngs is not None else (None, None)
+        if self.attn_drop_rate > 0.0 and attn_rng is not None:
+            out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng)
+        else:
+            out = fused_attention(q, k, v, self.attention)
+        return dropout(self.proj(out.reshape(b, l, d)), self.drop_rate, proj_rng)
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
+    """jax.nn.dot_product_attention, so GPUs get cuDNN's fused kernel.
+
+    cuDNN needs head_dim % 8 == 0 and LaBraM's head dims (20, 25, 50) are not; zero-padding q, k and v changes
+    no score (the padded coordinates add 0 to q.k) and only appends zero output columns, which we slice off.
+    The scale stays 1/sqrt(real head_dim).
+    """
+    hd = q.shape[-1]
+    pad = (-hd) % 8 if implementation == "cudnn" else 0
+    if pad:
+        widths = ((0, 0),) * 3 + ((0, pad),)
+        q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=implementation)
+    return out[..., :hd]
+
+
+def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """The explicit softmax path, only for training with attention dropout (no fused kernel takes a dropout)."""
+    scores = jnp.einsum("blhd,bmhd->bhlm", q * q.shape[-1] ** -0.5, k, precision=jax.lax.Precision.HIGHEST)
+    probs = dropout(jax.nn.softmax(scores, axis=-1), rate, rng)
+    return jnp.einsum("bhlm,bmhd->blhd", probs, v, precision=jax.lax.Precision.HIGHEST)
+
+
+class Mlp(nnx.Module):
+    def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs, weight_init: Initializer, fc2_init: Initializer):
+        self.drop_rate = cfg.drop_rate
+        self.fc1 = linear(cfg.embed_dim, cfg.mlp_dim, ("embed", "mlp"), rngs, kernel_init=weight_init, dtype=cfg.dtype)
+        self.fc2 = linear(cfg.mlp_dim, cfg.embed_dim, ("mlp", "embed"), rngs, kernel_init=fc2_init, dtype=cfg.dtype)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        # The original has no dropout between fc1 and fc2 (it is commented out there).
+        return dropout(self.fc2(gelu(self.fc1(x))), self.drop_rate, rng)
+
+
+class Block(nnx.Module):
+    """Pre-norm Transformer block with optional layer scale (gamma) and stochastic depth."""
+
+    def __init__(self, cfg: TransformerConfig, layer: int, rngs: nnx.Rngs, init: InitScheme):
+        d = cfg.embed_dim
+        weight_init = init.weight
+        # fix_init_weight: the residual projections of block `layer` (1-based) are divided by sqrt(2 * layer).
+        rescaled = scaled(weight_init, 1.0 / math.sqrt(2.0 * layer))
+        self.drop_path_rate = cfg.drop_path_rate * (layer - 1) / max(cfg.depth - 1, 1)  # torch.linspace rule
+        self.norm1 = layer_norm(d, cfg.layer_norm_eps, rngs)
+        self.attn = Attention(cfg, rngs, weight_init, rescaled)
+        self.norm2 = layer_norm(d, cfg.layer_norm_eps, rngs)
+        self.mlp = Mlp(cfg, rngs, weight_init, rescaled)
+        if cfg.init_values > 0:
+            self.gamma_1 = nnx.Param(jnp.full((d,), cfg.init_values), out_sharding=("norm",))
+            self.gamma_2 = nnx.Param(jnp.full((d,), cfg.init_values), out_sharding=("norm",))
+        else:
+            self.gamma_1 = self.gamma_2 = None
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        keys = jax.random.split(rng, 5) if rng is not None else [None] * 5
+        h = self.attn(self.norm1(x), (keys[0], keys[1]))
+        if self.gamma_1 is not None:
+            h = self.gamma_1[...] * h
+        x = x + drop_path(h, self.drop_path_rate, keys[2])
+        h = self.mlp(self.norm2(x), keys[3])
+        if self.gamma_2 is not None:
+            h = self.gamma_2[...] * h
+        return x + drop_path(h, self.drop_path_rate, keys[4])
