@@ -182,15 +182,17 @@ class Attention(nnx.Module):
         return dropout(self.proj(out.reshape(b, l, d)), self.drop_rate, proj_rng)
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None) -> jax.Array:
-    """jax.nn.dot_product_attention, so GPUs get cuDNN's fused kernel.
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None,
+                    head_multiple: int | None = None) -> jax.Array:
+    """jax.nn.dot_product_attention on [B, L, H, hd], so GPUs get cuDNN's fused kernel.
 
-    cuDNN needs head_dim % 8 == 0 and LaBraM's head dims (20, 25, 50) are not; zero-padding q, k and v changes
-    no score (the padded coordinates add 0 to q.k) and only appends zero output columns, which we slice off.
-    The scale stays 1/sqrt(real head_dim).
+    cuDNN needs head_dim % 8 == 0 and LaBraM's head dims (20, 25, 50) are not; zero-padding q, k and v to
+    `head_multiple` (8 for cuDNN) changes no score (the padded coordinates add 0 to q.k) and only appends zero
+    output columns, which are sliced off. The scale stays 1/sqrt(real head_dim).
     """
     hd = q.shape[-1]
-    pad = (-hd) % 8 if implementation == "cudnn" else 0
+    multiple = head_multiple or (8 if implementation == "cudnn" else 1)
+    pad = (-hd) % multiple
     if pad:
         widths = ((0, 0),) * 3 + ((0, pad),)
         q, k, v = (jnp.pad(t, widths) for t in (q, k, v))

@@ -1,0 +1,94 @@
+"""Where arrays live on a device mesh. The rule table below is the one place where sharding is decided.
+
+Layers name the axes of their parameters (`embed`, `mlp`, `qkv`, ...); the table maps each name to mesh axes.
+The mesh has a `data` axis (pure data parallelism), an `fsdp` axis (data parallel with parameters and optimizer
+state sharded along `embed`), and an optional `tensor` axis (Megatron-style split of attention and MLP widths).
+The same program runs on 1 CPU, 8 GPUs or a TPU pod; only the mesh shape changes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("qkv", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("classes", None),
+    ("norm", None),  # LayerNorm, layer scale: tiny, replicated
+    # Every device must hold the same codebook; it is small (8192 x 64), so it is replicated.
+    ("codebook", None),
+    ("code", None),
+)
+
+
+def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all); -1 takes the devices left over."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = [data, fsdp, tensor]
+    if shape.count(-1) > 1:
+        raise ValueError("at most one mesh axis may be -1")
+    known = math.prod(s for s in shape if s != -1)
+    if -1 in shape:
+        shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) != len(devices):
+        raise ValueError(f"mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs "
+                         f"{math.prod(shape)} devices, but {len(devices)} are given")
+    # Auto axes: GSPMD propagates shardings through FSDP matmuls (Explicit axes reject them).
+    return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+    """The PartitionSpec for an array with these logical axis names.
+
+    A mesh axis is used only where it splits something (size > 1), divides the dimension and is not used by an
+    earlier dimension, so odd sizes (a 25-wide dimension on 4 devices) fall back to replication, not failure.
+    """
+    table = dict(rules)
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(names, shape):
+        targets = table.get(name) if name is not None else None
+        targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
+        chosen = []
+        for axis in targets:
+            if (mesh.shape.get(axis, 1) > 1 and axis not in used
+                    and size % (mesh.shape[axis] * _prod(mesh, chosen)) == 0):
+                chosen.append(axis)
+        used.update(chosen)
+        spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
+    return PartitionSpec(*spec)
+
+
+def _prod(mesh: Mesh, axes: Sequence[str]) -> int:
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """A NamedSharding for every variable of a model's state, from its logical axis names."""
+    def sharding(var: nnx.Variable) -> NamedSharding:
+        value = var[...]
+        names = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
+        return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh))
+    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
+    """Place a model's state on the mesh by the rule table."""
+    return jax.device_put(state, state_shardings(state, mesh))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Batches split their leading axis over every data-parallel device (data x fsdp)."""
+    axes = tuple(a for a in dict(LOGICAL_AXIS_RULES)["batch"] if mesh.shape.get(a, 1) > 1)
+    return NamedSharding(mesh, PartitionSpec(axes or None))
