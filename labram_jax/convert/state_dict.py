@@ -128,9 +128,11 @@ def infer_config(weights: dict[str, np.ndarray], task: Task, source: str = "chec
     if task == "tokenizer":
         _require(weights, ["quantize.embedding.weight"], source, task)
         codebook_size, code_dim = weights["quantize.embedding.weight"].shape
+        initted = weights.get("quantize.embedding.initted")
         return configs.TokenizerConfig(encoder=infer_transformer(weights, "encoder.", source, task, head_dim),
                                        decoder=infer_transformer(weights, "decoder.", source, task, head_dim),
-                                       codebook_size=codebook_size, code_dim=code_dim)
+                                       codebook_size=codebook_size, code_dim=code_dim,
+                                       kmeans_init=initted is not None and not np.asarray(initted).any())
     raise ValueError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
 
 

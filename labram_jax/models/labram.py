@@ -21,11 +21,13 @@ class Transformer(nnx.Module):
     A base class rather than a submodule, so parameter paths stay those of the original's state dict.
     """
 
-    def _build(self, cfg: TransformerConfig, rngs: nnx.Rngs, init: InitScheme) -> None:
+    def _build(self, cfg: TransformerConfig, rngs: nnx.Rngs, init: InitScheme, mask_token: bool = False) -> None:
         d = cfg.embed_dim
         self.cfg = cfg
         self.patch_embed = TemporalConv(cfg, rngs, init) if cfg.in_chans == 0 else PatchEmbed(cfg, rngs)
         self.cls_token = param(rngs.params(), (1, 1, d), init.weight, (None, None, "embed"))
+        if mask_token:  # defined here so state dicts list it where the original does, after cls_token
+            self.mask_token = param(rngs.params(), (1, 1, d), init.weight, (None, None, "embed"))
         self.pos_embed = param(rngs.params(), (1, NUM_CHANNEL_ROWS + 1, d), init.weight, (None, None, "embed"))
         self.time_embed = param(rngs.params(), (1, MAX_PATCHES, d), init.weight, (None, None, "embed"))
         self.blocks = nnx.List([Block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
@@ -103,8 +105,7 @@ class MaskedEEGModel(Transformer):
 
     def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
         d = cfg.embed_dim
-        self._build(cfg, rngs, PRETRAIN_INIT)
-        self.mask_token = param(rngs.params(), (1, 1, d), PRETRAIN_INIT.weight, (None, None, "embed"))
+        self._build(cfg, rngs, PRETRAIN_INIT, mask_token=True)
         self.norm = layer_norm(d, cfg.layer_norm_eps, rngs)
         # Unused by masked EEG modeling (the wrapper owns the lm_head it trains); kept so checkpoints round-trip.
         self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight)
