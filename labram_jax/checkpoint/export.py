@@ -1,0 +1,133 @@
+"""A parameters-only export: every model variable as an Orbax checkpoint, beside `labram.json` that rebuilds it.
+
+Layout: `<dir>/labram.json` ({"format", "version", "task", "config"}) and `<dir>/state/` (Orbax, the nested dict
+of `nnx.to_pure_dict(nnx.state(model))`: Params and the tokenizer's Codebook state). No optimizer, no step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from labram_jax.configs import TokenizerConfig, TransformerConfig
+from labram_jax.convert.state_dict import Model, build, task_of
+
+FORMAT = "labram-jax/params"
+VERSION = 1
+META = "labram.json"
+STATE = "state"
+TASKS = ("classify", "pretrain", "tokenizer")
+
+
+def save_model(model: Model, directory: str | os.PathLike) -> Path:
+    """Write `model` to `directory`, which must not exist or be empty; returns its absolute path.
+
+    Everything is written into a sibling `<dir>.tmp-<pid>` and renamed into place, so an interrupted save leaves
+    no directory that `load_model` accepts.
+    """
+    target = Path(directory).resolve()
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ValueError(f"{target}: already exists and is not an empty directory")
+    meta = {"format": FORMAT, "version": VERSION, "task": task_of(model), "config": dataclasses.asdict(model.cfg)}
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / STATE, nnx.to_pure_dict(nnx.state(model)))
+            checkpointer.wait_until_finished()
+        _write_meta(tmp, meta)
+        if target.exists():
+            target.rmdir()
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def _write_meta(path: Path, meta: dict) -> None:
+    (path / META).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / META).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: not a labram-jax export (no {META})") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: unreadable {META}: {error}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ValueError(f"{path}: {META} is not a {FORMAT} export")
+    if meta.get("version") != VERSION:
+        raise ValueError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads version {VERSION}")
+    if meta.get("task") not in TASKS:
+        raise ValueError(f"{path}: unknown task {meta.get('task')!r} in {META}")
+    return meta
+
+
+def _config(meta: dict, path: Path) -> TransformerConfig | TokenizerConfig:
+    try:
+        raw = dict(meta["config"])
+        if meta["task"] == "tokenizer":
+            raw["encoder"] = TransformerConfig(**raw["encoder"])
+            raw["decoder"] = TransformerConfig(**raw["decoder"])
+            return TokenizerConfig(**raw)
+        return TransformerConfig(**raw)
+    except (KeyError, TypeError, ValueError) as error:
+        raise ValueError(f"{path}: invalid config in {META}: {error}") from None
+
+
+def _flat(tree: object) -> dict[str, tuple[tuple[int, ...], str]]:
+    """{'blocks.0.attn.qkv.kernel': (shape, dtype)} for a tree of arrays or of Orbax array metadata."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(getattr(k, "key", k)) for k in keys): (tuple(leaf.shape), str(leaf.dtype))
+            for keys, leaf in leaves}
+
+
+def _check_stored(stored: object, expected: object, path: Path, task: str) -> None:
+    have, want = _flat(stored), _flat(expected)
+    problems = [f"{label}: {', '.join(keys)}" for label, keys in (
+        ("missing", [k for k in want if k not in have]),
+        ("unexpected", [k for k in have if k not in want]),
+        ("wrong shape or dtype", [f"{k} {have[k]} (expected {want[k]})" for k in want
+                                  if k in have and have[k] != want[k]])) if keys]
+    if problems:
+        raise ValueError(f"{path}: stored arrays do not match the {task} model of its config: " + "; ".join(problems))
+
+
+def load_model(directory: str | os.PathLike) -> Model:
+    """The model saved in `directory` by `save_model`, restored onto the default device."""
+    path = Path(directory).resolve()
+    meta = _read_meta(path)
+    model = build(_config(meta, path), meta["task"])
+    state = nnx.state(model)
+    expected = nnx.to_pure_dict(state)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), expected)
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            stored = checkpointer.metadata(path / STATE).item_metadata
+        except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types
+            raise ValueError(f"{path}: no readable Orbax state: {' '.join(str(error).split())}") from None
+        _check_stored(stored, expected, path, meta["task"])
+        restored = checkpointer.restore(path / STATE, target)
+    nnx.replace_by_pure_dict(state, restored)
+    nnx.update(model, state)
+    return model
+
+
+def is_export(directory: str | os.PathLike) -> bool:
+    """Whether `directory` looks like a `save_model` export (its labram.json names the format)."""
+    path = Path(directory)
+    try:
+        _read_meta(path)
+    except ValueError:
+        return False
+    return (path / STATE).is_dir()
