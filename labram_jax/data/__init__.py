@@ -1,0 +1,1 @@
+"""Preprocessed EEG windows on disk (ArrayRecord shards) and the grain pipelines that read them."""
