@@ -49,7 +49,7 @@ def test_finetune_model(ref: Path):
     assert rel(model(x, chans), out["logits"]) <= 1e-4
     assert rel(model.features(x, chans), out["pooled"]) <= 1e-4
 
-    patches = model.patch_embed(x)
+    patches, _, _ = model.patch_tokens(x, chans, None)
     assert rel(patches, out["patch_embed"]) <= 1e-5
     h = model.embed(patches, chans, x.shape[2], chans[0])
     assert rel(h, out["embed_in"]) <= 1e-5

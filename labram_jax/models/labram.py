@@ -33,31 +33,59 @@ class Transformer(nnx.Module):
         self.blocks = nnx.List([Block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
 
     def embed(self, patches: jax.Array, input_chans: jax.Array, num_patches: int, cls_row: jax.Array) -> jax.Array:
-        """cat(cls, patches) + channel embedding, then + time embedding on the patches (the original's order)."""
+        """cat(cls, patches) + channel embedding, then + time embedding on the patches (the original's order).
+
+        input_chans is [N+1] (one montage for the batch) or [B, N+1]; cls_row, [] or [B], is the pos_embed row the
+        cls token gets. A shared montage is gathered once and broadcast, which also keeps the batch sharding
+        that GSPMD propagates from the patches.
+        """
         b, _, d = patches.shape
-        pos = self.pos_embed[0][input_chans[1:]]  # [N, D]
-        patch_pos = jnp.repeat(pos, num_patches, axis=0)  # channel-major
-        time = jnp.tile(self.time_embed[0, :num_patches], (pos.shape[0], 1))
-        cls = self.cls_token[...] + self.pos_embed[0][cls_row][None, None]
+        if input_chans.ndim == 1:
+            input_chans, cls_row = input_chans[None], cls_row[None]
+        pos = self.pos_embed[0][input_chans[:, 1:]]  # [B or 1, N, D]
+        patch_pos = jnp.repeat(pos, num_patches, axis=1)  # channel-major
+        time = jnp.tile(self.time_embed[0, :num_patches], (pos.shape[1], 1))
+        cls = self.cls_token[...] + self.pos_embed[0][cls_row][:, None]
         return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches + patch_pos + time], axis=1)
 
-    def run_blocks(self, x: jax.Array, rng: jax.Array | None) -> jax.Array:
+    def run_blocks(self, x: jax.Array, padding: jax.Array | None, rng: jax.Array | None) -> jax.Array:
+        """The blocks over [B, 1+L, D]; padding [B, L] (True = real patch) hides padded tokens as keys."""
+        keys = None if padding is None else jnp.pad(padding, ((0, 0), (1, 0)), constant_values=True)
         if rng is not None:
             drop_rng, rng = jax.random.split(rng)
             x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
         for i, block in enumerate(self.blocks):
-            x = block(x, None if rng is None else jax.random.fold_in(rng, i))
+            x = block(x, keys, None if rng is None else jax.random.fold_in(rng, i))
         return x
 
+    def patch_tokens(self, x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
+                     ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+        """Checked inputs -> (patch embeddings [B, N*A, D], input_chans, padding [B, N*A] or None)."""
+        input_chans = jnp.asarray(input_chans)
+        _check_input(x, input_chans, padding)
+        b, n, a = x.shape[:3]
+        padding = None if padding is None else jnp.asarray(padding, bool).reshape(b, n * a)
+        return self.patch_embed(x.astype(self.cfg.dtype), padding), input_chans, padding
 
-def _check_input(x: jax.Array, input_chans: jax.Array) -> None:
+
+def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None) -> None:
     if x.ndim != 4:
         raise ValueError(f"x must be [B, N, A, 200] (batch, channels, patches, samples); got shape {x.shape}")
-    if input_chans.shape != (x.shape[1] + 1,):
-        raise ValueError(f"input_chans must have N+1 = {x.shape[1] + 1} entries (a leading 0 for cls); "
-                         f"got shape {input_chans.shape}")
+    if input_chans.shape not in ((x.shape[1] + 1,), (x.shape[0], x.shape[1] + 1)):
+        raise ValueError(f"input_chans must be [N+1] or [B, N+1] with N+1 = {x.shape[1] + 1} (a leading 0 for "
+                         f"cls); got shape {input_chans.shape}")
     if x.shape[2] > MAX_PATCHES:
         raise ValueError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
+    if padding is not None and tuple(padding.shape) != tuple(x.shape[:3]):
+        raise ValueError(f"mask must be [B, N, A] = {tuple(x.shape[:3])}; got shape {tuple(padding.shape)}")
+
+
+def pool(tokens: jax.Array, padding: jax.Array | None) -> jax.Array:
+    """Mean over patch tokens [B, L, D], over the real ones only when there is padding."""
+    if padding is None:
+        return tokens.mean(axis=1)
+    weights = padding[..., None].astype(tokens.dtype)
+    return (tokens * weights).sum(axis=1) / jnp.maximum(weights.sum(axis=1), 1)
 
 
 class LaBraM(Transformer):
@@ -78,25 +106,32 @@ class LaBraM(Transformer):
             else:
                 self.head = None
 
-    def tokens(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        """All tokens after the last block, before fc_norm: [B, 1 + N*A, D]."""
-        input_chans = jnp.asarray(input_chans)
-        _check_input(x, input_chans)
-        patches = self.patch_embed(x.astype(self.cfg.dtype))
-        h = self.embed(patches, input_chans, x.shape[2], input_chans[0])
-        return self.run_blocks(h, rng)
+    def tokens(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
+               rng: jax.Array | None = None) -> jax.Array:
+        """All tokens after the last block, before fc_norm: [B, 1 + N*A, D].
 
-    def features(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        mask [B, N, A] (True = real patch) marks padding in batches of mixed montages and lengths: padded patches
+        take no part in GroupNorm statistics, attention or pooling, so real tokens come out as without padding.
+        """
+        patches, input_chans, padding = self.patch_tokens(x, input_chans, mask)
+        h = self.embed(patches, input_chans, x.shape[2], input_chans[..., 0])
+        return self.run_blocks(h, padding, rng)
+
+    def features(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
+                 rng: jax.Array | None = None) -> jax.Array:
         """fc_norm(mean over patch tokens): [B, D], the input of the head."""
-        return self.fc_norm(self.tokens(x, input_chans, rng=rng)[:, 1:].mean(axis=1))
+        padding = None if mask is None else jnp.asarray(mask, bool).reshape(x.shape[0], -1)
+        return self.fc_norm(pool(self.tokens(x, input_chans, mask=mask, rng=rng)[:, 1:], padding))
 
-    def patch_features(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    def patch_features(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
+                       rng: jax.Array | None = None) -> jax.Array:
         """fc_norm of every patch token: [B, N*A, D] (the original's return_patch_tokens)."""
-        return self.fc_norm(self.tokens(x, input_chans, rng=rng)[:, 1:])
+        return self.fc_norm(self.tokens(x, input_chans, mask=mask, rng=rng)[:, 1:])
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
+                 rng: jax.Array | None = None) -> jax.Array:
         """Logits [B, num_classes] (features [B, D] when num_classes is 0). Pass rng to train with dropout."""
-        h = self.features(x, input_chans, rng=rng)
+        h = self.features(x, input_chans, mask=mask, rng=rng)
         return self.head(h) if self.head is not None else h
 
 
@@ -110,18 +145,19 @@ class MaskedEEGModel(Transformer):
         # Unused by masked EEG modeling (the wrapper owns the lm_head it trains); kept so checkpoints round-trip.
         self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight)
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *,
+    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *, padding: jax.Array | None = None,
                  rng: jax.Array | None = None) -> jax.Array:
-        """norm of all tokens [B, 1 + N*A, D]; mask [B, N*A] is True where a patch is replaced by the mask token."""
-        input_chans = jnp.asarray(input_chans)
-        _check_input(x, input_chans)
-        patches = self.patch_embed(x.astype(self.cfg.dtype))
+        """norm of all tokens [B, 1 + N*A, D]; mask [B, N*A] is True where a patch is replaced by the mask token.
+
+        padding [B, N, A] (True = real patch), as LaBraM's `mask`, hides padded patches.
+        """
+        patches, input_chans, padding = self.patch_tokens(x, input_chans, padding)
         w = mask[..., None].astype(patches.dtype)
         # The mask token replaces the patch before the embeddings are added: masked patches keep channel and time.
         patches = patches * (1 - w) + self.mask_token[...] * w
         # Quirk of the original: the cls slot gets the first channel's row, pos_embed[input_chans[1]], not row 0.
-        h = self.embed(patches, input_chans, x.shape[2], input_chans[1])
-        return self.norm(self.run_blocks(h, rng))
+        h = self.embed(patches, input_chans, x.shape[2], input_chans[..., 1])
+        return self.norm(self.run_blocks(h, padding, rng))
 
 
 class LaBraMForMEM(nnx.Module):
@@ -140,17 +176,21 @@ class LaBraMForMEM(nnx.Module):
                                                     kernel_init=torch_default_uniform(d),
                                                     bias_init=torch_default_uniform(d))])
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *,
+    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *, padding: jax.Array | None = None,
                  rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """Logits of the masked patches [B, M, V] and, from the second pass with ~mask, of the others [B, L-M, V].
 
         Every row of `mask` must hold the same number M of True entries, as the original's random_masking makes;
-        row-major flattening of the outputs gives the original's boolean-index order.
+        row-major flattening of the outputs gives the original's boolean-index order. With `padding` [B, N, A]
+        (True = real patch) rows may differ, so both passes return logits for every patch [B, L, V]; mem_loss
+        then scores the masked real patches of the first and the unmasked real patches of the second.
         """
-        num_masked = masked_count(mask)
         rngs = (None, None) if rng is None else jax.random.split(rng)
-        tokens = self.student(x, input_chans, mask, rng=rngs[0])[:, 1:]
-        tokens_sym = self.student(x, input_chans, ~mask, rng=rngs[1])[:, 1:]
+        tokens = self.student(x, input_chans, mask, padding=padding, rng=rngs[0])[:, 1:]
+        tokens_sym = self.student(x, input_chans, ~mask, padding=padding, rng=rngs[1])[:, 1:]
+        if padding is not None:
+            return self.lm_head(tokens), self.lm_head(tokens_sym)
+        num_masked = masked_count(mask)
         x_rec = self.lm_head(select(tokens, mask, num_masked))
         x_rec_sym = self.lm_head(select(tokens_sym, ~mask, mask.shape[1] - num_masked))
         return x_rec, x_rec_sym
@@ -168,14 +208,25 @@ def select(values: jax.Array, mask: jax.Array, count: int) -> jax.Array:
     return jnp.take_along_axis(values, order.reshape(order.shape + (1,) * (values.ndim - 2)), axis=1)
 
 
-def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: jax.Array) -> dict[str, jax.Array]:
-    """Cross-entropy on both passes, summed (engine_for_pretraining.py); tokens [B, N*A] from the tokenizer."""
-    labels = select(tokens, mask, x_rec.shape[1])
-    labels_sym = select(tokens, ~mask, x_rec_sym.shape[1])
+def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: jax.Array,
+             padding: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Cross-entropy on both passes, summed (engine_for_pretraining.py); tokens [B, N*A] from the tokenizer.
 
-    def ce(logits, y):
+    Each term is a mean over all its scored patches of the batch, as the original's boolean selection gives.
+    With padding [B, N, A], x_rec/x_rec_sym are full [B, L, V] logits and padded patches are not scored.
+    """
+    def ce(logits, labels, weights=None):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return -jnp.take_along_axis(logp, y[..., None], axis=-1).mean()
+        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
+        if weights is None:
+            return nll.mean()
+        return (nll * weights).sum() / jnp.maximum(weights.sum(), 1)
 
-    loss_rec, loss_rec_sym = ce(x_rec, labels), ce(x_rec_sym, labels_sym)
+    if padding is None:
+        loss_rec = ce(x_rec, select(tokens, mask, x_rec.shape[1]))
+        loss_rec_sym = ce(x_rec_sym, select(tokens, ~mask, x_rec_sym.shape[1]))
+    else:
+        real = jnp.asarray(padding, bool).reshape(mask.shape)
+        loss_rec = ce(x_rec, tokens, (mask & real).astype(jnp.float32))
+        loss_rec_sym = ce(x_rec_sym, tokens, (~mask & real).astype(jnp.float32))
     return {"loss": loss_rec + loss_rec_sym, "loss_rec": loss_rec, "loss_rec_sym": loss_rec_sym}

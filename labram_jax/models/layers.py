@@ -129,11 +129,15 @@ class TemporalConv(nnx.Module):
         self.conv2, self.norm2 = conv(c, 3, 1), group_norm()
         self.conv3, self.norm3 = conv(c, 3, 1), group_norm()
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
+        """x [B, N, A, 200] -> [B, N*A, D]; padding [B, N*A] (True = real patch) keeps padded patches out of the
+        GroupNorm statistics."""
         b, n, a, t = x.shape
         h = x.reshape(b, n * a, t, 1)  # NHWC: H = token, W = time
         for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2), (self.conv3, self.norm3)):
-            h = gelu(norm(conv(h)))
+            h = conv(h)
+            where = None if padding is None else jnp.broadcast_to(padding[:, :, None, None], h.shape)
+            h = gelu(norm(h, mask=where))
         return h.reshape(b, n * a, -1)  # [B, NA, T, C] -> (T C)
 
 
@@ -147,8 +151,8 @@ class PatchEmbed(nnx.Module):
                              bias_init=sharded(init, "embed"),
                              precision=jax.lax.Precision.HIGHEST, dtype=cfg.dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        b, n, a, _ = x.shape  # [B, N, A, code_dim]
+    def __call__(self, x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
+        b, n, a, _ = x.shape  # [B, N, A, code_dim]; a per-token map, so padding needs no special care
         return self.proj(x).reshape(b, n * a, -1)
 
 
@@ -165,7 +169,9 @@ class Attention(nnx.Module):
         self.k_norm = layer_norm(cfg.head_dim, cfg.layer_norm_eps, rngs, (None,)) if cfg.qk_norm else None
         self.proj = linear(d, d, ("qkv", "embed"), rngs, kernel_init=proj_init, dtype=cfg.dtype)
 
-    def __call__(self, x: jax.Array, rngs: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, keys: jax.Array | None = None,
+                 rngs: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+        """x [B, L, D]; keys [B, L] (True = attend to this token) hides padding."""
         b, l, d = x.shape
         qkv = self.qkv(x)
         if self.q_bias is not None:
@@ -175,15 +181,16 @@ class Attention(nnx.Module):
         if self.q_norm is not None:  # per-head LayerNorm before the 1/sqrt(hd) scaling, as the original
             q, k = self.q_norm(q), self.k_norm(k)
         attn_rng, proj_rng = rngs if rngs is not None else (None, None)
+        key_mask = None if keys is None else keys[:, None, None, :]  # [B, 1 (heads), 1 (queries), L]
         if self.attn_drop_rate > 0.0 and attn_rng is not None:
-            out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng)
+            out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng, key_mask)
         else:
-            out = fused_attention(q, k, v, self.attention)
+            out = fused_attention(q, k, v, self.attention, mask=key_mask)
         return dropout(self.proj(out.reshape(b, l, d)), self.drop_rate, proj_rng)
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str | None,
-                    head_multiple: int | None = None) -> jax.Array:
+                    head_multiple: int | None = None, mask: jax.Array | None = None) -> jax.Array:
     """jax.nn.dot_product_attention on [B, L, H, hd], so GPUs get cuDNN's fused kernel.
 
     cuDNN needs head_dim % 8 == 0 and LaBraM's head dims (20, 25, 50) are not; zero-padding q, k and v to
@@ -196,13 +203,16 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     if pad:
         widths = ((0, 0),) * 3 + ((0, pad),)
         q, k, v = (jnp.pad(t, widths) for t in (q, k, v))
-    out = jax.nn.dot_product_attention(q, k, v, scale=hd ** -0.5, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=hd ** -0.5, implementation=implementation)
     return out[..., :hd]
 
 
-def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float, rng: jax.Array,
+                           mask: jax.Array | None = None) -> jax.Array:
     """The explicit softmax path, only for training with attention dropout (no fused kernel takes a dropout)."""
     scores = jnp.einsum("blhd,bmhd->bhlm", q * q.shape[-1] ** -0.5, k, precision=jax.lax.Precision.HIGHEST)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, rng)
     return jnp.einsum("bhlm,bmhd->blhd", probs, v, precision=jax.lax.Precision.HIGHEST)
 
@@ -237,13 +247,13 @@ class Block(nnx.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        keys = jax.random.split(rng, 5) if rng is not None else [None] * 5
-        h = self.attn(self.norm1(x), (keys[0], keys[1]))
+    def __call__(self, x: jax.Array, keys: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        rngs = jax.random.split(rng, 5) if rng is not None else [None] * 5
+        h = self.attn(self.norm1(x), keys, (rngs[0], rngs[1]))
         if self.gamma_1 is not None:
             h = self.gamma_1[...] * h
-        x = x + drop_path(h, self.drop_path_rate, keys[2])
-        h = self.mlp(self.norm2(x), keys[3])
+        x = x + drop_path(h, self.drop_path_rate, rngs[2])
+        h = self.mlp(self.norm2(x), rngs[3])
         if self.gamma_2 is not None:
             h = self.gamma_2[...] * h
-        return x + drop_path(h, self.drop_path_rate, keys[4])
+        return x + drop_path(h, self.drop_path_rate, rngs[4])

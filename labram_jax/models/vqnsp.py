@@ -52,33 +52,37 @@ class NormEMAVectorQuantizer(nnx.Module):
         self.cluster_size = Codebook(jnp.zeros((cfg.codebook_size,)), out_sharding=("codebook",))
         self.embedding = EmbeddingEMA(cfg, rngs)
 
-    def __call__(self, z: jax.Array, *, train: bool = False, rng: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    def __call__(self, z: jax.Array, *, padding: jax.Array | None = None, train: bool = False,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
         """z [..., code_dim] -> (straight-through codes, commitment loss, token ids).
 
         In training the codebook moves by normalised EMA towards the mean of its assigned codes. The statistics are
         sums over the whole (global) batch: under jit on a mesh XLA all-reduces them, so every device holds the same
-        codebook. Unlike the original, an eval call leaves all state untouched.
+        codebook. padding [...] (True = real patch) keeps padded patches out of k-means, the EMA and the loss.
+        Unlike the original, an eval call updates no usage statistic.
         """
         cfg = self.cfg
         z = l2norm(z.astype(jnp.float32))
         flat = z.reshape(-1, cfg.code_dim)
+        weights = None if padding is None else jnp.asarray(padding, jnp.float32).reshape(-1)
         if cfg.kmeans_init:
-            self._kmeans_init(flat, jax.random.key(0) if rng is None else rng)
+            self._kmeans_init(flat, weights, jax.random.key(0) if rng is None else rng)
         codebook = self.embedding.weight[...]
         dist = ((flat ** 2).sum(1, keepdims=True) + (codebook ** 2).sum(1)
                 - 2 * jnp.einsum("bd,nd->bn", flat, codebook, precision=jax.lax.Precision.HIGHEST))
         ids = jnp.argmin(dist, axis=1)
         z_q = codebook[ids].reshape(z.shape)
         if train:
-            self._ema_update(flat, ids)
-        loss = cfg.beta * jnp.mean((jax.lax.stop_gradient(z_q) - z) ** 2)
+            self._ema_update(flat, ids, weights)
+        loss = cfg.beta * masked_mean((jax.lax.stop_gradient(z_q) - z) ** 2, padding)
         z_q = z + jax.lax.stop_gradient(z_q - z)
         return z_q, loss, ids.reshape(z.shape[:-1])
 
-    def _ema_update(self, flat: jax.Array, ids: jax.Array) -> None:
+    def _ema_update(self, flat: jax.Array, ids: jax.Array, weights: jax.Array | None) -> None:
         cfg = self.cfg
         onehot = jax.nn.one_hot(ids, cfg.codebook_size, dtype=flat.dtype)
+        if weights is not None:
+            onehot = onehot * weights[:, None]
         bins = onehot.sum(0)
         self.cluster_size[...] = cfg.decay * self.cluster_size[...] + (1 - cfg.decay) * bins
         embed_sum = jnp.einsum("bd,bn->nd", flat, onehot, precision=jax.lax.Precision.HIGHEST)
@@ -87,12 +91,12 @@ class NormEMAVectorQuantizer(nnx.Module):
         means = jnp.where((bins == 0)[:, None], weight, means)  # unused codes keep their vector
         self.embedding.weight[...] = l2norm(cfg.decay * weight + (1 - cfg.decay) * means)
 
-    def _kmeans_init(self, flat: jax.Array, rng: jax.Array) -> None:
+    def _kmeans_init(self, flat: jax.Array, weights: jax.Array | None, rng: jax.Array) -> None:
         """On the first batch (initted == 0): cosine k-means from random samples, as the original's init_embed_."""
         cfg, emb = self.cfg, self.embedding
 
         def kmeans(_):
-            means, bins = kmeans_cosine(flat, cfg.codebook_size, cfg.kmeans_iters, rng)
+            means, bins = kmeans_cosine(flat, cfg.codebook_size, cfg.kmeans_iters, rng, weights)
             return means, bins.astype(jnp.float32), jnp.ones((1,))
 
         def keep(_):
@@ -102,31 +106,51 @@ class NormEMAVectorQuantizer(nnx.Module):
             emb.initted[0] > 0, keep, kmeans, None)
 
 
-def kmeans_cosine(samples: jax.Array, num_clusters: int, num_iters: int, rng: jax.Array
-                  ) -> tuple[jax.Array, jax.Array]:
-    """k-means with cosine similarity on l2-normalised samples; empty clusters keep their previous centre."""
+def kmeans_cosine(samples: jax.Array, num_clusters: int, num_iters: int, rng: jax.Array,
+                  weights: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """k-means with cosine similarity on l2-normalised samples; empty clusters keep their previous centre.
+
+    Initial centres are distinct random samples (cycled when there are fewer samples than clusters, where the
+    original draws with replacement); samples of weight 0 (padding) are never drawn and never counted.
+    """
     n = samples.shape[0]
-    if n >= num_clusters:
-        means = samples[jax.random.permutation(rng, n)[:num_clusters]]
-    else:
-        means = samples[jax.random.randint(rng, (num_clusters,), 0, n)]
-    bins = jnp.zeros((num_clusters,), jnp.int32)
+    valid = jnp.ones((n,), jnp.float32) if weights is None else weights
+    order = jnp.argsort(jnp.where(valid > 0, jax.random.uniform(rng, (n,)), 2.0))  # real samples first, shuffled
+    count = jnp.maximum(valid.sum().astype(jnp.int32), 1)
+    means = samples[order[jnp.arange(num_clusters) % count]]
+    bins = jnp.zeros((num_clusters,), jnp.float32)
     for _ in range(num_iters):
         buckets = jnp.argmax(samples @ means.T, axis=-1)
-        bins = jnp.bincount(buckets, length=num_clusters)
-        sums = jnp.zeros_like(means).at[buckets].add(samples)
+        bins = jnp.zeros((num_clusters,), jnp.float32).at[buckets].add(valid)
+        sums = jnp.zeros_like(means).at[buckets].add(samples * valid[:, None])
         new_means = l2norm(sums / jnp.maximum(bins, 1)[:, None])
         means = jnp.where((bins == 0)[:, None], means, new_means)
     return means, bins
 
 
-def std_norm(x: jax.Array) -> jax.Array:
-    """One mean and one unbiased std per sample over all its channels, patches and bins (torch.std default)."""
+def masked_mean(x: jax.Array, padding: jax.Array | None) -> jax.Array:
+    """Mean of x [B, L, ...]; with padding [B, L] (True = real), over the real entries only."""
+    if padding is None:
+        return jnp.mean(x)
+    w = jnp.broadcast_to(jnp.asarray(padding, x.dtype).reshape(padding.shape + (1,) * (x.ndim - padding.ndim)),
+                         x.shape)
+    return (x * w).sum() / jnp.maximum(w.sum(), 1)
+
+
+def std_norm(x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
+    """One mean and one unbiased std per sample over all its channels, patches and bins (torch.std default);
+    with padding [B, N, A] (True = real patch), over the real patches only."""
     axes = tuple(range(1, x.ndim))
-    return (x - x.mean(axes, keepdims=True)) / x.std(axes, ddof=1, keepdims=True)
+    if padding is None:
+        return (x - x.mean(axes, keepdims=True)) / x.std(axes, ddof=1, keepdims=True)
+    w = jnp.broadcast_to(jnp.asarray(padding, x.dtype)[..., None], x.shape)
+    count = w.sum(axes, keepdims=True)
+    mean = (x * w).sum(axes, keepdims=True) / count
+    std = jnp.sqrt((w * (x - mean) ** 2).sum(axes, keepdims=True) / (count - 1))
+    return jnp.where(w > 0, (x - mean) / std, 0.0)
 
 
-def fourier_targets(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+def fourier_targets(x: jax.Array, padding: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """std-normalised amplitude and phase of each patch's full 200-bin FFT, flattened to tokens [B, N*A, 200].
 
     The original's torch.fft.fft of a real signal is a real-to-complex transform mirrored by conjugate symmetry,
@@ -137,7 +161,8 @@ def fourier_targets(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     b, n, a, t = x.shape
     half = jnp.fft.rfft(x.astype(jnp.float32), axis=-1)
     spectrum = jnp.concatenate([half, jnp.conj(half[..., 1:t - t // 2][..., ::-1])], axis=-1)
-    return (std_norm(jnp.abs(spectrum)).reshape(b, n * a, t), std_norm(jnp.angle(spectrum)).reshape(b, n * a, t))
+    return (std_norm(jnp.abs(spectrum), padding).reshape(b, n * a, t),
+            std_norm(jnp.angle(spectrum), padding).reshape(b, n * a, t))
 
 
 class VQNSP(nnx.Module):
@@ -151,31 +176,37 @@ class VQNSP(nnx.Module):
             self.decode_task_layer = TaskLayer(cfg.decoder.embed_dim, cfg.decoder_out_dim, rngs)
             self.decode_task_layer_angle = TaskLayer(cfg.decoder.embed_dim, cfg.decoder_out_dim, rngs)
 
-    def encode(self, x: jax.Array, input_chans: jax.Array, *, train: bool = False, rng: jax.Array | None = None
-               ) -> dict[str, jax.Array]:
-        """Quantize each patch of x [B, N, A, 200]: token ids [B, N*A] and their codes [B, N*A, code_dim]."""
-        to_quantizer = self.encode_task_layer(self.encoder.patch_features(x, input_chans))
-        quantize, emb_loss, tokens = self.quantize(to_quantizer, train=train, rng=rng)
+    def encode(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None, train: bool = False,
+               rng: jax.Array | None = None) -> dict[str, jax.Array]:
+        """Quantize each patch of x [B, N, A, 200]: token ids [B, N*A] and their codes [B, N*A, code_dim].
+
+        mask [B, N, A] (True = real patch) marks padding, as for LaBraM.
+        """
+        to_quantizer = self.encode_task_layer(self.encoder.patch_features(x, input_chans, mask=mask))
+        padding = None if mask is None else jnp.asarray(mask, bool).reshape(to_quantizer.shape[:2])
+        quantize, emb_loss, tokens = self.quantize(to_quantizer, padding=padding, train=train, rng=rng)
         return {"tokens": tokens, "quantize": quantize, "emb_loss": emb_loss, "to_quantizer": to_quantizer}
 
-    def tokenize(self, x: jax.Array, input_chans: jax.Array) -> jax.Array:
+    def tokenize(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Token ids [B, N*A] (channel-major), the pretraining targets."""
-        return self.encode(x, input_chans)["tokens"]
+        return self.encode(x, input_chans, mask=mask)["tokens"]
 
-    def decode(self, quantize: jax.Array, input_chans: jax.Array, num_patches: int) -> tuple[jax.Array, jax.Array]:
+    def decode(self, quantize: jax.Array, input_chans: jax.Array, num_patches: int, *,
+               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         b, length, d = quantize.shape
         codes = quantize.reshape(b, length // num_patches, num_patches, d)  # the decoder's [B, N, A, code_dim]
-        feats = self.decoder.patch_features(codes, input_chans)
+        feats = self.decoder.patch_features(codes, input_chans, mask=mask)
         return self.decode_task_layer(feats), self.decode_task_layer_angle(feats)
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, *, train: bool = False,
+    def __call__(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None, train: bool = False,
                  rng: jax.Array | None = None) -> dict[str, jax.Array]:
         """The tokenizer's loss and its terms: commitment + MSE on amplitude + MSE on phase."""
-        amplitude, angle = fourier_targets(x)
-        enc = self.encode(x, input_chans, train=train, rng=rng)
-        rec, rec_angle = self.decode(enc["quantize"], input_chans, x.shape[2])
-        rec_loss = jnp.mean((rec - amplitude) ** 2)
-        rec_angle_loss = jnp.mean((rec_angle - angle) ** 2)
+        amplitude, angle = fourier_targets(x, mask)
+        enc = self.encode(x, input_chans, mask=mask, train=train, rng=rng)
+        rec, rec_angle = self.decode(enc["quantize"], input_chans, x.shape[2], mask=mask)
+        padding = None if mask is None else jnp.asarray(mask, bool).reshape(rec.shape[:2])
+        rec_loss = masked_mean((rec - amplitude) ** 2, padding)
+        rec_angle_loss = masked_mean((rec_angle - angle) ** 2, padding)
         return {"loss": enc["emb_loss"] + rec_loss + rec_angle_loss, "emb_loss": enc["emb_loss"],
                 "rec_loss": rec_loss, "rec_angle_loss": rec_angle_loss, "tokens": enc["tokens"],
                 "rec": rec, "rec_angle": rec_angle}
