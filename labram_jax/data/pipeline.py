@@ -1,0 +1,198 @@
+"""grain pipelines that turn window shards into fixed-shape, padded batches for a jitted step.
+
+Every batch has the same shapes whatever windows it holds (channels padded to `max_channels`, patches to
+`max_patches`), so the train step compiles once. The whole pipeline stays a random-access `MapDataset` up to the
+batch, which is what makes the global shuffle, per-process sharding and exact resumption cheap: an iterator's state
+is little more than the index of the next batch.
+
+Batch fields (B = global batch size / process count):
+  x               float32 [B, N, A, 200]  signal in µV / 100, zero where `mask` is False
+  input_chans     int32   [B, N+1]        0 (cls), then the pos_embed row of each channel; 0 for padded channels
+  mask            bool    [B, N, A]       True for a real patch
+  token_channels  int32   [B, N*A]        pos_embed row of each token, channel-major (n*A + a); 0 for padding
+  token_times     int32   [B, N*A]        patch index of each token; 0 for padding
+  label           int32   [B]             integer label, -1 when the label is missing or not an integer
+  target          float32 [B]             the label as a float, NaN when missing
+  dataset         int32   [B]             index of the source (order of the `sources` dict)
+  valid           bool    [B]             False for the rows that pad the last batch of a finite pass
+
+Resuming: `state = save_state(it)` is plain JSON; `restore_state(iter(same_pipeline), state)` continues with exactly
+the batches the first iterator would have produced. grain ties the state to the number of worker processes, so
+`workers` must be the same when resuming.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from labram_jax.data.records import decode
+from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
+
+PATCH = 200
+PathLike = str | os.PathLike
+Sources = Mapping[str, Sequence[PathLike]] | Sequence[PathLike]
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int  # global, over all processes
+    max_channels: int
+    max_patches: int
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None repeats forever
+    drop_remainder: bool = True  # False pads the last batch with rows whose `valid` is False
+    workers: int = 0  # grain worker processes; 0 reads in this process
+    read_threads: int = 4
+    prefetch: int = 8  # batches buffered per reader
+    weights: Mapping[str, float] | None = None  # mixture proportions per source; None concatenates
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= 16:
+            # 16: the number of rows in the model's time embedding
+            raise ValueError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= 16, got {self}")
+
+
+def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources.ArrayRecordDataSource:
+    """Random-access source over shard files and/or folders of `*.array_record` shards."""
+    items = [paths_or_dirs] if isinstance(paths_or_dirs, (str, os.PathLike)) else list(paths_or_dirs)
+    paths: list[Path] = []
+    for item in map(Path, items):
+        if not item.exists():
+            raise FileNotFoundError(f"no shard or folder {item}")
+        paths.extend(shard_paths(item) if item.is_dir() else [item])
+    if not paths:
+        raise FileNotFoundError(f"no {SHARD_SUFFIX} shards in {[str(i) for i in items]}")
+    return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tag:
+    """Pairs a record with its source's index (a class, not a lambda, so worker processes can unpickle it)."""
+
+    index: int
+
+    def __call__(self, record: bytes) -> tuple[int, bytes]:
+        return self.index, record
+
+
+# Source index -1 marks the rows that pad a last batch. Not None: grain treats None as a filtered-out element.
+_FILLER = (-1, b"")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Example:
+    """Decodes one tagged record into padded fixed-shape arrays; _FILLER becomes an empty, invalid row."""
+
+    max_channels: int
+    max_patches: int
+
+    def __call__(self, item: tuple[int, bytes]) -> dict[str, np.ndarray]:
+        n_max, a_max = self.max_channels, self.max_patches
+        x = np.zeros((n_max, a_max, PATCH), np.float32)
+        rows = np.zeros(n_max, np.int32)
+        mask = np.zeros((n_max, a_max), bool)
+        label, target = -1, np.nan
+        source, record = item
+        if source >= 0:
+            window = decode(record)
+            n, a, _ = window.signal.shape
+            if n > n_max or a > a_max:
+                raise ValueError(f"window of {window.recording!r} at {window.start:g} s has {n} channels x {a} "
+                                 f"patches, more than the loader's max_channels={n_max}, max_patches={a_max}")
+            x[:n, :a] = window.signal / np.float32(100)  # the model's input unit is 100 µV
+            rows[:n] = window.channel_rows
+            mask[:n, :a] = True
+            if window.label is not None:
+                target = float(window.label)
+                label = window.label if isinstance(window.label, int) else -1
+        return {"x": x, "input_chans": np.concatenate([[0], rows]).astype(np.int32), "mask": mask,
+                "token_channels": np.where(mask, rows[:, None], 0).reshape(-1),
+                "token_times": np.where(mask, np.arange(a_max, dtype=np.int32), 0).reshape(-1),
+                "label": np.int32(label), "target": np.float32(target), "dataset": np.int32(max(source, 0)),
+                "valid": np.bool_(source >= 0)}
+
+
+def _records(sources: Sources, cfg: LoaderConfig) -> grain.MapDataset:
+    """All sources' records, tagged with their source index, shuffled and repeated or mixed as configured."""
+    named = dict(sources) if isinstance(sources, Mapping) else {"": sources}
+    parts = [grain.MapDataset.source(window_source(paths)).map(_Tag(i)) for i, paths in enumerate(named.values())]
+    if cfg.weights is None:
+        ds = grain.MapDataset.concatenate(parts) if len(parts) > 1 else parts[0]
+        # The shuffle maps an index of epoch e through a permutation seeded with seed + e, so the order changes
+        # every epoch; it must come before repeat, which passes the epoch-carrying index through.
+        ds = ds.seed(cfg.seed).shuffle() if cfg.shuffle else ds
+        return ds.repeat(cfg.num_epochs)
+    if set(cfg.weights) != set(named):
+        raise ValueError(f"weights are given for {sorted(cfg.weights)} but the sources are {sorted(named)}")
+    # Each source is shuffled and repeated on its own, so each keeps its proportion however long the run.
+    parts = [(p.seed(cfg.seed + i).shuffle() if cfg.shuffle else p).repeat(cfg.num_epochs) for i, p in enumerate(parts)]
+    return grain.MapDataset.mix(parts, [cfg.weights[name] for name in named])
+
+
+def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """This process's stream of padded batches of `cfg.batch_size // process_count` windows.
+
+    `sources` is a list of shard files/folders, or a dict name -> list whose order gives the `dataset` field.
+    Process i takes records i, i+P, i+2P, ... of the shared shuffled stream, so the processes' batches together
+    form the global batch and each epoch is split disjointly between them.
+    """
+    if process_index is None or process_count is None:
+        process_index, process_count = jax.process_index(), jax.process_count()
+    if cfg.batch_size % process_count:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} processes")
+    ds = _records(sources, cfg)
+    if len(ds) < sys.maxsize:
+        # Every process must produce the same number of batches or a collective step would hang: cut a finite pass
+        # to whole global batches, or pad it with empty (valid=False) rows.
+        whole, rest = divmod(len(ds), cfg.batch_size)
+        if cfg.drop_remainder:
+            ds = ds[:whole * cfg.batch_size]
+        elif rest:
+            ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([_FILLER] * (cfg.batch_size - rest))])
+    ds = ds[process_index::process_count].map(_Example(cfg.max_channels, cfg.max_patches))
+    # Batching before to_iter_dataset keeps a batch's content independent of the number of workers.
+    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
+    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
+    if cfg.workers:
+        # grain's workers read an absl flag, which raises outside absl.app.run unless the flags count as parsed.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers))
+    return it
+
+
+def eval_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | None = None,
+                 process_count: int | None = None) -> grain.IterDataset:
+    """One pass in storage order over every window exactly once; the last batch is padded with valid=False rows."""
+    cfg = dataclasses.replace(cfg, shuffle=False, num_epochs=1, drop_remainder=False, weights=None)
+    return make_dataset(sources, cfg, process_index=process_index, process_count=process_count)
+
+
+def save_state(iterator: Any) -> dict[str, Any]:
+    """The iterator's position as plain JSON data (a checkpoint can store it as-is)."""
+    return json.loads(json.dumps(iterator.get_state()))
+
+
+def restore_state(iterator: Any, state: Mapping[str, Any]) -> None:
+    """Move a fresh iterator of the same pipeline (same sources, config and worker count) to a saved position."""
+    # grain silently misreads a state saved with another worker count (2 -> 3 workers yields wrong batches).
+    saved, current = _worker_count(state), _worker_count(iterator.get_state())
+    if saved != current:
+        raise ValueError(f"the loader state was saved with {saved} workers but this pipeline has {current}; "
+                         "resume with the same `workers`")
+    iterator.set_state(dict(state))
+
+
+def _worker_count(state: Mapping[str, Any]) -> int:
+    return len(state.get("iterators_in_use_states", ()))
