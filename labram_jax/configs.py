@@ -42,6 +42,9 @@ class TransformerConfig:
     # Fused attention backend passed to jax.nn.dot_product_attention: None/'xla' everywhere, 'cudnn' on GPUs.
     attention: Literal["xla", "cudnn"] | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
+    # Rematerialisation of each block in the backward pass: "none", "block" (recompute everything) or "dots"
+    # (keep matmul outputs, recompute the rest).
+    remat: Literal["none", "block", "dots"] = "none"
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:

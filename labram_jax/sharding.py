@@ -74,13 +74,17 @@ def _prod(mesh: Mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
+    """Where one model variable lives: its logical axis names through the rule table."""
+    value = var.get_value()
+    names = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
+    return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh))
+
+
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """A NamedSharding for every variable of a model's state, from its logical axis names."""
-    def sharding(var: nnx.Variable) -> NamedSharding:
-        value = var[...]
-        names = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
-        return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh))
-    return jax.tree.map(sharding, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree.map(lambda var: variable_sharding(var, mesh), state,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -55,7 +55,7 @@ class Transformer(nnx.Module):
             drop_rng, rng = jax.random.split(rng)
             x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
         for i, block in enumerate(self.blocks):
-            x = block(x, keys, None if rng is None else jax.random.fold_in(rng, i))
+            x = _remat(block, self.cfg.remat)(x, keys, None if rng is None else jax.random.fold_in(rng, i))
         return x
 
     def patch_tokens(self, x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
@@ -66,6 +66,15 @@ class Transformer(nnx.Module):
         b, n, a = x.shape[:3]
         padding = None if padding is None else jnp.asarray(padding, bool).reshape(b, n * a)
         return self.patch_embed(x.astype(self.cfg.dtype), padding), input_chans, padding
+
+
+def _remat(block: Block, policy: str):
+    """The block's call, rematerialised in the backward pass as the config asks (saves activation memory)."""
+    if policy == "none":
+        return block
+    saveable = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
+    call = nnx.remat(Block.__call__, policy=saveable)
+    return lambda x, keys, rng: call(block, x, keys, rng)
 
 
 def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None) -> None:

@@ -1,0 +1,1 @@
+"""Training: configs, task heads and losses, the training loop, and evaluation metrics."""
