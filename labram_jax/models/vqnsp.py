@@ -42,7 +42,7 @@ class EmbeddingEMA(nnx.Module):
         self.weight = Codebook(weight, out_sharding=("codebook", "code"))
         self.cluster_size = Codebook(jnp.zeros((k,)), out_sharding=("codebook",))
         # embed_avg is never read by the original's forward; it is state only so checkpoints round-trip.
-        self.embed_avg = Codebook(weight, out_sharding=("codebook", "code"))
+        self.embed_avg = Codebook(jnp.array(weight, copy=True), out_sharding=("codebook", "code"))  # own buffer
         self.initted = Codebook(jnp.array([0.0 if cfg.kmeans_init else 1.0]), out_sharding=(None,))
 
 
@@ -59,15 +59,23 @@ class NormEMAVectorQuantizer(nnx.Module):
         In training the codebook moves by normalised EMA towards the mean of its assigned codes. The statistics are
         sums over the whole (global) batch: under jit on a mesh XLA all-reduces them, so every device holds the same
         codebook. padding [...] (True = real patch) keeps padded patches out of k-means, the EMA and the loss.
-        Unlike the original, an eval call updates no usage statistic.
+        Unlike the original, an eval call changes no state (the original EMA-updates a usage statistic).
         """
         cfg = self.cfg
         z = l2norm(z.astype(jnp.float32))
         flat = z.reshape(-1, cfg.code_dim)
         weights = None if padding is None else jnp.asarray(padding, jnp.float32).reshape(-1)
-        if cfg.kmeans_init:
-            self._kmeans_init(flat, weights, jax.random.key(0) if rng is None else rng)
         codebook = self.embedding.weight[...]
+        if cfg.kmeans_init:
+            # The original k-means-initialises an empty codebook on its first forward in any mode; in eval we use
+            # that codebook for this call without storing it, so eval stays free of side effects.
+            rng = jax.random.key(0) if rng is None else rng
+            if train:
+                self._kmeans_init(flat, weights, rng)
+                codebook = self.embedding.weight[...]
+            else:
+                codebook = jax.lax.cond(self.embedding.initted[0] > 0, lambda: codebook, lambda: kmeans_cosine(
+                    flat, cfg.codebook_size, cfg.kmeans_iters, rng, weights)[0])
         dist = ((flat ** 2).sum(1, keepdims=True) + (codebook ** 2).sum(1)
                 - 2 * jnp.einsum("bd,nd->bn", flat, codebook, precision=jax.lax.Precision.HIGHEST))
         ids = jnp.argmin(dist, axis=1)
