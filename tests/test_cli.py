@@ -8,6 +8,7 @@ from labram_jax.cli import main
 from labram_jax.convert import read_pth
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference_tiny"
+SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "eegmat"
 
 
 @pytest.mark.parametrize("name,task", [("finetune", "classify"), ("pretrain", "pretrain"),
@@ -38,16 +39,36 @@ def test_convert_errors(tmp_path, capsys):
     assert err.startswith("labram convert: ") and err.count("\n") == 1 and "classify" in err
 
 
+def test_embed(tmp_path, capsys):
+    recordings = [str(SAMPLE / "Subject00_2.edf"), str(SAMPLE / "Subject01_2.edf")]
+    out = tmp_path / "emb.npz"
+    assert main(["embed", str(REFERENCE / "pretrain.pth"), *recordings, "--out", str(out), "--patches",
+                 "--window", "4"]) == 0
+    assert "wrote 30 window embeddings of size 100" in capsys.readouterr().out
+    result = np.load(out)
+    # 62 s recordings in 4 s windows: 15 each; 20 channels x 4 patches per window.
+    assert result["embeddings"].shape == (30, 100) and np.isfinite(result["embeddings"]).all()
+    np.testing.assert_array_equal(result["recording"], np.repeat([0, 1], 15))
+    np.testing.assert_array_equal(result["start"][:3], [0, 4, 8])
+    assert result["patches_0"].shape == (15, 80, 100)
+    assert list(result["recordings"]) == recordings
+
+
+def test_embed_needs_an_encoder(tmp_path, capsys):
+    assert main(["embed", str(REFERENCE / "tokenizer.pth"), str(SAMPLE / "Subject00_2.edf"),
+                 "--out", str(tmp_path / "e.npz")]) == 2
+    assert capsys.readouterr().err.startswith("labram embed: ")
+
+
 @pytest.mark.slow
 def test_demo(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path)]) == 0
+    """The README's main job, end to end on the bundled sample (fewer steps than the default)."""
+    assert main(["demo", "--out", str(tmp_path), "--steps", "60"]) == 0
     out = capsys.readouterr().out
-    assert "FRESHLY INITIALISED" in out and "identical" in out
-    result = np.load(tmp_path / "embeddings.npz")
-    windows = 4 * (45 + 15)
-    assert result["features"].shape == (windows, 200) and result["logits"].shape == (windows, 1)
-    assert result["tokens"].shape == (windows, 80) and result["tokens"].max() < 8192
-    assert np.isfinite(result["features"]).all() and np.isfinite(result["logits"]).all()
-    np.testing.assert_array_equal(np.bincount(result["labels"]), [180, 60])
-    np.testing.assert_array_equal(np.unique(result["subjects"]), [0, 1, 2, 3])
-    assert (tmp_path / "labram_base.pth").is_file() and (tmp_path / "labram_base_export" / "labram.json").is_file()
+    for stage in ("1. prep", "2. tokenizer", "3. pretrain", "4. finetune", "5. evaluate", "6. convert"):
+        assert stage in out
+    assert (tmp_path / "labram_eegmat.pth").is_file()
+    assert read_pth(tmp_path / "labram_eegmat.pth")["model"]["head.weight"].shape == (1, 100)
+    for stage in ("tokenizer", "pretrain", "finetune"):
+        assert (tmp_path / stage / "export" / "labram.json").is_file()
+        assert (tmp_path / stage / "metrics.jsonl").is_file()

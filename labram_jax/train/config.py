@@ -1,0 +1,128 @@
+"""Typed experiment configs and their `--set a.b=value` overrides.
+
+An experiment is a stage ("tokenizer", "pretrain" or "finetune"), a model, data, optimisation, mesh and
+checkpointing. Recipes in experiments/ are small functions returning one of these, as big_vision's configs are.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, Literal
+
+from labram_jax import configs
+
+Stage = Literal["tokenizer", "pretrain", "finetune"]
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    train: tuple[str, ...] = ()  # shard folders or files
+    val: tuple[str, ...] = ()
+    test: tuple[str, ...] = ()
+    weights: tuple[float, ...] = ()  # mixture weight per train folder; empty = proportional to size
+    max_channels: int = 64
+    max_patches: int = 16
+    workers: int = 0  # grain worker processes; keep fixed across a resume
+    eval_batch_size: int = 0  # 0 = 1.5 x the training batch, as the original
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    data: int = -1  # -1: every device not used by the other axes
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    # The original's recipes count epochs; when epochs > 0 the launcher derives steps (and warmup steps) from the
+    # training windows in the data manifests and the global batch.
+    epochs: float = 0.0
+    warmup_epochs: float = 0.0
+    batch_size: int = 64  # global
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.05
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    clip_grad: float | None = None
+    grad_accum: int = 1  # micro-batches per step; the batch is split, gradients averaged
+    layer_decay: float | None = None
+    label_smoothing: float = 0.0
+    mask_ratio: float = 0.5  # pretraining
+    mode: Literal["full", "linear_probe", "lora"] = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU/TPU, float32 on CPU
+    remat: Literal["none", "block", "dots"] = "none"
+    skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    save_every: int = 500
+    keep: int = 3
+    best_metric: str = ""  # e.g. "val/accuracy"; empty = the stage's default
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    stage: Stage
+    model: configs.TransformerConfig = configs.base()
+    tokenizer: configs.TokenizerConfig = configs.tokenizer_base()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    mesh: MeshConfig = MeshConfig()
+    init: str = ""  # checkpoint to start from: a .pth or export (fine-tuning: a pretrained model)
+    tokenizer_checkpoint: str = ""  # pretraining: the trained tokenizer (.pth or export)
+    task_kind: Literal["binary", "multiclass", "regression"] = "binary"
+
+    def replace(self, **changes: Any) -> "Experiment":
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(value: str, annotation: Any) -> Any:
+    """A command-line string as the field's type: ints, floats, bools, None, tuples of those, or strings."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is tuple:
+        item = args[0]
+        return tuple(_parse(v, item) for v in value.split(",") if v != "")
+    if origin in (typing.Union, type(int | None)):
+        if value.lower() in ("none", "null") and type(None) in args:
+            return None
+        return _parse(value, next(a for a in args if a is not type(None)))
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"{value!r} is not one of {', '.join(map(str, args))}")
+        return value
+    if annotation is bool:
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"{value!r} is not a boolean")
+        return value.lower() in ("true", "1")
+    if annotation in (int, float, str):
+        return annotation(value)
+    raise ValueError(f"cannot set a field of type {annotation}")
+
+
+def override(config: Any, assignment: str) -> Any:
+    """config with `a.b.c=value` applied; unknown keys and bad values raise one line naming them."""
+    key, sep, value = assignment.partition("=")
+    if not sep:
+        raise ValueError(f"override {assignment!r} is not key=value")
+    head, _, rest = key.partition(".")
+    hints = typing.get_type_hints(type(config))
+    if head not in hints:
+        raise ValueError(f"unknown config key {key!r} (fields of {type(config).__name__}: {', '.join(hints)})")
+    current = getattr(config, head)
+    try:
+        new = override(current, f"{rest}={value}") if rest else _parse(value, hints[head])
+    except ValueError as error:
+        raise ValueError(f"{key}: {error}") from None
+    return dataclasses.replace(config, **{head: new})
+
+
+def to_json(config: Any) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=1, default=str)

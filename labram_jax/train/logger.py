@@ -1,0 +1,74 @@
+"""Metric logging: a JSONL file and TensorBoard event files in the workdir, written by process 0 only.
+
+Trackers are pluggable: anything with `write(step, metrics)` and `close()` can be added to a MetricLogger.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Protocol
+
+import jax
+
+# Dense bf16 peak FLOP/s per device, for MFU. Devices not listed (CPUs among them) get no MFU.
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+    kind = (device or jax.devices()[0]).device_kind
+    return next((peak for name, peak in PEAK_FLOPS.items() if name.lower() in kind.lower()), None)
+
+
+class Tracker(Protocol):
+    def write(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class JsonlTracker:
+    def __init__(self, path: Path):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, "time": time.time(), **clean}) + "\n")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class TensorBoardTracker:
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
+
+        self.writer = SummaryWriter(str(directory))
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        for key, value in metrics.items():
+            self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class MetricLogger:
+    def __init__(self, workdir: str | os.PathLike, trackers: list[Tracker] | None = None):
+        self.trackers: list[Tracker] = []
+        if jax.process_index() == 0:
+            workdir = Path(workdir)
+            workdir.mkdir(parents=True, exist_ok=True)
+            self.trackers = trackers if trackers is not None else [JsonlTracker(workdir / "metrics.jsonl"),
+                                                                   TensorBoardTracker(workdir / "tensorboard")]
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        for tracker in self.trackers:
+            tracker.write(step, metrics)
+
+    def close(self) -> None:
+        for tracker in self.trackers:
+            tracker.close()

@@ -1,0 +1,26 @@
+"""`--seeds 0,1,2,3,4`: one run per seed, then the mean and std of each test metric, as the paper reports."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from labram_jax.train.config import Experiment
+from labram_jax.train.metrics import mean_std
+from labram_jax.train.trainer import Trainer
+
+
+def run(seeds: list[int], exp: Experiment, workdir: Path) -> dict[str, tuple[float, float]]:
+    runs = []
+    for seed in seeds:
+        summary = Trainer(exp.replace(train=exp.train.__class__(**{**exp.train.__dict__, "seed": seed})),
+                          workdir / f"seed_{seed}").train()
+        # The paper reports the test metrics of the best validation checkpoint when there is one.
+        prefix = "best_test/" if any(k.startswith("best_test/") for k in summary) else "test/"
+        runs.append({k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)})
+    if not runs[0]:
+        raise ValueError("--seeds needs a test split to report on (a test/ folder beside train/)")
+    result = mean_std(runs)
+    (workdir / "seeds.json").write_text(json.dumps({"seeds": seeds, "runs": runs, "mean_std": result}, indent=1))
+    for name, (mean, std) in result.items():
+        print(f"{name}: {mean:.4f} +- {std:.4f} over seeds {','.join(map(str, seeds))}")
+    return result

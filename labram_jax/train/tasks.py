@@ -1,0 +1,137 @@
+"""The three training stages as losses and heads on one trainer.
+
+Each stage says how to build its model, which parameters train, and what its loss and evaluation outputs are.
+Losses are pure functions of a merged NNX model and a batch (the dict the grain pipeline yields: x, input_chans,
+mask, label, target, valid); they run inside the trainer's jitted step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from labram_jax.models.labram import LaBraM, LaBraMForMEM, mem_loss
+from labram_jax.models.vqnsp import VQNSP
+from labram_jax.train.config import Experiment
+from labram_jax.train.lora import LoRAParam
+
+Batch = dict[str, jax.Array]
+
+
+def random_mask(rng: jax.Array, padding: jax.Array, ratio: float) -> jax.Array:
+    """The original's random_masking per sample, over its real patches: keep int(L * (1 - ratio)) of the L real
+    patches with the smallest noise and mask the rest (so exactly L - int(L * (1 - ratio)) are masked)."""
+    real = padding.reshape(padding.shape[0], -1)
+    noise = jnp.where(real, jax.random.uniform(rng, real.shape), jnp.inf)  # padding ranks last
+    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
+    keep = jnp.floor(real.sum(1, keepdims=True) * (1 - ratio)).astype(rank.dtype)
+    return real & (rank >= keep)
+
+
+def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: float) -> jax.Array:
+    """BCE on one logit (binary), label-smoothed CE (timm's LabelSmoothingCrossEntropy) or MSE (regression);
+    averaged over the valid rows of the batch."""
+    valid = batch["valid"].astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if kind == "binary":
+        y = batch["label"].astype(jnp.float32)
+        z = logits[:, 0]
+        per = jnp.maximum(z, 0) - z * y + jnp.log1p(jnp.exp(-jnp.abs(z)))
+    elif kind == "multiclass":
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, batch["label"][:, None], axis=1)[:, 0]
+        per = (1 - smoothing) * nll + smoothing * -logp.mean(axis=-1)
+    else:
+        per = (logits[:, 0] - batch["target"]) ** 2
+    return (per * valid).sum() / jnp.maximum(valid.sum(), 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    name: str
+    build: Callable[[Experiment, nnx.Rngs], nnx.Module]
+    loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (model, batch, rng, exp, frozen) -> loss, metrics
+    outputs: Callable[..., dict[str, jax.Array]]  # (model, batch, exp, frozen) -> arrays gathered for evaluation
+    default_metric: str = "val/loss"
+    higher_is_better: bool = False
+
+
+def codebook_stats(tokens: jax.Array, padding: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
+    """Share of the codebook the batch's real patches use, and the perplexity of their code distribution."""
+    counts = jnp.zeros((codebook_size,), jnp.float32).at[tokens.reshape(-1)].add(
+        padding.reshape(-1).astype(jnp.float32))
+    p = counts / jnp.maximum(counts.sum(), 1)
+    entropy = -(p * jnp.log(jnp.where(p > 0, p, 1.0))).sum()
+    return {"codebook_usage": (counts > 0).mean(), "codebook_perplexity": jnp.exp(entropy)}
+
+
+def _tokenizer_loss(model: VQNSP, batch: Batch, rng, exp: Experiment, frozen) -> tuple[jax.Array, dict]:
+    out = model(batch["x"], batch["input_chans"], mask=batch["mask"], train=True, rng=rng)
+    stats = codebook_stats(out["tokens"], batch["mask"], exp.tokenizer.codebook_size)
+    return out["loss"], {k: out[k] for k in ("emb_loss", "rec_loss", "rec_angle_loss")} | stats
+
+
+def _tokenizer_outputs(model: VQNSP, batch: Batch, exp: Experiment, frozen) -> dict[str, jax.Array]:
+    out = model(batch["x"], batch["input_chans"], mask=batch["mask"])
+    return {"loss": out["loss"]}
+
+
+def _pretrain_targets(tokenizer: VQNSP, batch: Batch) -> jax.Array:
+    return jax.lax.stop_gradient(tokenizer.tokenize(batch["x"], batch["input_chans"], mask=batch["mask"]))
+
+
+def _pretrain_loss(model: LaBraMForMEM, batch: Batch, rng, exp: Experiment, tokenizer) -> tuple[jax.Array, dict]:
+    mask_rng, drop_rng = jax.random.split(rng)
+    mask = random_mask(mask_rng, batch["mask"], exp.train.mask_ratio)
+    tokens = _pretrain_targets(tokenizer, batch)
+    x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"], rng=drop_rng)
+    losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+    scored = (mask & batch["mask"].reshape(mask.shape)).astype(jnp.float32)
+    accuracy = ((x_rec.argmax(-1) == tokens) * scored).sum() / jnp.maximum(scored.sum(), 1)
+    return losses["loss"], {"loss_rec": losses["loss_rec"], "loss_rec_sym": losses["loss_rec_sym"],
+                            "masked_accuracy": accuracy}
+
+
+def _pretrain_outputs(model: LaBraMForMEM, batch: Batch, exp: Experiment, tokenizer) -> dict[str, jax.Array]:
+    # Evaluation uses a fixed mask so that validation losses are comparable across steps.
+    mask = random_mask(jax.random.key(0), batch["mask"], exp.train.mask_ratio)
+    tokens = _pretrain_targets(tokenizer, batch)
+    x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"])
+    losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+    return {"loss": losses["loss"]}
+
+
+def _finetune_loss(model: LaBraM, batch: Batch, rng, exp: Experiment, frozen) -> tuple[jax.Array, dict]:
+    logits = model(batch["x"], batch["input_chans"], mask=batch["mask"], rng=rng)
+    return classification_loss(logits, batch, exp.task_kind, exp.train.label_smoothing), {}
+
+
+def _finetune_outputs(model: LaBraM, batch: Batch, exp: Experiment, frozen) -> dict[str, jax.Array]:
+    logits = model(batch["x"], batch["input_chans"], mask=batch["mask"])
+    return {"logits": logits, "loss": classification_loss(logits, batch, exp.task_kind, 0.0)}
+
+
+def _finetune_trainable(exp: Experiment) -> Any:
+    if exp.train.mode == "linear_probe":
+        return nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_norm"), nnx.PathContains("head")))
+    if exp.train.mode == "lora":
+        return nnx.Any(LoRAParam, nnx.All(nnx.Param, nnx.Any(nnx.PathContains("fc_norm"),
+                                                              nnx.PathContains("head"))))
+    return nnx.Param
+
+
+STAGES = {
+    "tokenizer": Stage("tokenizer", lambda exp, rngs: VQNSP(exp.tokenizer, rngs=rngs),
+                       _tokenizer_loss, _tokenizer_outputs),
+    "pretrain": Stage("pretrain", lambda exp, rngs: LaBraMForMEM(exp.model, rngs=rngs),
+                      _pretrain_loss, _pretrain_outputs),
+    "finetune": Stage("finetune", lambda exp, rngs: LaBraM(exp.model, rngs=rngs),
+                      _finetune_loss, _finetune_outputs, default_metric="val/accuracy", higher_is_better=True),
+}
+
+
+def trainable_filter(exp: Experiment) -> Any:
+    return _finetune_trainable(exp) if exp.stage == "finetune" else nnx.Param

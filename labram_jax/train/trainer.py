@@ -1,0 +1,362 @@
+"""One trainer for the three stages: a pure jitted step of (state, batch, rng) over a device mesh.
+
+The state is a dict of pytrees: the trainable parameters, the model's other parameters (frozen in linear probing
+or LoRA) and non-parameter state (the tokenizer's codebook), the optimizer state, the step, the run's RNG key and,
+in pretraining, the frozen tokenizer. Every array is placed by the logical-axis rule table (labram_jax.sharding).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from labram_jax import configs, sharding
+from labram_jax.checkpoint import load_model, save_model
+from labram_jax.convert import from_pytorch
+from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights
+from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
+from labram_jax.train import metrics as paper_metrics
+from labram_jax.train.checkpoints import Checkpoints
+from labram_jax.train.config import Experiment
+from labram_jax.train.logger import MetricLogger, device_peak_flops
+from labram_jax.train.lora import add_lora, merge_lora
+from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
+from labram_jax.train.tasks import STAGES, trainable_filter
+
+State = dict[str, Any]
+
+
+class NonFiniteLoss(RuntimeError):
+    """A step produced a NaN or Inf loss or gradient (and the run was not asked to skip such steps)."""
+
+
+def resolve_precision(exp: Experiment) -> Experiment:
+    """bf16 compute with float32 parameters on accelerators, float32 on CPU (unless the config says otherwise)."""
+    precision = exp.train.precision
+    if precision == "auto":
+        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    remat = exp.train.remat
+    return exp.replace(model=exp.model.replace(dtype=precision, remat=remat),
+                       tokenizer=exp.tokenizer.replace(encoder=exp.tokenizer.encoder.replace(dtype=precision,
+                                                                                             remat=remat),
+                                                       decoder=exp.tokenizer.decoder.replace(dtype=precision,
+                                                                                             remat=remat)))
+
+
+def load_weights(path: str, task: str, **kwargs: Any) -> Model:
+    """A model from a .pth (the original's layout) or a labram-jax export directory."""
+    return load_model(path) if Path(path).is_dir() else from_pytorch(path, task, **kwargs)
+
+
+def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
+    """Model variables by their logical axis names; every other leaf (optimizer counters, step, rng) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(leaf):
+        # optax.masked leaves an empty MaskedNode inside some Variables: nothing to place there.
+        if isinstance(leaf, nnx.Variable) and hasattr(leaf.get_value(), "shape"):
+            return sharding.variable_sharding(leaf, mesh)
+        return replicated
+    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def strong_types(tree: Any) -> Any:
+    """The tree without JAX weak types (`jnp.full(d, 0.1)` makes one, as layer scale does): a step's outputs are
+    strongly typed, so a weakly typed input would compile the step a second time on the next call."""
+    def strong(leaf):
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
+        return leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf
+    return jax.tree.map(strong, tree)
+
+
+class Trainer:
+    def __init__(self, exp: Experiment, workdir: str | os.PathLike, *, abstract: bool = False,
+                 devices: Sequence[jax.Device] | None = None):
+        """abstract=True builds shapes and shardings only (no arrays), for ahead-of-time compilation. `devices`:
+        the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
+        self.exp = resolve_precision(exp)
+        self.workdir = Path(workdir)
+        self.stage = STAGES[exp.stage]
+        self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
+        build = nnx.eval_shape if abstract else (lambda f: f())
+        model = build(self._model)
+        self.graphdef, params, fixed, rest = strong_types(nnx.split(model, trainable_filter(self.exp), nnx.Param,
+                                                                    ...))
+        self.depth = (self.exp.tokenizer.encoder if exp.stage == "tokenizer" else self.exp.model).depth
+        total = exp.train.steps
+        t = self.exp.train
+        self.optim_config = OptimConfig(lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=total,
+                                        weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
+                                        clip_grad=t.clip_grad, layer_decay=t.layer_decay)
+        self.schedule = cosine_schedule(t.lr, t.min_lr, total, t.warmup_steps)
+        task = {"finetune": "classify"}.get(exp.stage, exp.stage)
+        self.tx = make_optimizer(params, self.optim_config, task, self.depth)
+        self.tokenizer_graphdef, frozen = None, None
+        if exp.stage == "pretrain":
+            tokenizer = build(self._tokenizer)
+            self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
+            frozen = strong_types(frozen)
+        state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
+                 "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(t.seed))}
+        state["opt"] = jax.eval_shape(self.tx.init, params)
+        self.shardings = tree_shardings(state, self.mesh)
+        if not abstract:
+            state = jax.device_put(dict(state, opt=None), dict(self.shardings, opt=None))
+            # Under jit, with its shardings: the optimizer state is born sharded, one buffer per leaf (optax's
+            # eager init can hand mu and nu the same zeros buffer, which donation rejects).
+            state["opt"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(state["params"])
+        self.state = state
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self._step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
+                             out_shardings=(self.shardings, None), donate_argnums=0)
+        self._outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
+
+    # -- model construction ------------------------------------------------------------------------------------
+    def _model(self) -> nnx.Module:
+        exp = self.exp
+        model = self.stage.build(exp, nnx.Rngs(exp.train.seed))
+        if exp.init:
+            self._load_init(model)
+        if exp.stage == "finetune" and exp.train.mode == "lora":
+            add_lora(model, exp.train.lora_rank, exp.train.lora_alpha, nnx.Rngs(exp.train.seed + 1))
+        return model
+
+    def _load_init(self, model: nnx.Module) -> None:
+        """Start from a checkpoint: fine-tuning keeps a pretraining model's `student.*` weights, as the original."""
+        exp = self.exp
+        source = load_weights(exp.init, {"finetune": "classify"}.get(exp.stage, exp.stage)
+                              if not Path(exp.init).is_dir() else "")
+        weights = state_dict(source)
+        fresh: tuple[str, ...] = ()
+        if exp.stage == "finetune":
+            if any(k.startswith("student.") for k in weights):
+                weights, fresh = student_weights(weights), ("fc_norm.", "head.")
+            elif "head.weight" in weights and weights["head.weight"].shape[0] != exp.model.num_classes:
+                weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
+                fresh = ("head.",)
+        load_state_dict(model, weights, allow_missing=fresh, source=exp.init)
+
+    def _tokenizer(self) -> nnx.Module:
+        if not self.exp.tokenizer_checkpoint:
+            raise ValueError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
+        return load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
+
+    # -- the pure step ------------------------------------------------------------------------------------------
+    def _merge(self, state: State, params: Any, rest: Any) -> nnx.Module:
+        # copy=True: fresh Variables at the current trace level, so the quantizer may update its codebook in place
+        # under jax.value_and_grad (NNX refuses to mutate Variables created at an outer trace).
+        return nnx.merge(self.graphdef, params, state["fixed"], rest, copy=True)
+
+    def _train_step(self, state: State, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[State, dict]:
+        exp, accum = self.exp, self.exp.train.grad_accum
+        tokenizer = nnx.merge(self.tokenizer_graphdef, state["frozen"]) if state["frozen"] is not None else None
+        micro = jax.tree.map(lambda a: a.reshape((accum, a.shape[0] // accum) + a.shape[1:]), batch)
+
+        def one(carry, mb):
+            grads, rest, i = carry
+
+            def loss_fn(params):
+                model = self._merge(state, params, rest)
+                loss, aux = self.stage.loss(model, mb, jax.random.fold_in(rng, i), exp, tokenizer)
+                return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+            (loss, (aux, new_rest)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            return (jax.tree.map(jnp.add, grads, g), new_rest, i + 1), (loss, aux)
+
+        zeros = jax.tree.map(jnp.zeros_like, state["params"])
+        (grads, rest, _), (losses, aux) = jax.lax.scan(one, (zeros, state["rest"], 0), micro)
+        grads = jax.tree.map(lambda g: g / accum, grads)
+        loss = losses.mean()
+        grad_norm = optax.global_norm(grads)
+        updates, opt = self.tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        if exp.train.skip_nonfinite:
+            keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            params, opt, rest = keep(params, state["params"]), keep(opt, state["opt"]), keep(rest, state["rest"])
+        new_state = dict(state, params=params, opt=opt, rest=rest, step=state["step"] + 1)
+        metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "lr": self.schedule(state["step"]),
+                   **jax.tree.map(jnp.mean, aux)}
+        return new_state, metrics
+
+    def _eval_outputs(self, state: State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The stage's outputs window by window: a loss per row, so that the rows padding the last batch
+        (valid=False, no real patch, which the models turn into NaN) can be left out of the mean."""
+        tokenizer = nnx.merge(self.tokenizer_graphdef, state["frozen"]) if state["frozen"] is not None else None
+        model = self._merge(state, state["params"], state["rest"])
+
+        def one(row):
+            out = self.stage.outputs(model, jax.tree.map(lambda a: a[None], row), self.exp, tokenizer)
+            return jax.tree.map(lambda a: a[0] if a.ndim else a, out)
+
+        return jax.vmap(one)(batch) | {"label": batch["label"], "target": batch["target"], "valid": batch["valid"]}
+
+    # -- data ---------------------------------------------------------------------------------------------------
+    def loader_config(self, batch_size: int) -> LoaderConfig:
+        d = self.exp.data
+        weights = dict(zip(map(str, d.train), d.weights)) if d.weights else None
+        return LoaderConfig(batch_size=batch_size, max_channels=d.max_channels, max_patches=d.max_patches,
+                            seed=self.exp.train.seed, workers=d.workers, weights=weights)
+
+    def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
+
+    # -- evaluation ---------------------------------------------------------------------------------------------
+    def evaluate(self, split: str) -> dict[str, float]:
+        """The stage's metrics over a whole split, every process's share gathered first."""
+        paths = getattr(self.exp.data, split)
+        size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
+        size -= size % jax.process_count()
+        chunks: dict[str, list[np.ndarray]] = {}
+        for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
+            out = multihost_utils.process_allgather(self._outputs(self.state, self._global(batch)), tiled=True)
+            for key, value in out.items():
+                chunks.setdefault(key, []).append(np.asarray(value))
+        out = {k: np.concatenate(v) for k, v in chunks.items()}
+        valid = out["valid"].astype(bool)
+        result = {"loss": float(np.mean(out["loss"][valid]))}
+        if self.exp.stage == "finetune":
+            labels = out["label"] if self.exp.task_kind != "regression" else out["target"]
+            result |= paper_metrics.task_metrics(self.exp.task_kind, labels[valid], out["logits"][valid])
+        return {f"{split}/{k}": v for k, v in result.items()}
+
+    # -- exports ------------------------------------------------------------------------------------------------
+    def model(self) -> nnx.Module:
+        """The current model on the host (LoRA adapters folded into the weights)."""
+        model = self._merge(self.state, self.state["params"], self.state["rest"])
+        model = nnx.merge(*nnx.split(jax.device_get(model)))
+        return merge_lora(model) if self.exp.train.mode == "lora" else model
+
+    def export(self, name: str) -> Path:
+        """A parameters-only export (labram convert turns it into a .pth), replaced atomically."""
+        target = self.workdir / name
+        if jax.process_index() == 0:
+            fresh = save_model(self.model(), self.workdir / f".{name}.new")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(fresh, target)
+        multihost_utils.sync_global_devices(f"export {name}")
+        return target
+
+    # -- the loop -----------------------------------------------------------------------------------------------
+    def train(self) -> dict[str, float]:
+        exp, t = self.exp, self.exp.train
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
+        ckpt = Checkpoints(self.workdir, t.keep)
+        logger = MetricLogger(self.workdir)
+        sources = {str(p): [p] for p in exp.data.train}
+        iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
+        best_metric = t.best_metric or ({"regression": "val/r2"}.get(exp.task_kind, self.stage.default_metric)
+                                        if exp.stage == "finetune" else self.stage.default_metric)
+        higher = self.stage.higher_is_better and not best_metric.endswith("loss")
+        meta: dict[str, Any] = {"best": None}
+        start = ckpt.latest_step()
+        if start is not None:
+            self.state, data_state, meta = ckpt.restore(start, self.state, self.shardings)
+            if data_state is not None:
+                restore_state(iterator, data_state)
+            print(f"resumed from step {start} in {ckpt.directory}")
+        step = int(self.state["step"])
+        base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
+        flops = self.step_flops()
+        peak = device_peak_flops()
+        tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
+        last_log, summary = time.perf_counter(), {}
+        while step < t.steps:
+            data_state = save_state(iterator)  # the position before this step's batch
+            batch = self._global(next(iterator))
+            self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
+            step += 1
+            if not t.skip_nonfinite and not bool(m["finite"]):
+                raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad "
+                                    f"norm {float(m['grad_norm'])}); the batch is the one after loader position "
+                                    f"{json.dumps(data_state)}; set train.skip_nonfinite=true to skip such steps")
+            if step % t.log_every == 0 or step == t.steps:
+                now = time.perf_counter()
+                record = {k: float(v) for k, v in jax.device_get(m).items()}
+                elapsed = (now - last_log) / (t.log_every if step % t.log_every == 0 else 1)
+                record |= {"step_time": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+                if flops and peak:
+                    record["mfu"] = flops / elapsed / (peak * jax.device_count())
+                logger.write(step, record)
+                summary |= record
+                last_log = now
+            if t.eval_every and step % t.eval_every == 0 and exp.data.val and step < t.steps:
+                meta = self._validate(step, logger, best_metric, higher, meta, summary)
+            if step % t.save_every == 0 and step < t.steps:
+                ckpt.save(step, self.state, save_state(iterator), meta)
+        if exp.data.val:
+            meta = self._validate(step, logger, best_metric, higher, meta, summary)
+        if ckpt.latest_step() != step:
+            ckpt.save(step, self.state, save_state(iterator), meta)
+        ckpt.close()
+        self.export("export")
+        if exp.data.test:
+            summary |= self.evaluate("test")
+            if meta.get("best") is not None:
+                summary |= {f"best_{k}": v for k, v in self._best_test().items()}
+            logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
+        logger.close()
+        return summary
+
+    def _validate(self, step: int, logger: MetricLogger, metric: str, higher: bool, meta: dict,
+                  summary: dict) -> dict:
+        result = self.evaluate("val")
+        logger.write(step, result)
+        summary |= result
+        value = result.get(metric)
+        best = meta.get("best")
+        if value is not None and (best is None or (value > best["value"] if higher else value < best["value"])):
+            self.export("best")
+            meta = dict(meta, best={"metric": metric, "value": value, "step": step})
+        return meta
+
+    def _best_test(self) -> dict[str, float]:
+        """Test metrics of the best validation checkpoint, as the original reports them."""
+        current = self.state
+        best = load_model(self.workdir / "best")
+        params, fixed, rest = nnx.state(best, trainable_filter(self.exp), nnx.Param, ...)
+        self.state = dict(current, **jax.device_put({"params": params, "fixed": fixed, "rest": rest},
+                                                    {k: self.shardings[k] for k in ("params", "fixed", "rest")}))
+        try:
+            return self.evaluate("test")
+        finally:
+            self.state = current
+
+    # -- cost ---------------------------------------------------------------------------------------------------
+    def lower(self) -> Any:
+        batch = self.abstract_batch()
+        rng = jax.eval_shape(lambda: jax.random.key(0))
+        return self._step.lower(self.state, batch, rng)
+
+    def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+        b, d = self.exp.train.batch_size, self.exp.data
+        n, a = d.max_channels, d.max_patches
+        shapes = {"x": ((b, n, a, 200), jnp.float32), "input_chans": ((b, n + 1), jnp.int32),
+                  "mask": ((b, n, a), jnp.bool_), "token_channels": ((b, n * a), jnp.int32),
+                  "token_times": ((b, n * a), jnp.int32), "label": ((b,), jnp.int32), "target": ((b,), jnp.float32),
+                  "dataset": ((b,), jnp.int32), "valid": ((b,), jnp.bool_)}
+        return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
+
+    def step_flops(self) -> float | None:
+        """FLOPs of one step per device, from XLA's cost analysis of the compiled step."""
+        try:
+            cost = self.lower().compile().cost_analysis()
+        except Exception:  # noqa: BLE001 - cost analysis is best-effort and backend dependent
+            return None
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0)) or None
