@@ -159,7 +159,7 @@ def _sources(item: str, dataset: str | None, sidecars: _Sidecars) -> Iterable[So
         raise DiscoveryError(f"{item}: no such file or directory")
 
 
-def discover(inputs: Sequence[str], dataset: str | None = None) -> list[Source]:
+def discover(inputs: Sequence[str | os.PathLike], dataset: str | None = None) -> list[Source]:
     """Every recording the inputs name, once, sorted by (dataset, id).
 
     Raises DiscoveryError when an input does not exist or matches nothing, when the inputs hold no recording, and
@@ -170,7 +170,7 @@ def discover(inputs: Sequence[str], dataset: str | None = None) -> list[Source]:
     by_file: dict[str, Source] = {}
     sidecars = _Sidecars()
     for item in inputs:
-        for source in _sources(item, dataset, sidecars):
+        for source in _sources(os.fspath(item), dataset, sidecars):
             key = os.path.realpath(source.path)
             kept = by_file.get(key)
             # The same file reached twice (a folder and a file in it): keep one, the same one whatever the order.
