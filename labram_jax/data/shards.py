@@ -1,7 +1,7 @@
 """ArrayRecord shards of windows and the manifest that describes a folder of them.
 
 A shard is written under a temporary name and renamed when complete, so a folder never holds a half shard under a
-real name: a crashed job leaves only `*.tmp` files, which the next run deletes.
+real name: a crashed job leaves only `*.tmp` files (the writer that resumes deletes its own).
 """
 from __future__ import annotations
 
@@ -40,14 +40,6 @@ def write_shard(path: str | os.PathLike, windows: Iterable[Window]) -> int:
 
 def shard_paths(directory: str | os.PathLike) -> list[Path]:
     return sorted(Path(directory).glob(f"*{SHARD_SUFFIX}"))
-
-
-def remove_partial_shards(directory: str | os.PathLike) -> list[Path]:
-    """Delete what an interrupted writer left behind."""
-    partial = sorted(Path(directory).glob(f"*{SHARD_SUFFIX}.tmp"))
-    for path in partial:
-        path.unlink()
-    return partial
 
 
 @dataclasses.dataclass
