@@ -11,10 +11,12 @@ import pretrain_base
 
 
 def config() -> Experiment:
-    # Parameters and optimizer state sharded over fsdp; block activations recomputed in the backward pass.
+    # Parameters and optimizer state sharded over fsdp; each block recomputed in the backward pass ("dots" saves
+    # nothing here: LaBraM's linear layers are exactly the matmuls it keeps; "block" cut temporaries from 5.1 to
+    # 1.8 GiB per device at 4 blocks on 64 devices, for 1.34 vs 1.06 TFLOP per step).
     exp = pretrain_base.config(configs.huge())
     return exp.replace(mesh=MeshConfig(data=-1, fsdp=8), train=exp.train.__class__(
-        **{**exp.train.__dict__, "remat": "dots"}))
+        **{**exp.train.__dict__, "remat": "block"}))
 
 
 if __name__ == "__main__":

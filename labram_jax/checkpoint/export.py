@@ -25,6 +25,14 @@ STATE = "state"
 TASKS = ("classify", "pretrain", "tokenizer")
 
 
+def _checkpointer() -> ocp.StandardCheckpointer:
+    """A checkpointer of this process alone: exports are written and read by one process (process 0 writes),
+    while Orbax's default waits for every process of a multi-host run."""
+    me = jax.process_index()
+    return ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
+
+
 def save_model(model: Model, directory: str | os.PathLike) -> Path:
     """Write `model` to `directory`, which must not exist or be empty; returns its absolute path.
 
@@ -39,7 +47,7 @@ def save_model(model: Model, directory: str | os.PathLike) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _checkpointer() as checkpointer:
             checkpointer.save(tmp / STATE, nnx.to_pure_dict(nnx.state(model)))
             checkpointer.wait_until_finished()
         _write_meta(tmp, meta)
@@ -109,9 +117,10 @@ def load_model(directory: str | os.PathLike) -> Model:
     model = build(_config(meta, path), meta["task"])
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    # This process's own device: in a multi-host run jax.devices()[0] may belong to another process.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), expected)
-    with ocp.StandardCheckpointer() as checkpointer:
+    with _checkpointer() as checkpointer:
         try:
             stored = checkpointer.metadata(path / STATE).item_metadata
         except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types

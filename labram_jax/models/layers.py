@@ -179,7 +179,8 @@ class Attention(nnx.Module):
         qkv = qkv.reshape(b, l, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # [B, L, H, hd]
         if self.q_norm is not None:  # per-head LayerNorm before the 1/sqrt(hd) scaling, as the original
-            q, k = self.q_norm(q), self.k_norm(k)
+            # LayerNorm computes in float32; back to v's dtype (as the original's type_as) for bf16 compute.
+            q, k = self.q_norm(q).astype(v.dtype), self.k_norm(k).astype(v.dtype)
         attn_rng, proj_rng = rngs if rngs is not None else (None, None)
         key_mask = None if keys is None else keys[:, None, None, :]  # [B, 1 (heads), 1 (queries), L]
         if self.attn_drop_rate > 0.0 and attn_rng is not None:
@@ -242,8 +243,8 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(d, cfg.layer_norm_eps, rngs)
         self.mlp = Mlp(cfg, rngs, weight_init, rescaled)
         if cfg.init_values > 0:
-            self.gamma_1 = nnx.Param(jnp.full((d,), cfg.init_values), out_sharding=("norm",))
-            self.gamma_2 = nnx.Param(jnp.full((d,), cfg.init_values), out_sharding=("norm",))
+            self.gamma_1 = nnx.Param(jnp.full((d,), cfg.init_values, jnp.float32), out_sharding=("norm",))
+            self.gamma_2 = nnx.Param(jnp.full((d,), cfg.init_values, jnp.float32), out_sharding=("norm",))
         else:
             self.gamma_1 = self.gamma_2 = None
 

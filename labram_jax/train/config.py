@@ -107,21 +107,37 @@ def _parse(value: str, annotation: Any) -> Any:
     raise ValueError(f"cannot set a field of type {annotation}")
 
 
-def override(config: Any, assignment: str) -> Any:
-    """config with `a.b.c=value` applied; unknown keys and bad values raise one line naming them."""
-    key, sep, value = assignment.partition("=")
-    if not sep:
-        raise ValueError(f"override {assignment!r} is not key=value")
-    head, _, rest = key.partition(".")
-    hints = typing.get_type_hints(type(config))
-    if head not in hints:
-        raise ValueError(f"unknown config key {key!r} (fields of {type(config).__name__}: {', '.join(hints)})")
-    current = getattr(config, head)
-    try:
-        new = override(current, f"{rest}={value}") if rest else _parse(value, hints[head])
-    except ValueError as error:
-        raise ValueError(f"{key}: {error}") from None
-    return dataclasses.replace(config, **{head: new})
+def override(config: Any, *assignments: str) -> Any:
+    """config with `a.b.c=value` assignments applied; unknown keys and bad values raise one line naming them.
+
+    The assignments are applied together and each config is validated once, at the end: fields that must agree
+    (model.embed_dim = 25 * model.out_chans) can then change in one command line.
+    """
+    changes: dict[str, Any] = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"override {assignment!r} is not key=value")
+        fields = key.split(".")
+        node, target = config, changes
+        for depth, field in enumerate(fields, start=1):
+            hints = typing.get_type_hints(type(node)) if dataclasses.is_dataclass(node) else {}
+            if field not in hints:
+                raise ValueError(f"unknown config key {key!r} (fields of {type(node).__name__}: "
+                                 f"{', '.join(hints) or 'none'})")
+            if depth < len(fields):
+                node, target = getattr(node, field), target.setdefault(field, {})
+                continue
+            try:
+                target[field] = _parse(value, hints[field])
+            except ValueError as error:
+                raise ValueError(f"{key}: {error}") from None
+    return _apply(config, changes)
+
+
+def _apply(config: Any, changes: dict[str, Any]) -> Any:
+    return dataclasses.replace(config, **{name: _apply(getattr(config, name), value) if isinstance(value, dict)
+                                          else value for name, value in changes.items()})
 
 
 def to_json(config: Any) -> str:

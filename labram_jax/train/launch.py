@@ -90,9 +90,7 @@ def parser(description: str) -> argparse.ArgumentParser:
 def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int:
     args = parser(recipe.__doc__ or "").parse_args(argv)
     try:
-        exp = recipe()
-        for assignment in args.set:
-            exp = override(exp, assignment)
+        exp = override(recipe(), *args.set)
         if args.data:
             exp = _split_folders(args.data, exp)
     except ValueError as error:

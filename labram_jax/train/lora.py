@@ -37,8 +37,10 @@ class LoRALinear(nnx.Module):
         return self.base(x) + (x @ a) @ b * self.scale
 
     def merged(self) -> nnx.Linear:
-        delta = self.lora_a[...] @ self.lora_b[...] * self.scale
-        self.base.kernel[...] = self.base.kernel[...] + delta.astype(self.base.kernel[...].dtype)
+        kernel = self.base.kernel.get_value()
+        delta = self.lora_a.get_value() @ self.lora_b.get_value() * self.scale
+        # A new value, not an in-place write: a host copy of the weights may be a read-only numpy array.
+        self.base.kernel.set_value(kernel + delta.astype(kernel.dtype))
         return self.base
 
 
@@ -49,8 +51,10 @@ def _layers(model: Transformer):
 
 
 def add_lora(model: Transformer, rank: int, alpha: float, rngs: nnx.Rngs) -> Transformer:
-    for module, name in _layers(model):
-        setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, rngs))
+    # As the models: adapters carry logical axis names only; labram_jax.sharding places them from its rule table.
+    with nnx.use_eager_sharding(False):
+        for module, name in _layers(model):
+            setattr(module, name, LoRALinear(getattr(module, name), rank, alpha, rngs))
     return model
 
 

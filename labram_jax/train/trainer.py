@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import time
@@ -22,11 +23,12 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from labram_jax import configs, sharding
+from labram_jax import sharding
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
-from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights
+from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
+from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
@@ -36,6 +38,8 @@ from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
 from labram_jax.train.tasks import STAGES, trainable_filter
 
 State = dict[str, Any]
+# The models each stage can start from (`init`): fine-tuning keeps a pretraining model's student.
+INIT_TASKS = {"tokenizer": ("tokenizer",), "pretrain": ("pretrain",), "finetune": ("classify", "pretrain")}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -89,6 +93,7 @@ class Trainer:
         the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
         self.exp = resolve_precision(exp)
         self.workdir = Path(workdir)
+        self.abstract = abstract
         self.stage = STAGES[exp.stage]
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
         build = nnx.eval_shape if abstract else (lambda f: f())
@@ -107,6 +112,9 @@ class Trainer:
         self.tokenizer_graphdef, frozen = None, None
         if exp.stage == "pretrain":
             tokenizer = build(self._tokenizer)
+            if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
+                raise ValueError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
+                                 f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
@@ -120,6 +128,14 @@ class Trainer:
             state["opt"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(state["params"])
         self.state = state
         self.batch_sharding = sharding.batch_sharding(self.mesh)
+        # Batches are split over the data-parallel devices, and each process loads an equal share of them.
+        axes = self.batch_sharding.spec[0]
+        axes = (axes,) if isinstance(axes, str) else axes or ()
+        self.batch_multiple = math.lcm(math.prod(self.mesh.shape[a] for a in axes), jax.process_count())
+        if t.batch_size % (self.batch_multiple * t.grad_accum):
+            raise ValueError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
+                             f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
+                             f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
         self._step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
                              out_shardings=(self.shardings, None), donate_argnums=0)
         self._outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
@@ -139,6 +155,12 @@ class Trainer:
         exp = self.exp
         source = load_weights(exp.init, {"finetune": "classify"}.get(exp.stage, exp.stage)
                               if not Path(exp.init).is_dir() else "")
+        accepted = INIT_TASKS[exp.stage]
+        if task_of(source) not in accepted:
+            raise ValueError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
+                             f"{' or '.join(accepted)} weights"
+                             + (" (a trained tokenizer goes in tokenizer_checkpoint)"
+                                if task_of(source) == "tokenizer" else ""))
         weights = state_dict(source)
         fresh: tuple[str, ...] = ()
         if exp.stage == "finetune":
@@ -150,19 +172,29 @@ class Trainer:
         load_state_dict(model, weights, allow_missing=fresh, source=exp.init)
 
     def _tokenizer(self) -> nnx.Module:
-        if not self.exp.tokenizer_checkpoint:
-            raise ValueError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
-        return load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
+        if self.exp.tokenizer_checkpoint:
+            tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
+            if task_of(tokenizer) != "tokenizer":
+                raise ValueError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
+                                 f"{task_of(tokenizer)} model, not a tokenizer")
+            return tokenizer
+        if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
+            return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
+        raise ValueError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
 
     # -- the pure step ------------------------------------------------------------------------------------------
+    # Modules are merged where they run, with copy=True: fresh Variables at the current trace level, so the
+    # quantizer may update its codebook under jax.value_and_grad and nnx.remat may run inside scan or vmap (NNX
+    # refuses to mutate Variables created at an outer trace).
     def _merge(self, state: State, params: Any, rest: Any) -> nnx.Module:
-        # copy=True: fresh Variables at the current trace level, so the quantizer may update its codebook in place
-        # under jax.value_and_grad (NNX refuses to mutate Variables created at an outer trace).
         return nnx.merge(self.graphdef, params, state["fixed"], rest, copy=True)
+
+    def _frozen(self, state: State) -> nnx.Module | None:
+        """The frozen tokenizer of pretraining (None in the other stages)."""
+        return None if state["frozen"] is None else nnx.merge(self.tokenizer_graphdef, state["frozen"], copy=True)
 
     def _train_step(self, state: State, batch: dict[str, jax.Array], rng: jax.Array) -> tuple[State, dict]:
         exp, accum = self.exp, self.exp.train.grad_accum
-        tokenizer = nnx.merge(self.tokenizer_graphdef, state["frozen"]) if state["frozen"] is not None else None
         micro = jax.tree.map(lambda a: a.reshape((accum, a.shape[0] // accum) + a.shape[1:]), batch)
 
         def one(carry, mb):
@@ -170,7 +202,7 @@ class Trainer:
 
             def loss_fn(params):
                 model = self._merge(state, params, rest)
-                loss, aux = self.stage.loss(model, mb, jax.random.fold_in(rng, i), exp, tokenizer)
+                loss, aux = self.stage.loss(model, mb, jax.random.fold_in(rng, i), exp, self._frozen(state))
                 return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
             (loss, (aux, new_rest)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -180,7 +212,7 @@ class Trainer:
         (grads, rest, _), (losses, aux) = jax.lax.scan(one, (zeros, state["rest"], 0), micro)
         grads = jax.tree.map(lambda g: g / accum, grads)
         loss = losses.mean()
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -195,11 +227,9 @@ class Trainer:
     def _eval_outputs(self, state: State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
         """The stage's outputs window by window: a loss per row, so that the rows padding the last batch
         (valid=False, no real patch, which the models turn into NaN) can be left out of the mean."""
-        tokenizer = nnx.merge(self.tokenizer_graphdef, state["frozen"]) if state["frozen"] is not None else None
-        model = self._merge(state, state["params"], state["rest"])
-
         def one(row):
-            out = self.stage.outputs(model, jax.tree.map(lambda a: a[None], row), self.exp, tokenizer)
+            model = self._merge(state, state["params"], state["rest"])
+            out = self.stage.outputs(model, jax.tree.map(lambda a: a[None], row), self.exp, self._frozen(state))
             return jax.tree.map(lambda a: a[0] if a.ndim else a, out)
 
         return jax.vmap(one)(batch) | {"label": batch["label"], "target": batch["target"], "valid": batch["valid"]}
@@ -219,7 +249,7 @@ class Trainer:
         """The stage's metrics over a whole split, every process's share gathered first."""
         paths = getattr(self.exp.data, split)
         size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
-        size -= size % jax.process_count()
+        size = max(size - size % self.batch_multiple, self.batch_multiple)
         chunks: dict[str, list[np.ndarray]] = {}
         for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
             out = multihost_utils.process_allgather(self._outputs(self.state, self._global(batch)), tiled=True)
@@ -235,16 +265,21 @@ class Trainer:
 
     # -- exports ------------------------------------------------------------------------------------------------
     def model(self) -> nnx.Module:
-        """The current model on the host (LoRA adapters folded into the weights)."""
-        model = self._merge(self.state, self.state["params"], self.state["rest"])
-        model = nnx.merge(*nnx.split(jax.device_get(model)))
+        """The current model on the host (LoRA adapters folded into the weights).
+
+        A collective: every process calls it, since a parameter sharded over several hosts is gathered from all
+        of them (no single process can fetch it on its own).
+        """
+        graphdef, state = nnx.split(self._merge(self.state, self.state["params"], self.state["rest"]))
+        model = nnx.merge(graphdef, multihost_utils.process_allgather(state, tiled=True))
         return merge_lora(model) if self.exp.train.mode == "lora" else model
 
     def export(self, name: str) -> Path:
         """A parameters-only export (labram convert turns it into a .pth), replaced atomically."""
         target = self.workdir / name
+        model = self.model()
         if jax.process_index() == 0:
-            fresh = save_model(self.model(), self.workdir / f".{name}.new")
+            fresh = save_model(model, self.workdir / f".{name}.new")
             if target.exists():
                 shutil.rmtree(target)
             os.replace(fresh, target)
@@ -255,8 +290,7 @@ class Trainer:
     def train(self) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         self.workdir.mkdir(parents=True, exist_ok=True)
-        (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
-        ckpt = Checkpoints(self.workdir, t.keep)
+        ckpt = Checkpoints(self.workdir, t.keep, identity={"stage": exp.stage})
         logger = MetricLogger(self.workdir)
         sources = {str(p): [p] for p in exp.data.train}
         iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
@@ -264,12 +298,14 @@ class Trainer:
                                         if exp.stage == "finetune" else self.stage.default_metric)
         higher = self.stage.higher_is_better and not best_metric.endswith("loss")
         meta: dict[str, Any] = {"best": None}
-        start = ckpt.latest_step()
-        if start is not None:
-            self.state, data_state, meta = ckpt.restore(start, self.state, self.shardings)
+        resumed = ckpt.restore_latest(self.state, self.shardings)
+        if resumed is not None:
+            start, self.state, data_state, meta = resumed
             if data_state is not None:
                 restore_state(iterator, data_state)
             print(f"resumed from step {start} in {ckpt.directory}")
+        if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
+            (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         flops = self.step_flops()
