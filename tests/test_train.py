@@ -218,6 +218,39 @@ def test_sharded_step_equals_one_device(synthetic, tokenizer_export, tmp_path, s
         np.testing.assert_allclose(shards[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_resume_onto_another_mesh(synthetic, tmp_path):
+    """A checkpoint written on 8 devices (FSDP-sharded parameters and optimizer state) restores bit for bit onto
+    1 device, and the run goes on from it to the end."""
+    exp = experiment("finetune", synthetic, eps=1e-4, steps=4, save_every=2)
+    sharded = Trainer(override(exp, "train.steps=2").replace(mesh=MeshConfig(data=2, fsdp=4)), tmp_path)
+    sharded.train()
+    assert any(leaf.sharding.shard_shape(leaf.shape) != leaf.shape for leaf in jax.tree.leaves(sharded.state))
+    moved = Trainer(exp.replace(mesh=MeshConfig(data=1)), tmp_path, devices=ONE)
+    step, state, _, _ = Checkpoints(tmp_path, keep=3).restore_latest(moved.state, moved.shardings)
+    assert step == 2
+    assert all(leaf.sharding.device_set == set(ONE) for leaf in jax.tree.leaves(state))
+    expected, got = host(sharded.state), host(state)
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+    moved.train()
+    assert len(metrics(tmp_path, "loss")) == 4  # steps 1-2 logged by the sharded run, 3-4 by this one
+    assert int(moved.state["step"]) == 4
+
+
+def test_gradient_accumulation_equals_the_full_batch(synthetic, tmp_path):
+    """grad_accum=2 over two half batches gives the full batch's loss and update (a mean of per-sample losses;
+    no dropout, so the micro-batch split changes nothing)."""
+    exp = experiment("finetune", synthetic, eps=1e-4)
+    exp = exp.replace(model=exp.model.replace(drop_path_rate=0.0))
+    full, loss_full = one_step(exp, tmp_path / "full", ONE)
+    accum, loss_accum = one_step(override(exp, "train.grad_accum=2"), tmp_path / "accum", ONE)
+    np.testing.assert_allclose(loss_accum, loss_full, rtol=1e-6)
+    expected, got = host(full.state["params"]), host(accum.state["params"])
+    for key, value in expected.items():
+        np.testing.assert_allclose(got[key], value, rtol=1e-5, atol=1e-7, err_msg=key)
+
+
 # -- 4. preemption: kill -9, rerun, same parameters ----------------------------------------------------------------
 def recipe_command(workdir: Path, data: Path) -> list[str]:
     """experiments/finetune_eegmat.py at test size (drop path 0.1 and layer decay from the recipe stay)."""
