@@ -114,11 +114,11 @@ def test_eegmat_default_split(tmp_path):
 
 
 def test_eegmat_tfds_without_tensorflow(tmp_path, eegmat_build):
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds  # in the dev extra; TensorFlow deliberately is not
+
     from data_prep.tfds_builders import LabramEegmat
 
-    if importlib.util.find_spec("tensorflow") is not None:
-        pytest.skip("checks a build without TensorFlow, which is installed here")
+    assert importlib.util.find_spec("tensorflow") is None, "this test checks a build without TensorFlow"
     corpus = tmp_path / "eegmat"
     corpus.mkdir()
     for name in ("Subject00_1.edf", "Subject00_2.edf", "Subject01_1.edf", "Subject01_2.edf"):
