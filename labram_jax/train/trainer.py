@@ -308,8 +308,8 @@ class Trainer:
             (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
-        flops = self.step_flops()
         peak = device_peak_flops()
+        flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
         tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
         last_log, summary = time.perf_counter(), {}
         while step < t.steps:
