@@ -9,6 +9,7 @@ SLURM). A single host needs none of them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -29,8 +30,7 @@ def _split_folders(data: list[str], exp: Experiment) -> Experiment:
             test += [str(root / "test")] if (root / "test").is_dir() else []
         else:
             train.append(str(root))
-    return exp.replace(data=exp.data.__class__(**{**exp.data.__dict__, "train": tuple(train), "val": tuple(val),
-                                                  "test": tuple(test)}))
+    return exp.replace(data=dataclasses.replace(exp.data, train=tuple(train), val=tuple(val), test=tuple(test)))
 
 
 def _windows(folders: tuple[str, ...]) -> int:
@@ -49,10 +49,9 @@ def resolve_epochs(exp: Experiment) -> Experiment:
     if t.epochs <= 0:
         return exp
     steps_per_epoch = max(_windows(exp.data.train) // t.batch_size, 1)
-    train = t.__class__(**{**t.__dict__, "steps": int(t.epochs * steps_per_epoch),
-                           "warmup_steps": int(t.warmup_epochs * steps_per_epoch), "epochs": 0.0,
-                           "warmup_epochs": 0.0})
-    return exp.replace(train=train)
+    return exp.replace(train=dataclasses.replace(t, steps=int(t.epochs * steps_per_epoch),
+                                                 warmup_steps=int(t.warmup_epochs * steps_per_epoch), epochs=0.0,
+                                                 warmup_epochs=0.0))
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:

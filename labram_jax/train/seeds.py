@@ -1,6 +1,7 @@
 """`--seeds 0,1,2,3,4`: one run per seed, then the mean and std of each test metric, as the paper reports."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from labram_jax.train.trainer import Trainer
 def run(seeds: list[int], exp: Experiment, workdir: Path) -> dict[str, tuple[float, float]]:
     runs = []
     for seed in seeds:
-        summary = Trainer(exp.replace(train=exp.train.__class__(**{**exp.train.__dict__, "seed": seed})),
+        summary = Trainer(exp.replace(train=dataclasses.replace(exp.train, seed=seed)),
                           workdir / f"seed_{seed}").train()
         # The paper reports the test metrics of the best validation checkpoint when there is one.
         prefix = "best_test/" if any(k.startswith("best_test/") for k in summary) else "test/"
