@@ -17,7 +17,7 @@ from flax import nnx
 
 from labram_jax import LaBraM, from_pytorch, mem_loss
 from labram_jax.convert.state_dict import state_dict
-from labram_jax.models.layers import attention_with_dropout, fused_attention
+from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
 from labram_jax.models.vqnsp import fourier_targets
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_tiny"
@@ -154,6 +154,20 @@ def test_fused_attention_paths_agree():
     np.testing.assert_allclose(fused_attention(q, k, v, "xla"), explicit, rtol=1e-5, atol=1e-6)
     padded = fused_attention(q, k, v, "xla", head_multiple=8)  # 20 -> 24, as on the cuDNN path
     np.testing.assert_allclose(padded, explicit, rtol=1e-5, atol=1e-6)
+
+
+def test_softmax_attention_values_and_gradients_equal_autodiff_of_the_explicit_path():
+    """The hand-written backward pass equals autodiff of the plain softmax, with and without a key mask."""
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 37, 5, 20))
+    keys = jnp.arange(37)[None, None, None, :] < jnp.array([37, 30])[:, None, None, None]  # [B, 1, 1, L]
+    for mask in (None, keys):
+        explicit = lambda q, k, v: attention_with_dropout(q, k, v, rate=0.0, rng=jax.random.key(1), mask=mask)
+        ours = lambda q, k, v: softmax_attention(q, k, v, mask)
+        np.testing.assert_allclose(ours(q, k, v), explicit(q, k, v), rtol=1e-5, atol=1e-6)
+        weights = jax.random.normal(jax.random.key(2), q.shape)
+        grads = [jax.grad(lambda *a: (f(*a) * weights).sum(), argnums=(0, 1, 2))(q, k, v) for f in (ours, explicit)]
+        for got, want in zip(*grads):
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs an NVIDIA GPU")

@@ -218,6 +218,33 @@ def test_sharded_step_equals_one_device(synthetic, tokenizer_export, tmp_path, s
         np.testing.assert_allclose(shards[0], expected, rtol=1e-5, atol=1e-6)
 
 
+def test_mfu_divides_per_device_flops_by_one_device_peak(synthetic, tmp_path, monkeypatch):
+    """XLA's cost of the partitioned step is per device: each of 8 data-parallel devices does an eighth of the
+    1-device step's model FLOPs (plus the replicated optimizer update), and MFU divides that by one device's
+    peak, not by the peak of all 8."""
+    exp = experiment("finetune", synthetic, steps=2, batch_size=16)
+    one = Trainer(exp.replace(mesh=MeshConfig(data=1)), tmp_path / "one", devices=ONE).step_flops()
+    eight = Trainer(exp.replace(mesh=MeshConfig(data=8)), tmp_path / "eight")
+    per_device = eight.step_flops()
+    assert one / 8 <= per_device < one / 4
+    monkeypatch.setattr("labram_jax.train.trainer.device_peak_flops", lambda: 1e9)
+    eight.train()
+    rows = [json.loads(r) for r in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    for row in (r for r in rows if "mfu" in r):
+        assert row["mfu"] == pytest.approx(per_device / row["step_time"] / 1e9, rel=1e-6)
+    assert sum("mfu" in r for r in rows) == 2
+
+
+@pytest.mark.parametrize("precision,highest", [("auto", True), ("highest", True), ("default", False)])
+def test_matmul_precision_is_the_runs_setting(synthetic, tmp_path, precision, highest):
+    """The layers name no precision; the run's setting reaches every matmul of the compiled step (auto: highest
+    for float32 compute)."""
+    trainer = Trainer(experiment("finetune", synthetic, matmul_precision=precision), tmp_path, devices=ONE)
+    text = trainer.lower().as_text()
+    dots = [line for line in text.splitlines() if "dot_general" in line]
+    assert dots and all(("HIGHEST" in line) == highest for line in dots)
+
+
 def test_resume_onto_another_mesh(synthetic, tmp_path):
     """A checkpoint written on 8 devices (FSDP-sharded parameters and optimizer state) restores bit for bit onto
     1 device, and the run goes on from it to the end."""

@@ -191,14 +191,18 @@ class LaBraMForMEM(nnx.Module):
 
         Every row of `mask` must hold the same number M of True entries, as the original's random_masking makes;
         row-major flattening of the outputs gives the original's boolean-index order. With `padding` [B, N, A]
-        (True = real patch) rows may differ, so both passes return logits for every patch [B, L, V]; mem_loss
-        then scores the masked real patches of the first and the unmasked real patches of the second.
+        (True = real patch) rows may differ, so the logits come back for every patch, [B, L, V], and each patch's
+        from the pass that hid it: the first pass's where mask is True, the symmetric pass's elsewhere. That one
+        array is both elements of the pair, and mem_loss scores the masked real patches of the first and the
+        unmasked real patches of the second; the lm head then runs once per patch, as in the original, rather
+        than once per patch and pass.
         """
         rngs = (None, None) if rng is None else jax.random.split(rng)
         tokens = self.student(x, input_chans, mask, padding=padding, rng=rngs[0])[:, 1:]
         tokens_sym = self.student(x, input_chans, ~mask, padding=padding, rng=rngs[1])[:, 1:]
         if padding is not None:
-            return self.lm_head(tokens), self.lm_head(tokens_sym)
+            logits = self.lm_head(jnp.where(mask[..., None], tokens, tokens_sym))
+            return logits, logits
         num_masked = masked_count(mask)
         x_rec = self.lm_head(select(tokens, mask, num_masked))
         x_rec_sym = self.lm_head(select(tokens_sym, ~mask, mask.shape[1] - num_masked))

@@ -51,8 +51,7 @@ def linear(in_dim: int, out_dim: int, names: tuple[str | None, str | None], rngs
            kernel_init: Initializer, bias_init: Initializer = nnx.initializers.zeros_init(), use_bias: bool = True,
            dtype: str = "float32") -> nnx.Linear:
     return nnx.Linear(in_dim, out_dim, use_bias=use_bias, dtype=dtype, rngs=rngs,
-                      kernel_init=sharded(kernel_init, *names), bias_init=sharded(bias_init, names[1]),
-                      precision=jax.lax.Precision.HIGHEST)
+                      kernel_init=sharded(kernel_init, *names), bias_init=sharded(bias_init, names[1]))
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, names: tuple[str | None] = ("norm",)) -> nnx.LayerNorm:
@@ -117,8 +116,7 @@ class TemporalConv(nnx.Module):
                 kernel_init, bias_init = init.weight, nnx.initializers.zeros_init()
             return nnx.Conv(cin, c, kernel_size=(1, width), strides=(1, stride), padding=((0, 0), (width // 2,) * 2),
                             kernel_init=sharded(kernel_init, None, None, None, None),
-                            bias_init=sharded(bias_init, None),
-                            precision=jax.lax.Precision.HIGHEST, dtype=cfg.dtype, rngs=rngs)
+                            bias_init=sharded(bias_init, None), dtype=cfg.dtype, rngs=rngs)
 
         def group_norm() -> nnx.GroupNorm:
             return nnx.GroupNorm(c, num_groups=4, epsilon=1e-5, use_fast_variance=False, rngs=rngs,
@@ -148,8 +146,7 @@ class PatchEmbed(nnx.Module):
         init = torch_default_uniform(cfg.in_chans)
         self.proj = nnx.Conv(cfg.in_chans, cfg.embed_dim, kernel_size=(1, 1),
                              kernel_init=sharded(init, None, None, "code", "embed"),
-                             bias_init=sharded(init, "embed"),
-                             precision=jax.lax.Precision.HIGHEST, dtype=cfg.dtype, rngs=rngs)
+                             bias_init=sharded(init, "embed"), dtype=cfg.dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
         b, n, a, _ = x.shape  # [B, N, A, code_dim]; a per-token map, so padding needs no special care
@@ -185,8 +182,10 @@ class Attention(nnx.Module):
         key_mask = None if keys is None else keys[:, None, None, :]  # [B, 1 (heads), 1 (queries), L]
         if self.attn_drop_rate > 0.0 and attn_rng is not None:
             out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng, key_mask)
-        else:
+        elif self.attention == "cudnn":
             out = fused_attention(q, k, v, self.attention, mask=key_mask)
+        else:
+            out = softmax_attention(q, k, v, key_mask)
         return dropout(self.proj(out.reshape(b, l, d)), self.drop_rate, proj_rng)
 
 
@@ -208,14 +207,60 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: st
     return out[..., :hd]
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(hd)) v on [B, L, H, hd], the original's explicit attention, with a hand-written VJP.
+
+    Profiled on CPU, autodiff of the softmax makes XLA stream the [B, H, L, L] scores through memory several
+    times and keep the probabilities for the backward pass; here the backward recomputes them and uses
+    dS = P * (dP - rowsum(dO * O)), so a step reads and writes fewer L x L tensors and stores none. mask:
+    boolean, broadcastable to [B, H, L, L] (True = attend).
+    """
+    hd = q.shape[-1]
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q * hd ** -0.5, k, v))  # [B, H, L, hd], as the original
+    return _attention(q, k, v, mask).transpose(0, 2, 1, 3)
+
+
+def _probabilities(q: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    scores = jnp.einsum("bhld,bhmd->bhlm", q, k, preferred_element_type=jnp.float32)
+    if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    p = jnp.exp(scores - scores.max(axis=-1, keepdims=True))
+    return p * (1.0 / p.sum(axis=-1, keepdims=True))
+
+
+@jax.custom_vjp
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> jax.Array:
+    return jnp.einsum("bhlm,bhmd->bhld", _probabilities(q, k, mask).astype(v.dtype), v)
+
+
+def _attention_fwd(q, k, v, mask):
+    out = _attention(q, k, v, mask)
+    return out, (q, k, v, mask, out)
+
+
+def _attention_bwd(residuals, d_out):
+    q, k, v, mask, out = residuals
+    p = _probabilities(q, k, mask)
+    d_v = jnp.einsum("bhlm,bhld->bhmd", p.astype(d_out.dtype), d_out)
+    d_p = jnp.einsum("bhld,bhmd->bhlm", d_out, v, preferred_element_type=jnp.float32)
+    d_s = p * (d_p - (d_out * out).sum(axis=-1, keepdims=True, dtype=jnp.float32))
+    d_s = d_s.astype(q.dtype)
+    d_q = jnp.einsum("bhlm,bhmd->bhld", d_s, k)
+    d_k = jnp.einsum("bhlm,bhld->bhmd", d_s, q)
+    return d_q, d_k, d_v.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
 def attention_with_dropout(q: jax.Array, k: jax.Array, v: jax.Array, rate: float, rng: jax.Array,
                            mask: jax.Array | None = None) -> jax.Array:
     """The explicit softmax path, only for training with attention dropout (no fused kernel takes a dropout)."""
-    scores = jnp.einsum("blhd,bmhd->bhlm", q * q.shape[-1] ** -0.5, k, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.einsum("blhd,bmhd->bhlm", q * q.shape[-1] ** -0.5, k)
     if mask is not None:
         scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
     probs = dropout(jax.nn.softmax(scores, axis=-1), rate, rng)
-    return jnp.einsum("bhlm,bmhd->blhd", probs, v, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum("bhlm,bmhd->blhd", probs, v)
 
 
 class Mlp(nnx.Module):

@@ -76,6 +76,7 @@ class NormEMAVectorQuantizer(nnx.Module):
             else:
                 codebook = jax.lax.cond(self.embedding.initted[0] > 0, lambda: codebook, lambda: kmeans_cosine(
                     flat, cfg.codebook_size, cfg.kmeans_iters, rng, weights)[0])
+        # Code assignment stays at full float32 whatever the run's matmul precision: a token id is discrete.
         dist = ((flat ** 2).sum(1, keepdims=True) + (codebook ** 2).sum(1)
                 - 2 * jnp.einsum("bd,nd->bn", flat, codebook, precision=jax.lax.Precision.HIGHEST))
         ids = jnp.argmin(dist, axis=1)

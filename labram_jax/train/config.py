@@ -58,6 +58,9 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU/TPU, float32 on CPU
+    # The default precision of the models' matmuls: "auto" is "highest" for float32 compute (exact float32 on
+    # GPUs too, where the default takes faster reduced-precision passes) and "default" for bf16 compute.
+    matmul_precision: Literal["auto", "highest", "default"] = "auto"
     remat: Literal["none", "block", "dots"] = "none"
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
     seed: int = 0

@@ -46,6 +46,19 @@ class NonFiniteLoss(RuntimeError):
     """A step produced a NaN or Inf loss or gradient (and the run was not asked to skip such steps)."""
 
 
+def check_finite(unchecked: list[tuple[int, Any, dict]]) -> None:
+    """Raise NonFiniteLoss for the first of the (step, loader position, metrics) whose loss or gradient was not
+    finite, naming its step and batch; then forget them all."""
+    flags = jax.device_get([m["finite"] for _, _, m in unchecked])
+    bad = next((entry for entry, finite in zip(unchecked, flags) if not finite), None)
+    unchecked.clear()
+    if bad is not None:
+        step, data_state, m = bad
+        raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad "
+                            f"norm {float(m['grad_norm'])}); the batch is the one after loader position "
+                            f"{json.dumps(data_state)}; set train.skip_nonfinite=true to skip such steps")
+
+
 def resolve_precision(exp: Experiment) -> Experiment:
     """bf16 compute with float32 parameters on accelerators, float32 on CPU (unless the config says otherwise)."""
     precision = exp.train.precision
@@ -84,6 +97,22 @@ def strong_types(tree: Any) -> Any:
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
         return leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf
     return jax.tree.map(strong, tree)
+
+
+class UnderPrecision:
+    """A jitted function traced (and so compiled and cached) under one default matmul precision: the layers leave
+    precision to the run, so that accelerators can take their fast paths where the run computes in bf16."""
+
+    def __init__(self, fn: Any, precision: str):
+        self.fn, self.precision = fn, precision
+
+    def __call__(self, *args: Any) -> Any:
+        with jax.default_matmul_precision(self.precision):
+            return self.fn(*args)
+
+    def lower(self, *args: Any) -> Any:
+        with jax.default_matmul_precision(self.precision):
+            return self.fn.lower(*args)
 
 
 class Trainer:
@@ -136,9 +165,13 @@ class Trainer:
             raise ValueError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
                              f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
                              f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
-        self._step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
-                             out_shardings=(self.shardings, None), donate_argnums=0)
-        self._outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
+        precision = t.matmul_precision
+        if precision == "auto":
+            precision = "highest" if self.exp.model.dtype == "float32" else "default"
+        step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
+                       out_shardings=(self.shardings, None), donate_argnums=0)
+        outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
+        self._step, self._outputs = UnderPrecision(step, precision), UnderPrecision(outputs, precision)
 
     # -- model construction ------------------------------------------------------------------------------------
     def _model(self) -> nnx.Module:
@@ -312,28 +345,38 @@ class Trainer:
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
         tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
         last_log, summary = time.perf_counter(), {}
+        # Steps run ahead of the host: finiteness is read at log, eval and save steps (a per-step read would
+        # stall the host until the step ends), and the host loads the next batch while one step is in flight.
+        unchecked: list[tuple[int, Any, dict]] = []
+        in_flight: dict | None = None
         while step < t.steps:
             data_state = save_state(iterator)  # the position before this step's batch
             batch = self._global(next(iterator))
+            if in_flight is not None:
+                jax.block_until_ready(in_flight)  # at most one step queued behind the running one
             self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
+            in_flight = m
             step += 1
-            if not t.skip_nonfinite and not bool(m["finite"]):
-                raise NonFiniteLoss(f"non-finite loss or gradient at step {step} (loss {float(m['loss'])}, grad "
-                                    f"norm {float(m['grad_norm'])}); the batch is the one after loader position "
-                                    f"{json.dumps(data_state)}; set train.skip_nonfinite=true to skip such steps")
-            if step % t.log_every == 0 or step == t.steps:
+            if not t.skip_nonfinite:
+                unchecked.append((step, data_state, m))
+            logs = step % t.log_every == 0 or step == t.steps
+            evals = bool(t.eval_every and step % t.eval_every == 0 and exp.data.val and step < t.steps)
+            saves = step % t.save_every == 0 and step < t.steps
+            if logs or evals or saves:
+                check_finite(unchecked)
+            if logs:
                 now = time.perf_counter()
                 record = {k: float(v) for k, v in jax.device_get(m).items()}
                 elapsed = (now - last_log) / (t.log_every if step % t.log_every == 0 else 1)
                 record |= {"step_time": elapsed, "tokens_per_s": tokens_per_step / elapsed}
                 if flops and peak:
-                    record["mfu"] = flops / elapsed / (peak * jax.device_count())
+                    record["mfu"] = flops / elapsed / peak  # both per device
                 logger.write(step, record)
                 summary |= record
                 last_log = now
-            if t.eval_every and step % t.eval_every == 0 and exp.data.val and step < t.steps:
+            if evals:
                 meta = self._validate(step, logger, best_metric, higher, meta, summary)
-            if step % t.save_every == 0 and step < t.steps:
+            if saves:
                 ckpt.save(step, self.state, save_state(iterator), meta)
         if exp.data.val:
             meta = self._validate(step, logger, best_metric, higher, meta, summary)

@@ -1,0 +1,256 @@
+"""Our train step against the original PyTorch code (935963004/LaBraM) on the same work, in one sitting.
+
+    python bench/step_vs_pytorch.py --reference DIR [--peer-python PY] [--models base,large]
+                                    [--stages finetune,pretrain] [--pairs 3] [--steps 5]
+
+Each measurement is its own process; the two sides alternate (and swap who goes first every pair), so both see
+the same machine state and the printed ratios hold even where absolute CPU figures drift. Per side it prints
+samples/s of warm steps, the time from process start to the end of the first step, and the peak host memory.
+
+The same work on both sides: float32, train mode, batch [32, 23 channels, 10 patches, 200], AdamW with the
+original's parameter groups. Fine-tuning: one logit, BCE, drop path 0.1, layer decay 0.65. Pretraining: targets
+from a frozen VQ-NSP tokenizer (its forward is part of the step), mask ratio 0.5, both passes, CE on each, clip
+3.0. braindecode's `Labram` is timed too where it is installed (fine-tuning only: it has no pretraining model).
+
+The original is imported at run time from the checkout at --reference (never copied into this project). Its
+interpreter (--peer-python, default this one) needs torch 2.13.0 CPU, einops, pillow and timm 0.4.12 installed
+with --no-deps; timm imports torchvision, which has no CPU wheel that loads here, so inert stand-in modules are
+registered for it (the models never touch them).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BATCH, CHANNELS, PATCHES = 32, 23, 10
+ROOT = Path(__file__).resolve().parents[1]
+START = time.perf_counter()
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def report(first_step_s: float, seconds: float, steps: int, extra: dict | None = None) -> None:
+    print(json.dumps({"samples_per_s": steps * BATCH / seconds, "first_step_s": first_step_s,
+                      "peak_rss_mib": peak_rss_mib(), **(extra or {})}))
+
+
+# -- labram-jax ---------------------------------------------------------------------------------------------------
+def jax_step(model: str, stage: str):
+    """(trainer, batch) for one LaBraM size and stage, on the benchmark's batch."""
+    sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    import finetune_tuab
+    import pretrain_base
+    from labram_jax import configs
+    from labram_jax.checkpoint import save_model
+    from labram_jax.models.vqnsp import VQNSP
+    from labram_jax.train.config import DataConfig
+    from labram_jax.train.trainer import Trainer
+
+    size = configs.SIZES[model]
+    data = DataConfig(train=("unused",), max_channels=CHANNELS, max_patches=PATCHES)
+    if stage == "finetune":
+        exp = finetune_tuab.config()
+        exp = exp.replace(model=size(num_classes=1, drop_path_rate=0.1, init_values=0.1, qkv_bias=False))
+    else:
+        exp = pretrain_base.config(size())
+        tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
+        exp = exp.replace(tokenizer_checkpoint=str(tokenizer))
+    exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,
+                                                           warmup_steps=10, batch_size=BATCH))
+    trainer = Trainer(exp, tempfile.mkdtemp())
+    batch = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.abstract_batch().items()}
+    batch["x"] = np.random.default_rng(0).normal(0, 0.2, batch["x"].shape).astype(np.float32)
+    batch["input_chans"][:] = np.arange(CHANNELS + 1)
+    batch["mask"][:] = True
+    batch["valid"][:] = True
+    batch["label"][:] = np.arange(BATCH) % 2
+    return trainer, trainer._global(batch)
+
+
+def run_jax(model: str, stage: str, steps: int) -> None:
+    import jax
+    trainer, batch = jax_step(model, stage)
+    rng = jax.random.key(0)
+    state, metrics = trainer._step(trainer.state, batch, rng)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - START
+    state, metrics = trainer._step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    tic = time.perf_counter()
+    for i in range(steps):
+        state, metrics = trainer._step(state, batch, jax.random.fold_in(rng, i))
+    jax.block_until_ready(metrics)
+    report(first, time.perf_counter() - tic, steps, {"loss": float(metrics["loss"])})
+
+
+# -- the original ---------------------------------------------------------------------------------------------------
+def _import_reference(reference: str) -> None:
+    import types
+    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
+                 "torchvision.datasets", "torchvision.ops"):
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.path.insert(0, reference)
+
+
+def _reference_optimizer(model, depth: int, lr: float, betas, layer_decay: float | None):
+    """The original's AdamW parameter groups (optim_factory.get_parameter_groups), as run_*.py build them."""
+    import torch
+    from optim_factory import LayerDecayValueAssigner, get_num_layer_for_vit, get_parameter_groups
+
+    skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+    if layer_decay is None:
+        groups = get_parameter_groups(model, 0.05, skip)
+    else:
+        assigner = LayerDecayValueAssigner([layer_decay ** (depth + 1 - i) for i in range(depth + 2)])
+        groups = get_parameter_groups(model, 0.05, skip, lambda n: get_num_layer_for_vit(n, depth + 2),
+                                      assigner.get_scale)
+    for group in groups:
+        group["lr"] = lr * group.pop("lr_scale", 1.0)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8)
+
+
+def run_torch(model: str, stage: str, steps: int, reference: str, peer: str) -> None:
+    import numpy as np
+    import torch
+    _import_reference(reference)
+    dims = {"base": dict(embed_dim=200, depth=12, heads=10), "large": dict(embed_dim=400, depth=24, heads=16),
+            "huge": dict(embed_dim=800, depth=48, heads=16)}[model]
+    torch.manual_seed(0)
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.2, (BATCH, CHANNELS, PATCHES, 200))
+                         .astype(np.float32))
+    chans = list(range(CHANNELS + 1))
+    if stage == "finetune" and peer == "braindecode":
+        from braindecode.models import Labram
+        import mne
+        names = mne.channels.make_standard_montage("standard_1020").ch_names[:CHANNELS]
+        net = Labram(n_chans=CHANNELS, n_outputs=1, n_times=PATCHES * 200, chs_info=[{"ch_name": n} for n in names],
+                     drop_path=0.1, use_mean_pooling=True)
+        net.train()
+        opt = _reference_optimizer(net, 12, 5e-4, (0.9, 0.999), None)
+        inputs = (x.reshape(BATCH, CHANNELS, PATCHES * 200),)
+        step = _finetune_step(net, opt, inputs, torch)
+    elif stage == "finetune":
+        import modeling_finetune
+        factory = getattr(modeling_finetune, f"labram_{model}_patch200_200")
+        net = factory(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True, init_values=0.1, qkv_bias=False,
+                      use_abs_pos_emb=True, use_rel_pos_bias=False)
+        net.train()
+        opt = _reference_optimizer(net, dims["depth"], 5e-4, (0.9, 0.999), 0.65)
+        step = _finetune_step(net, opt, (x, chans), torch)
+    else:
+        import modeling_pretrain
+        import modeling_vqnsp
+        from engine_for_pretraining import random_masking
+        vqnsp = modeling_vqnsp.vqnsp_encoder_base_decoder_3x200x12(pretrained=False, as_tokenzer=False,
+                                                                   EEG_size=1600, n_code=8192, code_dim=64,
+                                                                   decay=0.99, quantize_kmeans_init=False).eval()
+        factory = getattr(modeling_pretrain, f"labram_{model}_patch200_1600_8k_vocab")
+        net = factory(pretrained=False, drop_path_rate=0.0, init_values=0.1, use_abs_pos_emb=True,
+                      use_rel_pos_bias=False, use_shared_rel_pos_bias=False, vocab_size=8192)
+        net.train()
+        opt = _reference_optimizer(net, dims["depth"], 5e-4, (0.9, 0.98), None)
+        loss_fn = torch.nn.CrossEntropyLoss()
+
+        def step():
+            with torch.no_grad():
+                ids = vqnsp.get_codebook_indices(x, chans)
+            mask = random_masking(x.flatten(1, 2), mask_ratio=0.5)
+            x_rec, x_rec_sym = net(x, chans, bool_masked_pos=mask)
+            loss = loss_fn(x_rec, ids[mask]) + loss_fn(x_rec_sym, ids[~mask])
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(net.parameters(), 3.0)
+            opt.step()
+            return loss
+    step()
+    first = time.perf_counter() - START
+    step()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    report(first, time.perf_counter() - tic, steps, {"loss": float(loss), "threads": torch.get_num_threads()})
+
+
+def _finetune_step(net, opt, inputs, torch):
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    y = (torch.arange(BATCH) % 2).float()
+
+    def step():
+        logits = net(*inputs)
+        loss = loss_fn(logits[:, 0], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss
+    return step
+
+
+# -- the sitting ----------------------------------------------------------------------------------------------------
+def measure(side: str, model: str, stage: str, args: argparse.Namespace) -> dict:
+    python = sys.executable if side == "jax" else args.peer_python
+    cmd = [python, __file__, "--worker", side, "--models", model, "--stages", stage, "--steps", str(args.steps),
+           "--reference", args.reference]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if out.returncode:
+        raise SystemExit(f"{side} {model} {stage} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def peer_has_braindecode(python: str) -> bool:
+    return subprocess.run([python, "-c", "import braindecode.models"], capture_output=True).returncode == 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--reference", required=True, help="a checkout of github 935963004/LaBraM")
+    parser.add_argument("--peer-python", default=sys.executable,
+                        help="the interpreter with torch, einops, timm 0.4.12 (default: this one)")
+    parser.add_argument("--models", default="base,large", help="comma-separated: base, large, huge")
+    parser.add_argument("--stages", default="finetune,pretrain", help="comma-separated: finetune, pretrain")
+    parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per model and stage")
+    parser.add_argument("--steps", type=int, default=5, help="timed warm steps per process")
+    parser.add_argument("--worker", choices=("jax", "torch", "braindecode"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker == "jax":
+        return run_jax(args.models, args.stages, args.steps)
+    if args.worker:
+        return run_torch(args.models, args.stages, args.steps, args.reference, args.worker)
+    braindecode = peer_has_braindecode(args.peer_python)
+    print(f"machine: {os.cpu_count()} cores; batch [{BATCH}, {CHANNELS}, {PATCHES}, 200] float32; "
+          f"{args.steps} warm steps per process; braindecode {'timed' if braindecode else 'not installed'}")
+    for model in args.models.split(","):
+        for stage in args.stages.split(","):
+            peers = ["torch"] + (["braindecode"] if braindecode and stage == "finetune" and model == "base" else [])
+            ratios: dict[str, list[float]] = {p: [] for p in peers}
+            for pair in range(args.pairs):
+                order = ["jax", *peers] if pair % 2 == 0 else [*peers, "jax"]
+                results = {side: measure(side, model, stage, args) for side in order}
+                for side in order:
+                    r = results[side]
+                    print(f"{model:5s} {stage:8s} pair {pair} {side:11s} {r['samples_per_s']:6.2f} samples/s  "
+                          f"first step {r['first_step_s']:5.1f} s  peak {r['peak_rss_mib']:6.0f} MiB", flush=True)
+                for p in peers:
+                    ratios[p].append(results["jax"]["samples_per_s"] / results[p]["samples_per_s"])
+                    print(f"{model:5s} {stage:8s} pair {pair} ratio jax/{p}: {ratios[p][-1]:.3f}", flush=True)
+            for p in peers:
+                print(f"{model:5s} {stage:8s} median ratio jax/{p}: {statistics.median(ratios[p]):.3f} "
+                      f"(pairs {', '.join(f'{r:.3f}' for r in ratios[p])})", flush=True)
+
+
+if __name__ == "__main__":
+    main()
