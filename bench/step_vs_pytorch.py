@@ -107,6 +107,19 @@ def _import_reference(reference: str) -> None:
     sys.path.insert(0, reference)
 
 
+def _reference_function(reference: str, file: str, name: str):
+    """One function of the original's file, without importing the file (its utils import pulls h5py, pyhealth,
+    sklearn and pandas, which the models never need)."""
+    import ast
+
+    import torch
+    tree = ast.parse((Path(reference) / file).read_text())
+    node = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == name)
+    namespace = {"torch": torch}
+    exec(compile(ast.Module(body=[node], type_ignores=[]), file, "exec"), namespace)
+    return namespace[name]
+
+
 def _reference_optimizer(model, depth: int, lr: float, betas, layer_decay: float | None):
     """The original's AdamW parameter groups (optim_factory.get_parameter_groups), as run_*.py build them."""
     import torch
@@ -155,7 +168,7 @@ def run_torch(model: str, stage: str, steps: int, reference: str, peer: str) -> 
     else:
         import modeling_pretrain
         import modeling_vqnsp
-        from engine_for_pretraining import random_masking
+        random_masking = _reference_function(reference, "engine_for_pretraining.py", "random_masking")
         vqnsp = modeling_vqnsp.vqnsp_encoder_base_decoder_3x200x12(pretrained=False, as_tokenzer=False,
                                                                    EEG_size=1600, n_code=8192, code_dim=64,
                                                                    decay=0.99, quantize_kmeans_init=False).eval()
