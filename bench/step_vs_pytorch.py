@@ -46,8 +46,8 @@ def report(first_step_s: float, seconds: float, steps: int, extra: dict | None =
 
 
 # -- labram-jax ---------------------------------------------------------------------------------------------------
-def jax_step(model: str, stage: str):
-    """(trainer, batch) for one LaBraM size and stage, on the benchmark's batch."""
+def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PATCHES, batch_size: int = BATCH):
+    """(trainer, batch) for one LaBraM size and stage, on the benchmark's batch (or another shape)."""
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
     import jax
     import numpy as np
@@ -62,7 +62,7 @@ def jax_step(model: str, stage: str):
     from labram_jax.train.trainer import Trainer
 
     size = configs.SIZES[model]
-    data = DataConfig(train=("unused",), max_channels=CHANNELS, max_patches=PATCHES)
+    data = DataConfig(train=("unused",), max_channels=channels, max_patches=patches)
     if stage == "finetune":
         exp = finetune_tuab.config()
         exp = exp.replace(model=size(num_classes=1, drop_path_rate=0.1, init_values=0.1, qkv_bias=False))
@@ -71,14 +71,14 @@ def jax_step(model: str, stage: str):
         tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
         exp = exp.replace(tokenizer_checkpoint=str(tokenizer))
     exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,
-                                                           warmup_steps=10, batch_size=BATCH))
+                                                           warmup_steps=10, batch_size=batch_size))
     trainer = Trainer(exp, tempfile.mkdtemp())
     batch = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.abstract_batch().items()}
     batch["x"] = np.random.default_rng(0).normal(0, 0.2, batch["x"].shape).astype(np.float32)
-    batch["input_chans"][:] = np.arange(CHANNELS + 1)
+    batch["input_chans"][:] = np.arange(channels + 1)
     batch["mask"][:] = True
     batch["valid"][:] = True
-    batch["label"][:] = np.arange(BATCH) % 2
+    batch["label"][:] = np.arange(batch_size) % 2
     return trainer, trainer._global(batch)
 
 

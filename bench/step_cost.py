@@ -1,0 +1,51 @@
+"""How a train step's time and memory grow with the tokens per window (channels x patches, up to 256).
+
+    python bench/step_cost.py [--model base] [--stage finetune] [--steps 3]
+
+For windows of 19x4, 64x4, 23x10 and 32x8 patches (batch 32, float32) it prints the warm step time, XLA's
+temporary memory of the compiled step, and the exponent k of a least-squares fit time ~ tokens^k (1 would be
+linear; attention's share makes it grow above 1 as windows lengthen).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import numpy as np
+
+from step_vs_pytorch import jax_step
+
+SHAPES = ((19, 4), (64, 4), (23, 10), (32, 8))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="base")
+    parser.add_argument("--stage", default="finetune", choices=("finetune", "pretrain"))
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    tokens, times = [], []
+    for channels, patches in SHAPES:
+        trainer, batch = jax_step(args.model, args.stage, channels, patches)
+        rng = jax.random.key(0)
+        compiled = trainer._step.lower(trainer.state, batch, rng).compile()
+        memory = compiled.memory_analysis()
+        state, metrics = trainer._step(trainer.state, batch, rng)
+        state, metrics = trainer._step(state, batch, rng)
+        jax.block_until_ready(metrics)
+        tic = time.perf_counter()
+        for i in range(args.steps):
+            state, metrics = trainer._step(state, batch, jax.random.fold_in(rng, i))
+        jax.block_until_ready(metrics)
+        seconds = (time.perf_counter() - tic) / args.steps
+        tokens.append(channels * patches)
+        times.append(seconds)
+        print(f"{args.model} {args.stage} {channels:2d} x {patches:2d} = {channels * patches:3d} tokens: "
+              f"{seconds:6.2f} s/step, temporaries {memory.temp_size_in_bytes / 2**30:5.2f} GiB", flush=True)
+    k = np.polyfit(np.log(tokens), np.log(times), 1)[0]
+    print(f"fitted exponent: step time ~ tokens^{k:.2f}")
+
+
+if __name__ == "__main__":
+    main()
