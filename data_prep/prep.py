@@ -22,6 +22,10 @@ journal does not list; the batch rule above then recreates the same shards under
 an interrupted and resumed job is identical, byte for byte, to that of an uninterrupted one. A rerun with other
 parameters or other recordings is refused rather than mixed in.
 
+Stopping: on SIGTERM or SIGINT the job abandons the shard it is writing at the next recording boundary (its
+`.tmp` file goes at the rerun), closes the journal and raises labram_jax.preemption.Preempted (`labram prep`
+exits with status 75); the rerun resumes as after a crash, so at most one shard's recordings are done again.
+
 Scale-out: with `--num-shards K --shard-index I` this index takes the recordings at positions p of the sorted list
 with p % K == I. Positions, not hashes of names, give every index the same number of recordings (to one), and any
 scheduler can run the K indices independently, one after the other or all at once into one DIR.
@@ -57,6 +61,7 @@ from labram_jax.channels import resolve_channels
 from labram_jax.configs import MAX_PATCHES
 from labram_jax.data.records import Window
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 # A LaBraM window of up to 256 tokens is <= 205 KB in float32, so 2000 windows make shards of at most ~400 MB
 # (~200 MB in float16): large enough that a 25,000-hour corpus fits in a few thousand files (one open handle
@@ -204,9 +209,11 @@ def prepare(task: Task) -> Prepared:
 
 
 def _follow(parent: int) -> None:
-    """Worker initializer: exit when the job process is gone. A pool worker blocks on its task queue forever once
-    its parent is killed (it holds both ends of the queue's pipe, so it never sees EOF), and through it keeps the
-    fork server alive too."""
+    """Worker initializer: leave SIGTERM and SIGINT to the job process, and exit when it is gone. A pool worker
+    blocks on its task queue forever once its parent is killed (it holds both ends of the queue's pipe, so it
+    never sees EOF), and through it keeps the fork server alive too."""
+    ignore_in_worker()
+
     def watch() -> None:
         while True:
             time.sleep(1.0)
@@ -619,7 +626,7 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
     journal = Journal(out / journal_name(shard_index, num_shards), header)
     tic = time.perf_counter()
     this_run: list[Prepared] = []
-    try:
+    with StopSignals("labram prep") as signals, contextlib.closing(journal):
         missing = [b["shard"] for b in journal.batches if b["shard"] and not (out / b["shard"]).is_file()]
         if missing:
             raise PrepError(f"{out}: {missing[0]} is in the journal but not on disk; empty --out to start again")
@@ -632,6 +639,11 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
         bar = Progress(progress, len(mine), done)
 
         def seen(prepared: Prepared) -> None:
+            if signals.requested:  # this recording and the rest of its shard are done again by the rerun
+                bar.close()
+                kept = sum(len(b["entries"]) for b in journal.batches)
+                raise Preempted(f"stopped by {signals.received}: {kept} of {len(mine)} recordings are done and "
+                                f"journaled in {out}; the same command resumes after them")
             bar.update(prepared)
             this_run.append(dataclasses.replace(prepared, windows=None, stats=None))
 
@@ -641,8 +653,6 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
                                                 _WORKER_PRELOAD)) as results:
                 shards = _write_shards(out, results, journal, name, shard_windows, seen)
         bar.close()
-    finally:
-        journal.close()
     with _folder_lock(out):
         manifest, report = rebuild(out, num_shards)
     statuses = collections.Counter(p.entry["status"] for p in this_run)

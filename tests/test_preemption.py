@@ -1,9 +1,9 @@
-"""Told to stop: SIGTERM or SIGINT ends training (one process or two) after saving, with exit status 75, and the
-rerun ends where an uninterrupted run ends; a full disk during a checkpoint save stops the run and keeps the
-previous checkpoint.
+"""Told to stop: SIGTERM or SIGINT ends training (one process or two), `labram prep` and `labram build` after
+saving, with exit status 75, and the rerun ends where an uninterrupted run ends; a full disk during a checkpoint
+save stops the run and keeps the previous checkpoint.
 
-The end-to-end tests run the EEGMAT fine-tuning recipe at test size (test_train.recipe_command) in subprocesses,
-and signal them at a random point.
+The end-to-end tests run the EEGMAT fine-tuning recipe at test size (test_train.recipe_command) and the prep job
+of test_prep in subprocesses, and signal them at a random point.
 """
 import errno
 import json
@@ -30,6 +30,7 @@ from labram_jax.train import launch
 from labram_jax.train.checkpoints import Checkpoints, DiskFull
 from labram_jax.train.config import override
 from labram_jax.train.trainer import Trainer
+from test_prep import EEGMAT, FIXTURES, output_files
 from test_train import child_env, completed_steps, recipe_command, synthetic, weights  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,3 +277,59 @@ def test_full_disk_during_a_background_save_stops_the_run(synthetic, tmp_path): 
     restored = Checkpoints(kept, keep=3, identity={"stage": "finetune"}).restore_latest(trainer.state,
                                                                                       trainer.shardings)
     assert restored is not None and restored[0] == 4 and int(restored[1]["step"]) == 4
+
+
+# -- labram prep and labram build ----------------------------------------------------------------------------------
+def labram(*words: str, cwd: Path) -> Child:
+    return Child([sys.executable, "-m", "labram_jax.cli", *words], {**os.environ, "PYTHONPATH": str(ROOT)}, cwd=cwd)
+
+
+@pytest.mark.slow
+def test_prep_stopped_by_sigterm_resumes_to_identical_shards(tmp_path):
+    words = ("prep", str(FIXTURES), str(EEGMAT), "--out", "out", "--workers", "2", "--shard-windows", "4")
+    for name in "ab":
+        (tmp_path / name).mkdir()
+    reference = labram(*words, cwd=tmp_path / "a")
+    assert reference.finish(timeout=300) == 0, reference.stderr
+
+    job = labram(*words, cwd=tmp_path / "b")
+    journal = tmp_path / "b" / "out" / ".progress-00000-of-00001.jsonl"
+    closed = random.Random().randint(1, 5)  # shards closed before the signal
+    job.wait_for(lambda: journal.exists() and journal.read_bytes().count(b"\n") >= 1 + closed)
+    job.signal(signal.SIGTERM, group=True)  # as a scheduler that signals every process: the workers too
+    sent = time.monotonic()
+    assert job.finish(timeout=GRACE_S) == EXIT_CODE, job.stderr
+    took = time.monotonic() - sent
+    stopped = re.search(r"labram prep: stopped by SIGTERM: (\d+) of 10 recordings are done and journaled", job.stderr)
+    assert stopped, job.stderr
+    print(f"prep: SIGTERM after {closed} shards, exited {took:.2f} s later with {stopped[1]} recordings done")
+    assert took < GRACE_S and "rejected" not in job.stderr  # no worker was taken for a crash
+    done = sum(len(json.loads(line)["entries"]) for line in journal.read_text().splitlines()[1:])
+    assert int(stopped[1]) == done and not (tmp_path / "b" / "out" / "manifest.json").exists()
+
+    resumed = labram(*words, cwd=tmp_path / "b")
+    assert resumed.finish(timeout=300) == 0, resumed.stderr
+    assert f"({done} done before)" in resumed.stdout
+    assert output_files(tmp_path / "b" / "out") == output_files(tmp_path / "a" / "out")
+
+
+@pytest.mark.slow
+def test_build_stopped_by_sigterm_builds_again_identically(tmp_path):
+    reference = labram("build", "eegmat", str(EEGMAT), str(tmp_path / "a"), "--workers", "2", cwd=tmp_path)
+    assert reference.finish(timeout=300) == 0, reference.stderr
+
+    out = tmp_path / "b"
+    job = labram("build", "eegmat", str(EEGMAT), str(out), "--workers", "2", cwd=tmp_path)
+    job.wait_for(lambda: any(out.glob("train/*.tmp")))  # the first file's windows are being written
+    job.signal(signal.SIGTERM, group=True)
+    assert job.finish(timeout=GRACE_S) == EXIT_CODE, job.stderr
+    assert re.search(r"labram build: stopped by SIGTERM after \d of 8 files; .* is incomplete", job.stderr)
+    assert not (out / "report.json").exists() and not list(out.glob("train/*.array_record"))
+
+    again = labram("build", "eegmat", str(EEGMAT), str(out), "--workers", "2", cwd=tmp_path)
+    assert again.finish(timeout=300) == 0, again.stderr
+    files = lambda root: {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    got, expected = files(out), files(tmp_path / "a")
+    assert got.keys() == expected.keys()
+    for name in got:  # the manifests and the report name their source folder, the same here
+        assert got[name] == expected[name], name
