@@ -229,9 +229,21 @@ def _pool(workers: int, context: Any) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_follow, initargs=(os.getpid(),))
 
 
+def _result(future: Future, poll: Callable[[], None]) -> Any:
+    """future.result(), calling poll() about four times a second while it waits."""
+    while True:
+        try:
+            return future.result(timeout=0.25)
+        except TimeoutError:
+            poll()
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash: Callable[[T, str], R],
-                preload: tuple[str, ...] = ()) -> Iterator[R]:
+                preload: tuple[str, ...] = (), poll: Callable[[], None] = lambda: None) -> Iterator[R]:
     """fn over items in `workers` processes, yielded in input order, with at most 2 x workers items in flight.
+
+    `poll` is called before each item is submitted and while a result is awaited, and may raise to abandon the
+    work (a stop signal); the workers still finish the items they hold before they exit.
 
     A worker process that dies (a segfault in a file reader, the kernel's OOM killer) breaks the whole pool and
     every item in flight with it; the item at the head is then retried alone in a fresh process, which tells a
@@ -257,12 +269,13 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
     try:
         while True:
             while len(pending) < 2 * workers and (item := next(items, _END)) is not _END:
+                poll()
                 pending.append((item, submit(item)))
             if not pending:
                 return
             item, future = pending.popleft()
             try:
-                result = future.result()
+                result = _result(future, poll)
             except BrokenProcessPool:
                 executor.shutdown(wait=True, cancel_futures=True)
                 result = _alone(fn, item, context, on_crash)
@@ -638,19 +651,22 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
         todo = mine[done:]
         bar = Progress(progress, len(mine), done)
 
-        def seen(prepared: Prepared) -> None:
-            if signals.requested:  # this recording and the rest of its shard are done again by the rerun
+        def stop_here() -> None:
+            if signals.requested:  # the recordings of the shard in writing are done again by the rerun
                 bar.close()
                 kept = sum(len(b["entries"]) for b in journal.batches)
                 raise Preempted(f"stopped by {signals.received}: {kept} of {len(mine)} recordings are done and "
                                 f"journaled in {out}; the same command resumes after them")
+
+        def seen(prepared: Prepared) -> None:
+            stop_here()
             bar.update(prepared)
             this_run.append(dataclasses.replace(prepared, windows=None, stats=None))
 
         shards = []
         if todo:
             with contextlib.closing(ordered_map(prepare, todo, min(workers, len(todo)), _crashed,
-                                                _WORKER_PRELOAD)) as results:
+                                                _WORKER_PRELOAD, stop_here)) as results:
                 shards = _write_shards(out, results, journal, name, shard_windows, seen)
         bar.close()
     with _folder_lock(out):
