@@ -22,6 +22,10 @@ journal does not list; the batch rule above then recreates the same shards under
 an interrupted and resumed job is identical, byte for byte, to that of an uninterrupted one. A rerun with other
 parameters or other recordings is refused rather than mixed in.
 
+Stopping: on SIGTERM or SIGINT the job abandons the shard it is writing at the next recording boundary (its
+`.tmp` file goes at the rerun), closes the journal and raises labram_jax.preemption.Preempted (`labram prep`
+exits with status 75); the rerun resumes as after a crash, so at most one shard's recordings are done again.
+
 Scale-out: with `--num-shards K --shard-index I` this index takes the recordings at positions p of the sorted list
 with p % K == I. Positions, not hashes of names, give every index the same number of recordings (to one), and any
 scheduler can run the K indices independently, one after the other or all at once into one DIR.
@@ -57,6 +61,7 @@ from labram_jax.channels import resolve_channels
 from labram_jax.configs import MAX_PATCHES
 from labram_jax.data.records import Window
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 # A LaBraM window of up to 256 tokens is <= 205 KB in float32, so 2000 windows make shards of at most ~400 MB
 # (~200 MB in float16): large enough that a 25,000-hour corpus fits in a few thousand files (one open handle
@@ -204,9 +209,11 @@ def prepare(task: Task) -> Prepared:
 
 
 def _follow(parent: int) -> None:
-    """Worker initializer: exit when the job process is gone. A pool worker blocks on its task queue forever once
-    its parent is killed (it holds both ends of the queue's pipe, so it never sees EOF), and through it keeps the
-    fork server alive too."""
+    """Worker initializer: leave SIGTERM and SIGINT to the job process, and exit when it is gone. A pool worker
+    blocks on its task queue forever once its parent is killed (it holds both ends of the queue's pipe, so it
+    never sees EOF), and through it keeps the fork server alive too."""
+    ignore_in_worker()
+
     def watch() -> None:
         while True:
             time.sleep(1.0)
@@ -222,9 +229,21 @@ def _pool(workers: int, context: Any) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(workers, mp_context=context, initializer=_follow, initargs=(os.getpid(),))
 
 
+def _result(future: Future, poll: Callable[[], None]) -> Any:
+    """future.result(), calling poll() about four times a second while it waits."""
+    while True:
+        try:
+            return future.result(timeout=0.25)
+        except TimeoutError:
+            poll()
+
+
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash: Callable[[T, str], R],
-                preload: tuple[str, ...] = ()) -> Iterator[R]:
+                preload: tuple[str, ...] = (), poll: Callable[[], None] = lambda: None) -> Iterator[R]:
     """fn over items in `workers` processes, yielded in input order, with at most 2 x workers items in flight.
+
+    `poll` is called before each item is submitted and while a result is awaited, and may raise to abandon the
+    work (a stop signal); the workers still finish the items they hold before they exit.
 
     A worker process that dies (a segfault in a file reader, the kernel's OOM killer) breaks the whole pool and
     every item in flight with it; the item at the head is then retried alone in a fresh process, which tells a
@@ -250,12 +269,13 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
     try:
         while True:
             while len(pending) < 2 * workers and (item := next(items, _END)) is not _END:
+                poll()
                 pending.append((item, submit(item)))
             if not pending:
                 return
             item, future = pending.popleft()
             try:
-                result = future.result()
+                result = _result(future, poll)
             except BrokenProcessPool:
                 executor.shutdown(wait=True, cancel_futures=True)
                 result = _alone(fn, item, context, on_crash)
@@ -619,7 +639,7 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
     journal = Journal(out / journal_name(shard_index, num_shards), header)
     tic = time.perf_counter()
     this_run: list[Prepared] = []
-    try:
+    with StopSignals("labram prep") as signals, contextlib.closing(journal):
         missing = [b["shard"] for b in journal.batches if b["shard"] and not (out / b["shard"]).is_file()]
         if missing:
             raise PrepError(f"{out}: {missing[0]} is in the journal but not on disk; empty --out to start again")
@@ -631,18 +651,24 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
         todo = mine[done:]
         bar = Progress(progress, len(mine), done)
 
+        def stop_here() -> None:
+            if signals.requested:  # the recordings of the shard in writing are done again by the rerun
+                bar.close()
+                kept = sum(len(b["entries"]) for b in journal.batches)
+                raise Preempted(f"stopped by {signals.received}: {kept} of {len(mine)} recordings are done and "
+                                f"journaled in {out}; the same command resumes after them")
+
         def seen(prepared: Prepared) -> None:
+            stop_here()
             bar.update(prepared)
             this_run.append(dataclasses.replace(prepared, windows=None, stats=None))
 
         shards = []
         if todo:
             with contextlib.closing(ordered_map(prepare, todo, min(workers, len(todo)), _crashed,
-                                                _WORKER_PRELOAD)) as results:
+                                                _WORKER_PRELOAD, stop_here)) as results:
                 shards = _write_shards(out, results, journal, name, shard_windows, seen)
         bar.close()
-    finally:
-        journal.close()
     with _folder_lock(out):
         manifest, report = rebuild(out, num_shards)
     statuses = collections.Counter(p.entry["status"] for p in this_run)

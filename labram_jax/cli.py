@@ -5,6 +5,9 @@
     labram build tuab|tuev|eegmat ROOT OUT   a labelled downstream set with the original's windows and splits
     labram embed CHECKPOINT RECORDING... --out FILE   embeddings per window (and per patch) of your recordings
     labram convert IN OUT              PyTorch .pth <-> labram-jax export directory
+
+Exit status: 0 done, 2 a usage or input error, 75 stopped by SIGTERM or SIGINT (prep and build; rerun the same
+command to resume).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ from flax import nnx
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch, task_of, to_pytorch
 from labram_jax.convert.state_dict import Model
+from labram_jax.preemption import EXIT_CODE, Preempted
 
 class CommandError(Exception):
     """A user-facing failure: printed as one line, exit code 2."""
@@ -141,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     except (CommandError, ValueError, OSError) as error:
         print(f"labram {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    except Preempted as stop:  # SIGTERM or SIGINT: the work so far is saved, and a rerun resumes
+        print(f"labram {args.command}: {stop}", file=sys.stderr)
+        return EXIT_CODE
 
 
 if __name__ == "__main__":

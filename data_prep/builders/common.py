@@ -7,6 +7,10 @@ run the same two, so both produce the same windows.
 
 `workers` > 1 starts spawned processes, which import the calling script again: in a script, call the builders
 under `if __name__ == "__main__":`.
+
+On SIGTERM or SIGINT a build stops after the file in flight and raises labram_jax.preemption.Preempted. Builds do
+not resume: the rerun clears the split folders and writes everything again, the same bytes as an uninterrupted
+build. `report.json` is written last, so an interrupted build is one without it.
 """
 from __future__ import annotations
 
@@ -16,17 +20,20 @@ import itertools
 import json
 import multiprocessing
 import os
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import numpy as np
 
 from labram_jax.data.records import Window
 from labram_jax.data.shards import MANIFEST, SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 SPLITS = ("train", "val", "test")
 REPORT = "report.json"
 DEFAULT_SHARD_SIZE = 2000  # 10-s 23-channel float32 windows: ~370 MB per shard
+T = TypeVar("T")
 
 
 def one_line(error: BaseException) -> str:
@@ -100,9 +107,25 @@ def iter_file_windows(fn: WindowFn, jobs: list[Job], workers: int = 1
         results = map(run, jobs)
         yield from ((job, *result) for job, result in zip(jobs, results))
         return
-    # spawn, not fork: the parent has usually imported JAX, whose threads do not survive a fork.
-    with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-        yield from ((job, *result) for job, result in zip(jobs, pool.imap(run, jobs)))
+    # spawn, not fork: the parent has usually imported JAX, whose threads do not survive a fork. The workers
+    # ignore SIGTERM and SIGINT (stopping is this process's decision), so a pool's terminate(), which sends them
+    # SIGTERM, could not end them: an executor ends its workers by message, once the files in flight are done.
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
+                               initializer=ignore_in_worker)
+    try:
+        yield from ((job, *result) for job, result in zip(jobs, pool.map(run, jobs)))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _until_stopped(results: Iterator[T], total: int, out: Path) -> Iterator[T]:
+    """`results` until SIGTERM or SIGINT, then Preempted (the file in flight is left out with the rest)."""
+    with StopSignals("labram build") as signals:
+        for done, result in enumerate(results):
+            if signals.requested:
+                raise Preempted(f"stopped by {signals.received} after {done} of {total} files; {out} is "
+                                "incomplete (no report.json), and the same command builds it again")
+            yield result
 
 
 def clear_split(directory: Path) -> None:
@@ -138,13 +161,14 @@ def write_splits(plan: Plan, out: str | os.PathLike, fn: WindowFn, *, workers: i
         raise ValueError(f"shard_size must be positive, got {shard_size}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT).unlink(missing_ok=True)  # the mark of a finished build, until this one finishes
     for split in SPLITS:
         clear_split(out / split)
     jobs = sorted(plan.jobs, key=lambda job: (SPLITS.index(job.split), job.recording))
     rejected = list(plan.rejected)
     notes: list[dict[str, str]] = []
     splits: dict[str, dict[str, Any]] = {}
-    results = iter_file_windows(fn, jobs, workers)
+    results = _until_stopped(iter_file_windows(fn, jobs, workers), len(jobs), out)
     for split, group in itertools.groupby(results, key=lambda result: result[0].split):
         stats = DatasetStats()
         files = 0

@@ -9,12 +9,14 @@ step, since processes read different slices.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import orbax.checkpoint as ocp
@@ -23,6 +25,20 @@ from jax.experimental import multihost_utils
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint step whose files cannot be read back."""
+
+
+class DiskFull(OSError):
+    """A checkpoint save that ran out of disk space."""
+
+
+def _out_of_space(error: BaseException | None) -> bool:
+    # TensorStore reports ENOSPC as a ValueError("RESOURCE_EXHAUSTED: ... No space left on device
+    # [os_error_code='28']"); Python's own writes raise OSError(ENOSPC).
+    while error is not None:
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -50,6 +66,7 @@ class Checkpoints:
         """identity: metadata that every checkpoint of the run carries and that a resume must match (its stage)."""
         self.directory = Path(workdir).resolve() / "checkpoints"
         self.identity = dict(identity or {})
+        self._writing: tuple[int, int] | None = None  # (step, bytes of its arrays) of the save last started
         # Handlers named up front, so a fresh manager can read a step's metadata before restoring it.
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -63,15 +80,38 @@ class Checkpoints:
     def _data_file(self, step: int) -> Path:
         return self.directory / "data_state" / f"step_{step}.process_{jax.process_index()}.json"
 
+    @contextlib.contextmanager
+    def _space_checked(self) -> Iterator[None]:
+        """Turn running out of disk space in the block (in this save, or the background write of the one before)
+        into DiskFull."""
+        try:
+            yield
+        except DiskFull:
+            raise
+        except Exception as error:  # noqa: BLE001 - re-raised unless it is ENOSPC in disguise
+            if not _out_of_space(error) or self._writing is None:
+                raise
+            step, needed = self._writing
+            free = shutil.disk_usage(self.directory).free
+            kept = [s for s in self.manager.all_steps() if s != step]
+            raise DiskFull(errno.ENOSPC, f"no space left on device for checkpoint {step} in {self.directory}: it "
+                           f"needs about {needed:,} bytes, {free:,} are free; "
+                           + (f"checkpoint {max(kept)} is intact" if kept else "no earlier checkpoint")
+                           + "; free space (or use another workdir) and rerun to resume") from error
+
     def save(self, step: int, state: Any, data_state: Any, meta: dict[str, Any]) -> None:
         """Asynchronous: returns once the arrays are copied off the devices; the write goes on behind."""
         path = self._data_file(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(data_state))
-        os.replace(tmp, path)
-        self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flatten(state)),
-                                                        meta=ocp.args.JsonSave(self.identity | meta)))
+        flat = flatten(state)
+        self.wait()  # Orbax waits for the previous save anyway; here its failure is reported as that step's
+        with self._space_checked():
+            self._writing = (step, sum(int(leaf.nbytes) for leaf in flat.values()))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(data_state))
+            os.replace(tmp, path)
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
+                                                            meta=ocp.args.JsonSave(self.identity | meta)))
         # Iterator states of the steps Orbax has since deleted (max_to_keep) go too.
         kept = set(self.manager.all_steps()) | {step}
         for stale in path.parent.glob(f"step_*.process_{jax.process_index()}.json"):
@@ -143,9 +183,17 @@ class Checkpoints:
             raise ValueError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
                              f"model size or training mode? use another workdir): " + "; ".join(problems))
 
+    def check(self) -> None:
+        """Raise the error of a background write that has failed (DiskFull for ENOSPC); never waits for a write
+        in progress. (Orbax's check_for_errors misses a failure in its finalize thread; waiting on a finished
+        save returns at once or raises it.)"""
+        if not self.manager.is_saving_in_progress():
+            self.wait()
+
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._space_checked():
+            self.manager.wait_until_finished()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

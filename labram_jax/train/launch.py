@@ -5,6 +5,9 @@
 Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I (or set JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed auto where JAX detects the cluster itself (TPU pods,
 SLURM). A single host needs none of them.
+
+Exit status: 0 done, 2 a bad config, 75 stopped by SIGTERM or SIGINT after saving a checkpoint (rerun the same
+command to resume), 1 any other failure (a full disk during a checkpoint save among them).
 """
 from __future__ import annotations
 
@@ -96,15 +99,24 @@ def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed(args)
-    from labram_jax.train import aot, seeds, trainer  # after the device count and distributed setup
+    from labram_jax import preemption  # after the device count and distributed setup, as the rest
+    from labram_jax.train import aot, seeds, trainer
+    from labram_jax.train.checkpoints import DiskFull
 
     if args.aot:
         aot.report(exp)
         return 0
     exp = resolve_epochs(exp)
-    if args.seeds:
-        seeds.run([int(s) for s in args.seeds.split(",")], exp, Path(args.workdir))
-        return 0
-    summary = trainer.Trainer(exp, args.workdir).train()
+    try:
+        if args.seeds:
+            seeds.run([int(s) for s in args.seeds.split(",")], exp, Path(args.workdir))
+            return 0
+        summary = trainer.Trainer(exp, args.workdir).train()
+    except preemption.Preempted as stop:
+        print(f"preempted: {stop}", file=sys.stderr)
+        return preemption.EXIT_CODE
+    except DiskFull as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
     print(json.dumps({k: v for k, v in summary.items() if "/" in k}, indent=1))
     return 0

@@ -13,7 +13,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from labram_jax import sharding
+from labram_jax import preemption, sharding
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
@@ -322,6 +322,12 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
+        """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
+        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step)."""
+        with preemption.StopSignals("training") as signals:
+            return self._train(preemption.StopAgreement(signals))
+
+    def _train(self, stop: preemption.StopAgreement) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         self.workdir.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpoints(self.workdir, t.keep, identity={"stage": exp.stage})
@@ -379,10 +385,15 @@ class Trainer:
                 meta = self._validate(step, logger, best_metric, higher, meta, summary)
             if saves:
                 ckpt.save(step, self.state, save_state(iterator), meta)
+            ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
+            if stop():
+                self._preempted(step, ckpt, logger, save_state(iterator), meta)
         if exp.data.val:
             meta = self._validate(step, logger, best_metric, higher, meta, summary)
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, save_state(iterator), meta)
+        if stop(final=True):  # a signal during the last step or the final validation: the rest can run later
+            self._preempted(step, ckpt, logger, save_state(iterator), meta)
         ckpt.close()
         self.export("export")
         if exp.data.test:
@@ -392,6 +403,15 @@ class Trainer:
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
         logger.close()
         return summary
+
+    def _preempted(self, step: int, ckpt: Checkpoints, logger: MetricLogger, data_state: Any,
+                   meta: dict) -> NoReturn:
+        if ckpt.latest_step() != step:
+            ckpt.save(step, self.state, data_state, meta)
+        ckpt.close()  # waits until the write has committed
+        logger.close()
+        raise preemption.Preempted(f"stopped at step {step}: checkpoint {ckpt.directory / str(step)} saved; "
+                                   "the same command resumes from it")
 
     def _validate(self, step: int, logger: MetricLogger, metric: str, higher: bool, meta: dict,
                   summary: dict) -> dict:
