@@ -387,6 +387,7 @@ class Trainer:
                 ckpt.save(step, self.state, save_state(iterator), meta)
             ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
             if stop():
+                check_finite(unchecked)  # never save a step whose loss or gradient was not finite
                 self._preempted(step, ckpt, logger, save_state(iterator), meta)
         if exp.data.val:
             meta = self._validate(step, logger, best_metric, higher, meta, summary)
