@@ -68,6 +68,9 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
         exp = exp.replace(model=size(num_classes=1, drop_path_rate=0.1, init_values=0.1, qkv_bias=False))
     else:
         exp = pretrain_base.config(size())
+        # A trained tokenizer's codebook is initialised; an untrained one would run k-means in every step's
+        # tokenizer call (the original's side has quantize_kmeans_init=False).
+        exp = exp.replace(tokenizer=exp.tokenizer.replace(kmeans_init=False))
         tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
         exp = exp.replace(tokenizer_checkpoint=str(tokenizer))
     exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,

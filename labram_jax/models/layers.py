@@ -80,7 +80,9 @@ def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def gelu(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=False)  # torch's nn.GELU is the exact erf form
+    """torch's nn.GELU, the exact erf form, written as torch computes it: x/2 (1 + erf(x/sqrt 2)). (jax.nn.gelu's
+    erfc form lowers to a slower kernel on CPU: 1.3 s of a LaBraM-Base pretraining step.)"""
+    return 0.5 * x * (1.0 + jax.lax.erf(x * 0.7071067811865476).astype(x.dtype))
 
 
 @dataclasses.dataclass(frozen=True)
