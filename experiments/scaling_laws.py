@@ -29,7 +29,7 @@ def toy() -> GridConfig:
     return GridConfig(pretrain=stages["pretrain"], tokenizer=stages["tokenizer"], sizes=("0.1M", "0.25M", "0.5M"),
                       # The first subset is one 60-s recording, so the data axis spans 12x, wider than the sizes'
                       # 4.3x: every budget between them is reached by all three sizes (the iso-FLOP view needs it).
-                      hours=(0.015, 0.1, 0.2), epochs=12, eval_tokens=16_000, source="eegmat", save_every=25)
+                      hours=(0.015, 0.1, 0.2), epochs=10, eval_tokens=32_000, source="eegmat", save_every=25)
 
 
 def pod() -> GridConfig:
@@ -62,8 +62,8 @@ def parser() -> argparse.ArgumentParser:
     what = run.add_mutually_exclusive_group()
     what.add_argument("--list", action="store_true", help="print the points and exit")
     what.add_argument("--point", type=int, help="run this point alone (for a job array)")
-    for flag in ("--coordinator", "--distributed"):
-        run.add_argument(flag, **({"choices": ("off", "auto"), "default": "off"} if flag == "--distributed" else {}))
+    run.add_argument("--coordinator", help="HOST:PORT of process 0, for a point run on several hosts")
+    run.add_argument("--distributed", choices=("off", "auto"), default="off")
     run.add_argument("--num-processes", type=int)
     run.add_argument("--process-id", type=int)
     fit = sub.add_parser("fit", help="fit L(N, D) = E + A/N^alpha + B/D^beta to a results CSV")

@@ -312,10 +312,10 @@ def collect(grid: GridConfig, workdir: str | os.PathLike) -> Path:
 
 def describe(grid: GridConfig) -> list[str]:
     """One line per point, for --list."""
+    counts = {size: parameter_counts(model_config(grid, size)) for size in grid.sizes}
     lines = []
     for p in points(grid):
-        total, non_embedding = parameter_counts(model_config(grid, p.size))
-        r = LADDER[p.size]
+        (total, non_embedding), r = counts[p.size], LADDER[p.size]
         lines.append(f"{p.index}\t{p.name}\t{r.width}x{r.depth}\tparams {total:,} (non-embedding "
                      f"{non_embedding:,})\t>= {p.hours:g} h\t{grid.epochs:g} epochs")
     return lines

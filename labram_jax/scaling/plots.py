@@ -7,6 +7,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on clusters or in CI
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
 from labram_jax.scaling.fit import IsoFlop, Law  # noqa: E402
@@ -15,6 +16,12 @@ from labram_jax.scaling.fit import IsoFlop, Law  # noqa: E402
 def _sizes(data: dict[str, np.ndarray]) -> list[tuple[str, float]]:
     """(label, N) per model size, smallest first."""
     return sorted({(str(label), float(n)) for label, n in zip(data["label"], data["n"])}, key=lambda x: x[1])
+
+
+def _plain_loss_ticks(ax: plt.Axes) -> None:
+    """Losses span a few percent: 10.2 reads better than matplotlib's 1.02 x 10^1 on a log axis."""
+    for formatter in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+        formatter(ScalarFormatter(useOffset=False))
 
 
 def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str) -> plt.Figure:
@@ -28,6 +35,7 @@ def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str) -> plt.
     ax.axhline(law.E, color="gray", ls=":", lw=1, label=f"E = {law.E:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="tokens (channel-patches)", ylabel="held-out masked-code loss",
            title=f"L = E + A/N^{law.alpha:.2f} + B/D^{law.beta:.2f}")
+    _plain_loss_ticks(ax)
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
@@ -46,6 +54,7 @@ def isoflop_curves(iso: IsoFlop, law: Law) -> plt.Figure:
             left.axvline(best, color=color, ls=":", lw=0.8)
     left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="loss at C (interpolated)",
              title="iso-FLOP curves (C = 6ND)")
+    _plain_loss_ticks(left)
     left.legend(fontsize=7)
     known = [(c, n) for c, n in zip(iso.levels, iso.optimal_n) if n is not None]
     c = np.geomspace(min(iso.levels), max(iso.levels), 50)
