@@ -80,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "fit":
-            from labram_jax.scaling.fit import fit_results
+            from labram_jax.scaling.fit import fit_results, summary
 
-            fit_results(args.results, args.out, n_column=args.n_column, samples=args.bootstrap)
-            print(f"fit.json, predictions.csv and plots in {args.out}")
+            print(summary(fit_results(args.results, args.out, n_column=args.n_column, samples=args.bootstrap),
+                          args.out))
             return 0
         grid = override(CONFIGS[args.config](), *args.set)
         if args.list:

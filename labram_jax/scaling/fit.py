@@ -30,6 +30,7 @@ STARTS = 16  # L-BFGS runs from the grid's best points (all 4,500 would cost 300
 # Near-L1 (delta << the noise), the loss has kinks where L-BFGS-B's default tolerances stop it early: from
 # different starts it then halts at different points, and a bootstrap warm-started at the fit hardly moves.
 TOLERANCES = {"ftol": 1e-15, "gtol": 1e-12, "maxiter": 1000}
+EXPONENT_BOUNDS = (0.0, 10.0)  # alpha and beta
 KEYS = ("E", "A", "alpha", "B", "beta", "a", "b")
 
 
@@ -87,7 +88,7 @@ def _grid_losses(log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray, delta:
 
 
 def _minimise(starts: np.ndarray, log_n, log_d, log_l, delta: float) -> np.ndarray:
-    bounds = [(None, None)] * 3 + [(0.0, 10.0)] * 2
+    bounds = [(None, None)] * 3 + [EXPONENT_BOUNDS] * 2
     best, best_value = None, np.inf
     # L-BFGS-B's 5 x 5 LAPACK calls on a multi-threaded BLAS cost 10x more than on one thread, more on a busy CPU.
     with threadpool_limits(1):
@@ -218,6 +219,8 @@ def fit_results(csv_path: str | os.PathLike, out: str | os.PathLike, *, n_column
     iso = isoflop(data["n"], data["tokens"], data["loss"])
     result = law.as_dict() | {
         "ci": bootstrap(data["n"], data["tokens"], data["loss"], law, samples=samples, seed=seed),
+        # An exponent at its bound means the grid does not resolve that axis (its term is flat or a step).
+        "at_bound": [k for k in ("alpha", "beta") if min(abs(getattr(law, k) - b) for b in EXPONENT_BOUNDS) < 1e-6],
         "n_column": n_column, "runs": int(len(data["n"])), "huber_delta": DELTA, "bootstrap_samples": samples,
         "isoflop": None if iso is None else dataclasses.asdict(iso)}
     (out / "fit.json").write_text(json.dumps(result, indent=1))
@@ -229,3 +232,12 @@ def fit_results(csv_path: str | os.PathLike, out: str | os.PathLike, *, n_column
             writer.writerow([*row, float(np.log(row[3] / row[4]))])
     plots.write_all(out, data, law, iso, n_column)
     return result
+
+
+def summary(result: dict, out: str | os.PathLike) -> str:
+    """The fitted numbers in one line, and a warning where an exponent ended at its bound."""
+    line = f"fit: {json.dumps({k: round(result[k], 4) for k in KEYS})} -> {out}"
+    if result["at_bound"]:
+        line += (f"\nwarning: {', '.join(result['at_bound'])} at the bound of its search: the grid does not "
+                 "resolve that axis (more sizes or budgets, or longer runs)")
+    return line

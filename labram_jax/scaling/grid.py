@@ -164,6 +164,7 @@ def prepare(grid: GridConfig, workdir: str | os.PathLike, data: list[str]) -> Pr
     import jax
     from jax.experimental import multihost_utils
 
+    from labram_jax.train.launch import resolve_epochs
     from labram_jax.train.trainer import Trainer
 
     workdir = Path(workdir)
@@ -183,7 +184,7 @@ def prepare(grid: GridConfig, workdir: str | os.PathLike, data: list[str]) -> Pr
         if not Path(tokenizer).exists():
             exp = grid.tokenizer.replace(data=dataclasses.replace(grid.tokenizer.data, train=tuple(train), val=(),
                                                                   test=()))
-            Trainer(exp, workdir / "tokenizer").train()
+            Trainer(resolve_epochs(exp), workdir / "tokenizer").train()  # a recipe's epochs of all the data
     return Prepared(subsets=subsets, eval=tuple(held_out), tokenizer=tokenizer)
 
 
@@ -197,8 +198,7 @@ def point_experiment(grid: GridConfig, point: Point, prepared: Prepared) -> Expe
     subset = prepared.subsets[grid.hours.index(point.hours)]
     base, t = grid.pretrain, grid.pretrain.train
     steps = max(1, math.ceil(grid.epochs * subset.windows / t.batch_size))
-    probe = base.replace(train=dataclasses.replace(t, epochs=0.0, warmup_epochs=0.0))
-    eval_every = max(1, round(grid.eval_tokens / tokens_per_step(probe))) if grid.eval_tokens else 0
+    eval_every = max(1, round(grid.eval_tokens / tokens_per_step(base))) if grid.eval_tokens else 0
     tokenizer = grid.pretrain.tokenizer if grid.tokenizer_checkpoint else grid.tokenizer.tokenizer
     return base.replace(
         model=model_config(grid, point.size), tokenizer=tokenizer, tokenizer_checkpoint=prepared.tokenizer,
@@ -337,9 +337,7 @@ def run_grid(grid: GridConfig, workdir: str | os.PathLike, data: list[str], *, f
     results = collect(grid, workdir)
     finished = len(results.read_text().splitlines()) - 1
     if fit and finished >= 6:
-        from labram_jax.scaling.fit import fit_results
+        from labram_jax.scaling.fit import fit_results, summary
 
-        law = fit_results(results, workdir / "fit")
-        print(f"fit: {json.dumps({k: round(law[k], 4) for k in ('E', 'A', 'alpha', 'B', 'beta', 'a', 'b')})} "
-              f"-> {workdir / 'fit'}")
+        print(summary(fit_results(results, workdir / "fit"), workdir / "fit"))
     return results
