@@ -1,0 +1,1 @@
+"""Scaling-law grids: nested data subsets, the grid of pretraining runs, and the fit of their losses."""

@@ -1,0 +1,215 @@
+"""The scaling-law tool: nested data subsets, the grid's points and model ladder, the fit and its files, and a
+killed grid that resumes."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labram_jax.data.records import Window
+from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
+from labram_jax.scaling import fit as scaling_fit
+from labram_jax.scaling.grid import LADDER, GridConfig, Prepared, parameter_counts, point_experiment, points
+from labram_jax.scaling.subsets import Subset, nested_subsets
+
+ROOT = Path(__file__).resolve().parents[1]
+TRUTH = scaling_fit.Law(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)  # Chinchilla's published fit
+
+
+def _shards(folder: Path, seconds: dict[str, int]) -> None:
+    """One 2-channel, 2-s window per 2 s of each recording, recordings interleaved across two shards."""
+    folder.mkdir(parents=True)
+    windows = [Window(signal=np.full((2, 2, 200), i, np.float32), channel_rows=np.array([1, 2], np.int16),
+                      channel_names=("FP1", "FP2"), recording=name, start=2.0 * i, dataset="toy")
+               for name, length in seconds.items() for i in range(length // 2)]
+    windows = windows[::2] + windows[1::2]
+    stats = DatasetStats()
+    for w in windows:
+        stats.add(w)
+    write_shard(folder / "a.array_record", windows[:len(windows) // 2])
+    write_shard(folder / "b.array_record", windows[len(windows) // 2:])
+    write_manifest(folder, {"toy": stats}, {})
+
+
+def test_nested_subsets_by_recording(tmp_path):
+    from labram_jax.data.pipeline import window_source
+    from labram_jax.data.records import decode
+
+    seconds = {"r0": 3600, "r1": 1800, "r2": 7200, "r3": 900, "r4": 3600}
+    _shards(tmp_path / "train", seconds)
+    subsets = nested_subsets([str(tmp_path / "train")], [1.0, 2.0, 4.0], tmp_path / "subsets", seed=3)
+    recordings = []
+    for subset, target in zip(subsets, [1.0, 2.0, 4.0]):
+        windows = [decode(r) for r in window_source(list(subset.folders))]
+        names = {w.recording for w in windows}
+        recordings.append(names)
+        # whole recordings only, at least the target, and the counts are those of the windows read back
+        assert all(sum(w.recording == name for w in windows) == seconds[name] // 2 for name in names)
+        assert subset.hours >= target and subset.hours == sum(seconds[n] for n in names) / 3600
+        assert (subset.windows, subset.recordings, subset.patches) == (len(windows), len(names), 4 * len(windows))
+    assert recordings[0] < recordings[1] < recordings[2]  # nested, each strictly larger
+    # the shortest prefix: dropping the last recording added would fall short of the target
+    assert len(subsets[0].folders) == 1 and json.loads((tmp_path / "subsets" / "increment-00" /
+                                                        "manifest.json").read_text())["recordings"] > 0
+    # a rerun reuses the increments; another request in the same folder is refused
+    stamp = (tmp_path / "subsets" / "increment-01").stat().st_mtime_ns
+    assert nested_subsets([str(tmp_path / "train")], [1.0, 2.0, 4.0], tmp_path / "subsets", seed=3) == subsets
+    assert (tmp_path / "subsets" / "increment-01").stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="holds subsets of"):
+        nested_subsets([str(tmp_path / "train")], [1.0, 3.0], tmp_path / "subsets", seed=3)
+    with pytest.raises(ValueError, match="fewer than the 9 h"):
+        nested_subsets([str(tmp_path / "train")], [9.0], tmp_path / "other")
+
+
+def test_ladder_sizes():
+    counted = [name for name in LADDER if float(name.rstrip("M")) <= 46]  # building the 120M/369M shapes is slow
+    ladder = [parameter_counts(_model(name)) for name in counted]
+    assert len(LADDER) >= 5 and [n for n, _ in ladder] == sorted(n for n, _ in ladder)
+    widths = [LADDER[name].width * LADDER[name].width * LADDER[name].depth for name in LADDER]
+    assert widths == sorted(widths)
+    for name, (total, non_embedding) in zip(counted, ladder):
+        nominal = float(name.rstrip("M")) * 1e6
+        if nominal >= 1e6:  # the paper's sizes count the Transformer, which non-embedding is close to
+            assert abs(non_embedding / nominal - 1) < 0.06, (name, non_embedding)
+        assert total > non_embedding
+    # LaBraM-Base, -Large and -Huge are rungs of the ladder with the paper's widths and depths
+    assert (LADDER["5.8M"].width, LADDER["46M"].depth, LADDER["369M"].width) == (200, 24, 800)
+
+
+def _model(size):
+    from labram_jax import demo
+
+    stages = demo.experiments(Path(), Path())
+    from labram_jax.scaling.grid import model_config
+
+    return model_config(GridConfig(pretrain=stages["pretrain"], tokenizer=stages["tokenizer"]), size)
+
+
+def test_point_experiment_budget():
+    from labram_jax import demo
+
+    stages = demo.experiments(Path(), Path())
+    grid = GridConfig(pretrain=stages["pretrain"], tokenizer=stages["tokenizer"], sizes=("0.1M", "5.8M"),
+                      hours=(0.1, 0.2), epochs=3, eval_tokens=16_000, seed=7)
+    subsets = (Subset(("a",), 0.1, 70, 2, 7000), Subset(("a", "b"), 0.2, 150, 4, 15000))
+    grid_points = points(grid)
+    assert [p.name for p in grid_points] == ["000-0.1M-0.1h", "001-0.1M-0.2h", "002-5.8M-0.1h", "003-5.8M-0.2h"]
+    exp = point_experiment(grid, grid_points[3], Prepared(subsets, ("val",), "tok"))
+    assert exp.train.steps == 29  # ceil(3 epochs x 150 windows / 16)
+    assert (exp.train.eval_every, exp.train.warmup_steps, exp.train.seed) == (10, 2, 7)  # 16k tokens / 1600
+    assert (exp.model.embed_dim, exp.model.depth, exp.model.vocab_size) == (200, 12, 256)
+    assert (exp.data.train, exp.data.val, exp.tokenizer_checkpoint) == (("a", "b"), ("val",), "tok")
+    with pytest.raises(ValueError, match="unknown sizes"):
+        points(grid.replace(sizes=("7M",)))
+
+
+def _synthetic(seed=0):
+    n, d = np.meshgrid(np.logspace(6, 9, 6), np.logspace(8, 11, 6), indexing="ij")  # 3 decades each
+    n, d = n.ravel(), d.ravel()
+    return n, d, TRUTH(n, d) * np.exp(np.random.default_rng(seed).normal(0, 0.01, n.shape))  # 1% noise
+
+
+def test_fit_recovers_a_known_law():
+    n, d, loss = _synthetic()
+    law = scaling_fit.fit_law(n, d, loss)
+    assert abs(law.alpha - TRUTH.alpha) < 0.05 and abs(law.beta - TRUTH.beta) < 0.05
+    ci = scaling_fit.bootstrap(n, d, loss, law, samples=100)
+    for key in scaling_fit.KEYS:
+        low, high = ci[key]
+        assert low <= getattr(TRUTH, key) <= high, (key, low, high, getattr(TRUTH, key))
+        assert low <= getattr(law, key) <= high
+    iso = scaling_fit.isoflop(n, d, loss)
+    assert abs(iso.a - TRUTH.a) < 0.05 and abs(iso.b - TRUTH.b) < 0.05
+    # the compute-optimal allocation spends the budget and has the exponents
+    c = np.array([1e18, 1e21])
+    n_opt, d_opt = law.optimal(c)
+    np.testing.assert_allclose(6 * n_opt * d_opt, c)
+    assert np.isclose(np.log(n_opt[1] / n_opt[0]) / np.log(1e3), law.a)
+
+
+def test_isoflop_needs_three_sizes_by_three_budgets():
+    n, d, loss = _synthetic()
+    keep = n <= np.unique(n)[1]  # two sizes
+    assert scaling_fit.isoflop(n[keep], d[keep], loss[keep]) is None
+
+
+def test_fit_files(tmp_path):
+    n, d, loss = _synthetic(1)
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["size", "params", "non_embedding_params", "tokens", "loss", "hours"])
+        writer.writerows(zip([f"{x:.0e}" for x in n], n, n * 0.9, d, loss, d / 1e6))
+    result = scaling_fit.fit_results(path, tmp_path / "fit", n_column="non_embedding_params", samples=20)
+    saved = json.loads((tmp_path / "fit" / "fit.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    assert all(isinstance(saved[k], float) for k in scaling_fit.KEYS)
+    assert set(saved["ci"]) == set(scaling_fit.KEYS) and all(len(saved["ci"][k]) == 2 for k in scaling_fit.KEYS)
+    assert saved["n_column"] == "non_embedding_params" and saved["isoflop"]["a"] is not None
+    assert saved["at_bound"] == []
+    law = scaling_fit.Law(**{k: saved[k] for k in ("E", "A", "alpha", "B", "beta")})
+    with open(tmp_path / "fit" / "predictions.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = np.array([[float(r[k]) for k in ("non_embedding_params", "tokens", "loss", "predicted")] for r in rows])
+    np.testing.assert_allclose(got[:, :3], np.stack([n * 0.9, d, loss], 1))
+    np.testing.assert_allclose(got[:, 3], law(got[:, 0], got[:, 1]))
+    assert np.abs(np.log(got[:, 2] / got[:, 3])).max() < 0.05  # 1% noise: the fit is close to every run
+    for name in ("loss_vs_tokens.png", "isoflop.png", "residuals.png"):
+        assert (tmp_path / "fit" / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fit_reports_bad_input(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("params,loss\n1,2\n")
+    with pytest.raises(ValueError, match=r"r\.csv: no column 'tokens'"):
+        scaling_fit.read_results(path)
+    path.write_text("params,tokens,loss\n" + "1,2,3\n" * 3 + "1,2,oops\n" + "1,2,3\n" * 3)
+    with pytest.raises(ValueError, match=r"r\.csv line 5: column 'loss' is 'oops'"):
+        scaling_fit.read_results(path)
+
+
+def _launch(workdir, *extra):
+    command = [sys.executable, str(ROOT / "experiments" / "scaling_laws.py"), "run", "--config", "toy",
+               "--workdir", str(workdir), "--set", "sizes=0.1M,0.25M", "hours=0.2", "epochs=2", "save_every=10",
+               "eval_tokens=16000", "tokenizer.train.steps=5", "tokenizer.train.warmup_steps=1", *extra]
+    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_killed_grid_resumes(tmp_path):
+    """Kill the grid while its second point trains; the rerun skips the first and resumes the second."""
+    first, second = (tmp_path / "points" / name for name in ("000-0.1M-0.2h", "001-0.25M-0.2h"))
+    process = _launch(tmp_path)
+    deadline = time.time() + 240
+    while not (second / "checkpoints").is_dir() or not any(p.name.isdigit() for p in
+                                                          (second / "checkpoints").iterdir()):
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, "the second point never saved a checkpoint"
+        time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (second / "result.json").exists()  # killed before it finished
+    finished = {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()}
+    rerun = _launch(tmp_path)
+    output, _ = rerun.communicate(timeout=240)
+    assert rerun.returncode == 0, output
+    assert "point 0 000-0.1M-0.2h: finished, skipped" in output and "resumed from step" in output
+    assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == finished  # not touched
+    assert len((second / "sessions.jsonl").read_text().splitlines()) == 2
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["point"] for r in rows] == ["0", "1"]
+    for row in rows:  # 2 epochs of 144 windows in batches of 16: 18 steps of 16 windows x 100 channel-patches
+        assert (int(row["steps"]), int(row["examples"]), float(row["tokens"])) == (18, 288, 28_800)
+        assert float(row["loss"]) >= float(row["best_loss"]) > 0 and float(row["hours"]) == pytest.approx(0.2)
+        assert 0.5 < float(row["flops_ratio"]) < 1.0 and float(row["wall_s"]) > 0
+    log = [json.loads(line) for line in (second / "scaling.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if r["event"] == "eval"] == [10, 18]  # every 16k tokens, and the end
+    assert log[-1]["event"] == "result" and log[-1]["config"]["train"]["seed"] == 0
