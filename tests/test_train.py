@@ -30,6 +30,7 @@ from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import launch
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import DataConfig, Experiment, MeshConfig, TrainConfig, override
+from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -230,8 +231,11 @@ def test_mfu_divides_per_device_flops_by_one_device_peak(synthetic, tmp_path, mo
     monkeypatch.setattr("labram_jax.train.trainer.device_peak_flops", lambda: 1e9)
     eight.train()
     rows = [json.loads(r) for r in (tmp_path / "eight" / "metrics.jsonl").read_text().splitlines()]
+    analytic = analytic_step_flops(eight.exp) / 8  # MaxText-style model FLOPs, logged beside XLA's count
     for row in (r for r in rows if "mfu" in r):
         assert row["mfu"] == pytest.approx(per_device / row["step_time"] / 1e9, rel=1e-6)
+        assert row["flops_xla"] == per_device and row["flops_analytic"] == pytest.approx(analytic)
+        assert row["mfu_analytic"] == pytest.approx(analytic / row["step_time"] / 1e9, rel=1e-6)
     assert sum("mfu" in r for r in rows) == 2
 
 

@@ -6,8 +6,9 @@ gradients of the input and of the weight), so 3x in training; attention adds QK^
 and PaLM's MFU leave it out, so XLA's own count of a compiled step is somewhat higher.
 
 Per stage:
-  pretrain   the student's two passes (masked, then the symmetric pass), each with the lm_head over every patch,
-             trained (3x), plus the frozen tokenizer's forward (encoder, task layer, codebook search) for targets;
+  pretrain   the student's two passes (masked, then the symmetric pass) and the lm_head once per patch (each
+             patch's logits come from the pass that hid it), trained (3x), plus the frozen tokenizer's forward
+             (encoder, task layer, codebook search) for targets;
   finetune   one pass and the head, trained;
   tokenizer  encoder, task layers, decoder and its two heads, trained; codebook search and EMA sums forward only.
 
@@ -60,8 +61,9 @@ def step_flops(exp: Experiment) -> float:
     n, a = exp.data.max_channels, exp.data.max_patches
     tokens = n * a
     if exp.stage == "pretrain":
-        one_pass = transformer_flops(exp.model, n, a) + tokens * 2.0 * exp.model.embed_dim * exp.model.vocab_size
-        per_window = TRAIN * 2 * one_pass + tokenizer_flops(exp.tokenizer, n, a, decode=False)
+        lm_head = tokens * 2.0 * exp.model.embed_dim * exp.model.vocab_size  # once per patch, for both passes
+        per_window = (TRAIN * (2 * transformer_flops(exp.model, n, a) + lm_head)
+                      + tokenizer_flops(exp.tokenizer, n, a, decode=False))
     elif exp.stage == "finetune":
         head = 2.0 * exp.model.embed_dim * max(exp.model.num_classes, 0)
         per_window = TRAIN * (transformer_flops(exp.model, n, a) + head)

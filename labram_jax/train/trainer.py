@@ -32,6 +32,7 @@ from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
+from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
@@ -350,6 +351,7 @@ class Trainer:
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
+        analytic = analytic_step_flops(self.exp) / jax.device_count()  # per device, as XLA's count
         tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
         last_log, summary = time.perf_counter(), {}
         # Steps run ahead of the host: finiteness is read at log, eval and save steps (a per-step read would
@@ -375,9 +377,12 @@ class Trainer:
                 now = time.perf_counter()
                 record = {k: float(v) for k, v in jax.device_get(m).items()}
                 elapsed = (now - last_log) / (t.log_every if step % t.log_every == 0 else 1)
-                record |= {"step_time": elapsed, "tokens_per_s": tokens_per_step / elapsed}
+                record |= {"step_time": elapsed, "tokens_per_s": tokens_per_step / elapsed,
+                           "flops_analytic": analytic}
+                if peak:  # FLOPs per device over one device's peak
+                    record["mfu_analytic"] = analytic / elapsed / peak
                 if flops and peak:
-                    record["mfu"] = flops / elapsed / peak  # both per device
+                    record |= {"flops_xla": flops, "mfu": flops / elapsed / peak}
                 logger.write(step, record)
                 summary |= record
                 last_log = now
