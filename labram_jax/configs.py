@@ -39,7 +39,8 @@ class TransformerConfig:
     init_scale: float = 0.001
     # The pretraining vocabulary (lm_head width); the tokenizer's codebook size.
     vocab_size: int = 8192
-    # Fused attention backend passed to jax.nn.dot_product_attention: None/'xla' everywhere, 'cudnn' on GPUs.
+    # None/'xla': the explicit softmax attention (layers.softmax_attention), anywhere; 'cudnn': cuDNN's fused kernel
+    # through jax.nn.dot_product_attention, on NVIDIA GPUs.
     attention: Literal["xla", "cudnn"] | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
     # Rematerialisation of each block in the backward pass: "none", "block" (recompute everything) or "dots"
