@@ -146,6 +146,23 @@ def _clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransforma
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def skip_unless(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The optimizer state after a step that is skipped unless `finite`: Adam's moments and count stay as they
+    were (torch's GradScaler skips optimizer.step()), while the lr and weight-decay schedules' counts move on, as
+    the original sets each iteration's lr from the iteration (lr_schedule[it]) whether or not it stepped."""
+    # A state holding nothing but a count is a schedule's: optax.scale_by_learning_rate's ScaleByScheduleState
+    # and add_decayed_weights' WeightDecaySchedule (not exported by optax).
+    def schedule(part: Any) -> bool:
+        return getattr(part, "_fields", None) == ("count",)
+
+    def pick(new_part: Any, old_part: Any) -> Any:
+        if schedule(new_part):
+            return new_part
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_part, old_part)
+
+    return jax.tree.map(pick, new, old, is_leaf=schedule)
+
+
 def make_optimizer(params: nnx.State, cfg: OptimConfig, task: Task, depth: int) -> optax.GradientTransformation:
     """Clip all gradients together, then AdamW per parameter group as the original builds them.
 

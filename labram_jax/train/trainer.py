@@ -6,6 +6,7 @@ in pretraining, the frozen tokenizer. Every array is placed by the logical-axis 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -35,7 +36,7 @@ from labram_jax.train.config import Experiment
 from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
-from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
+from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
 from labram_jax.train.tasks import STAGES, trainable_filter
 
 State = dict[str, Any]
@@ -254,7 +255,8 @@ class Trainer:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if exp.train.skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            params, opt, rest = keep(params, state["params"]), keep(opt, state["opt"]), keep(rest, state["rest"])
+            params, rest = keep(params, state["params"]), keep(rest, state["rest"])
+            opt = skip_unless(finite, opt, state["opt"])
         new_state = dict(state, params=params, opt=opt, rest=rest, step=state["step"] + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "lr": self.schedule(state["step"]), **aux}
         return new_state, metrics
@@ -310,14 +312,24 @@ class Trainer:
         return merge_lora(model) if self.exp.train.mode == "lora" else model
 
     def export(self, name: str) -> Path:
-        """A parameters-only export (labram convert turns it into a .pth), replaced atomically."""
-        target = self.workdir / name
+        """A parameters-only export (labram convert turns it into a .pth) in workdir/name.
+
+        The fresh export is written beside the old one, which is moved aside to `.name.old` before the fresh one
+        takes its name and removed after, so a crash at any point leaves a complete export: at `name`, or
+        between the two renames at `.name.old`, which the next export first puts back.
+        """
+        target, fresh, old = (self.workdir / n for n in (name, f".{name}.new", f".{name}.old"))
         model = self.model()
         if jax.process_index() == 0:
-            fresh = save_model(model, self.workdir / f".{name}.new")
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            for leftover in (fresh, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            save_model(model, fresh)
             if target.exists():
-                shutil.rmtree(target)
+                os.replace(target, old)
             os.replace(fresh, target)
+            shutil.rmtree(old, ignore_errors=True)
         multihost_utils.sync_global_devices(f"export {name}")
         return target
 
@@ -325,14 +337,16 @@ class Trainer:
     def train(self) -> dict[str, float]:
         """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
         finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step)."""
-        with preemption.StopSignals("training") as signals:
-            return self._train(preemption.StopAgreement(signals))
+        # The checkpoints and the logger close on every way out (NonFiniteLoss, any error), so that an
+        # asynchronous save in flight commits and the logs are flushed.
+        with preemption.StopSignals("training") as signals, contextlib.ExitStack() as closing:
+            return self._train(preemption.StopAgreement(signals), closing)
 
-    def _train(self, stop: preemption.StopAgreement) -> dict[str, float]:
+    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpoints(self.workdir, t.keep, identity={"stage": exp.stage})
-        logger = MetricLogger(self.workdir)
+        ckpt = closing.enter_context(contextlib.closing(Checkpoints(self.workdir, t.keep,
+                                                                    identity={"stage": exp.stage})))
         sources = {str(p): [p] for p in exp.data.train}
         iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
         best_metric = t.best_metric or ({"regression": "val/r2"}.get(exp.task_kind, self.stage.default_metric)
@@ -342,9 +356,11 @@ class Trainer:
         resumed = ckpt.restore_latest(self.state, self.shardings)
         if resumed is not None:
             start, self.state, data_state, meta = resumed
-            if data_state is not None:
-                restore_state(iterator, data_state)
+            restore_state(iterator, data_state)
             print(f"resumed from step {start} in {ckpt.directory}")
+        # The logs lose what was written after the checkpoint resumed from, which the run writes again.
+        logger = closing.enter_context(contextlib.closing(
+            MetricLogger(self.workdir, resumed_from=None if resumed is None else start)))
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
@@ -407,7 +423,6 @@ class Trainer:
             if meta.get("best") is not None:
                 summary |= {f"best_{k}": v for k, v in self._best_test().items()}
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
-        logger.close()
         return summary
 
     def _preempted(self, step: int, ckpt: Checkpoints, logger: MetricLogger, data_state: Any,
@@ -436,8 +451,14 @@ class Trainer:
         current = self.state
         best = load_model(self.workdir / "best")
         params, fixed, rest = nnx.state(best, trainable_filter(self.exp), nnx.Param, ...)
-        self.state = dict(current, **jax.device_put({"params": params, "fixed": fixed, "rest": rest},
-                                                    {k: self.shardings[k] for k in ("params", "fixed", "rest")}))
+        # Every process loaded the whole export; each fills its own devices' shards (device_put cannot place
+        # host arrays on another host's devices).
+        self.state = dict(current, **jax.tree.map(
+            lambda placement, subtree: jax.tree.map(
+                lambda leaf: jax.make_array_from_callback(np.shape(leaf), placement,
+                                                          lambda index: np.asarray(leaf)[index]), subtree),
+            {k: self.shardings[k] for k in ("params", "fixed", "rest")},
+            {"params": params, "fixed": fixed, "rest": rest}))
         try:
             return self.evaluate("test")
         finally:
