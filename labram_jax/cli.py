@@ -22,9 +22,11 @@ from flax import nnx
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch, task_of, to_pytorch
 from labram_jax.convert.state_dict import Model
+from labram_jax.errors import UserError
 from labram_jax.preemption import EXIT_CODE, Preempted
 
-class CommandError(Exception):
+
+class CommandError(UserError):
     """A user-facing failure: printed as one line, exit code 2."""
 
 
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.run(args)
-    except (CommandError, ValueError, OSError) as error:
+    except UserError as error:  # bad input; anything else is a bug, and keeps its traceback
         print(f"labram {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     except Preempted as stop:  # SIGTERM or SIGINT: the work so far is saved, and a rerun resumes

@@ -6,6 +6,7 @@ import os
 from labram_jax.convert.pth import read_pth, write_pth
 from labram_jax.convert.state_dict import (Model, Task, build, infer_config, load_state_dict, state_dict,
                                            student_weights, task_of)
+from labram_jax.errors import UserError
 
 
 def _model_weights(obj: object, source: str) -> dict:
@@ -17,7 +18,7 @@ def _model_weights(obj: object, source: str) -> dict:
                 return obj[key]
         if obj and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()):
             return obj
-    raise ValueError(f"{source}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+    raise UserError(f"{source}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
 
 
 def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classes: int | None = None,

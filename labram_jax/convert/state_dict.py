@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from labram_jax import configs
+from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP
 
@@ -81,7 +82,7 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
     if problems:
-        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
     for key, (path, var) in targets.items():
         if key in weights:
             var[...] = _from_torch(path, np.asarray(weights[key])).astype(np.asarray(var[...]).dtype)
@@ -90,8 +91,8 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
 def _require(weights: dict, keys: list[str], source: str, task: str) -> None:
     absent = [k for k in keys if k not in weights]
     if absent:
-        raise ValueError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
-                         f"(found e.g. {', '.join(list(weights)[:5])})")
+        raise UserError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
+                        f"(found e.g. {', '.join(list(weights)[:5])})")
 
 
 def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, task: str,
@@ -133,7 +134,7 @@ def infer_config(weights: dict[str, np.ndarray], task: Task, source: str = "chec
                                        decoder=infer_transformer(weights, "decoder.", source, task, head_dim),
                                        codebook_size=codebook_size, code_dim=code_dim,
                                        kmeans_init=initted is not None and not np.asarray(initted).any())
-    raise ValueError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
+    raise UserError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
 
 
 def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -25,6 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from labram_jax.errors import UserError
+
 
 class DamagedCheckpoint(RuntimeError):
     """A checkpoint step that lacks a file a complete step holds, or holds one that does not parse."""
@@ -293,8 +295,8 @@ class Checkpoints:
                              if k in have and have[k] != want[k]]),
         ) if keys]
         if problems:
-            raise ValueError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
-                             f"model size or training mode? use another workdir): " + "; ".join(problems))
+            raise UserError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
+                            f"model size or training mode? use another workdir): " + "; ".join(problems))
 
     def check(self) -> None:
         """Raise the error of a background write that has failed (DiskFull for ENOSPC); never waits for a write

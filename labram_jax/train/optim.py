@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from labram_jax.convert.state_dict import torch_key
+from labram_jax.errors import UserError
 
 Task = Literal["classify", "pretrain", "tokenizer"]
 
@@ -54,7 +55,7 @@ class OptimConfig:
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """utils.cosine_scheduler per iteration; steps past total_steps stay at `final`."""
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
+        raise UserError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
     decay_steps = total_steps - warmup_steps
 
     def schedule(step: jax.Array | int) -> jax.Array:
@@ -170,7 +171,7 @@ def make_optimizer(params: nnx.State, cfg: OptimConfig, task: Task, depth: int) 
     """
     layer_decay = cfg.layer_decay is not None and cfg.layer_decay < 1.0
     if layer_decay and task != "classify":
-        raise ValueError(f"layer decay is only defined for fine-tuning (the original's {task} uses none)")
+        raise UserError(f"layer decay is only defined for fine-tuning (the original's {task} uses none)")
     lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd = cosine_schedule(cfg.weight_decay, wd_end, cfg.total_steps, 0)

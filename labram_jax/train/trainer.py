@@ -29,6 +29,7 @@ from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
+from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train.checkpoints import Checkpoints
@@ -37,7 +38,7 @@ from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
-from labram_jax.train.tasks import STAGES, trainable_filter
+from labram_jax.train.tasks import STAGES, best_metric as best_metric_of, check_labels, trainable_filter
 
 State = dict[str, Any]
 # The models each stage can start from (`init`): fine-tuning keeps a pretraining model's student.
@@ -83,12 +84,12 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Model variables by their logical axis names; every other leaf (optimizer counters, step, rng) replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def place(leaf):
+    def place(path, leaf):
         # optax.masked leaves an empty MaskedNode inside some Variables: nothing to place there.
         if isinstance(leaf, nnx.Variable) and hasattr(leaf.get_value(), "shape"):
-            return sharding.variable_sharding(leaf, mesh)
+            return sharding.variable_sharding(leaf, mesh, jax.tree_util.keystr(path))
         return replicated
-    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def strong_types(tree: Any) -> Any:
@@ -144,8 +145,8 @@ class Trainer:
         if exp.stage == "pretrain":
             tokenizer = build(self._tokenizer)
             if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
-                raise ValueError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
-                                 f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
+                raise UserError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
+                                f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
@@ -164,9 +165,9 @@ class Trainer:
         axes = (axes,) if isinstance(axes, str) else axes or ()
         self.batch_multiple = math.lcm(math.prod(self.mesh.shape[a] for a in axes), jax.process_count())
         if t.batch_size % (self.batch_multiple * t.grad_accum):
-            raise ValueError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
-                             f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
-                             f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
+            raise UserError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
+                            f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
+                            f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
         precision = t.matmul_precision
         if precision == "auto":
             precision = "highest" if self.exp.model.dtype == "float32" else "default"
@@ -192,9 +193,9 @@ class Trainer:
                               if not Path(exp.init).is_dir() else "")
         accepted = INIT_TASKS[exp.stage]
         if task_of(source) not in accepted:
-            raise ValueError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
-                             f"{' or '.join(accepted)} weights"
-                             + (" (a trained tokenizer goes in tokenizer_checkpoint)"
+            raise UserError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
+                            f"{' or '.join(accepted)} weights"
+                            + (" (a trained tokenizer goes in tokenizer_checkpoint)"
                                 if task_of(source) == "tokenizer" else ""))
         weights = state_dict(source)
         fresh: tuple[str, ...] = ()
@@ -210,12 +211,12 @@ class Trainer:
         if self.exp.tokenizer_checkpoint:
             tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
             if task_of(tokenizer) != "tokenizer":
-                raise ValueError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
-                                 f"{task_of(tokenizer)} model, not a tokenizer")
+                raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
+                                f"{task_of(tokenizer)} model, not a tokenizer")
             return tokenizer
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
             return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
-        raise ValueError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
+        raise UserError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
 
     # -- the pure step ------------------------------------------------------------------------------------------
     # Modules are merged where they run, with copy=True: fresh Variables at the current trace level, so the
@@ -344,14 +345,14 @@ class Trainer:
 
     def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
+        best_metric, higher = best_metric_of(exp)
+        if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
+            check_labels(exp)
         self.workdir.mkdir(parents=True, exist_ok=True)
         ckpt = closing.enter_context(contextlib.closing(Checkpoints(self.workdir, t.keep,
                                                                     identity={"stage": exp.stage})))
         sources = {str(p): [p] for p in exp.data.train}
         iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
-        best_metric = t.best_metric or ({"regression": "val/r2"}.get(exp.task_kind, self.stage.default_metric)
-                                        if exp.stage == "finetune" else self.stage.default_metric)
-        higher = self.stage.higher_is_better and not best_metric.endswith("loss")
         meta: dict[str, Any] = {"best": None}
         resumed = ckpt.restore_latest(self.state, self.shardings)
         if resumed is not None:
