@@ -26,6 +26,7 @@ from labram_jax.convert.pth import replace_atomically
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Renames, build, infer_config, load_state_dict, rename, state_dict,
                                            task_of)
+from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM
 
 VERSION = "1.8.1"  # the braindecode release whose Labram this layout was checked against
@@ -92,12 +93,12 @@ def braindecode_config(cfg: TransformerConfig, n_times: int = DEFAULT_N_TIMES) -
 def _time_rows(n_times: int) -> int:
     """Rows of braindecode's temporal_embedding for a window of n_times samples."""
     if isinstance(n_times, bool) or not isinstance(n_times, int) or n_times < PATCH_SIZE:
-        raise ValueError(f"n_times must be a whole number of {PATCH_SIZE}-sample patches, got {n_times!r}")
+        raise UserError(f"n_times must be a whole number of {PATCH_SIZE}-sample patches, got {n_times!r}")
     if n_times % PATCH_SIZE:
-        raise ValueError(f"n_times {n_times} is not a multiple of {PATCH_SIZE} (samples per patch at 200 Hz)")
+        raise UserError(f"n_times {n_times} is not a multiple of {PATCH_SIZE} (samples per patch at 200 Hz)")
     rows = n_times // PATCH_SIZE + 1
     if rows > MAX_PATCHES:
-        raise ValueError(f"n_times {n_times} needs {rows} time_embed rows; LaBraM has {MAX_PATCHES} "
+        raise UserError(f"n_times {n_times} needs {rows} time_embed rows; LaBraM has {MAX_PATCHES} "
                          f"(n_times at most {DEFAULT_N_TIMES})")
     return rows
 
@@ -108,14 +109,14 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
     `directory` must not exist or be empty. config.json is written last, so a directory that has one is whole.
     """
     if not isinstance(model, LaBraM):
-        raise ValueError(f"braindecode's Labram is LaBraM's fine-tuning model: a {task_of(model)} model has no "
+        raise UserError(f"braindecode's Labram is LaBraM's fine-tuning model: a {task_of(model)} model has no "
                          "counterpart there")
     if model.cfg.layer_norm_eps != 1e-6:
-        raise ValueError(f"layer_norm_eps {model.cfg.layer_norm_eps}: braindecode's Labram fixes 1e-6")
+        raise UserError(f"layer_norm_eps {model.cfg.layer_norm_eps}: braindecode's Labram fixes 1e-6")
     rows = _time_rows(n_times)
     target = Path(directory).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target}: already exists and is not an empty directory")
+        raise UserError(f"{target}: already exists and is not an empty directory")
     weights = state_dict(model, layout=braindecode_key)
     if rows < MAX_PATCHES:
         warnings.warn(f"n_times={n_times} keeps time_embed rows 0-{rows - 1}; rows {rows}-{MAX_PATCHES - 1} are "
@@ -132,11 +133,11 @@ def _read_config(path: Path) -> dict[str, Any]:
     try:
         config = json.loads((path / CONFIG).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: not a braindecode model directory (no {CONFIG})") from None
+        raise UserError(f"{path}: not a braindecode model directory (no {CONFIG})") from None
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path / CONFIG}: unreadable: {' '.join(str(error).split())}") from None
+        raise UserError(f"{path / CONFIG}: unreadable: {' '.join(str(error).split())}") from None
     if not isinstance(config, dict):
-        raise ValueError(f"{path / CONFIG}: not a JSON object of Labram's constructor arguments")
+        raise UserError(f"{path / CONFIG}: not a JSON object of Labram's constructor arguments")
     return config
 
 
@@ -158,9 +159,9 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
     wrong = [f"{key}={_argument(config, key)!r} (LaBraM needs {need!r})" for key, need in _REQUIRED.items()
              if _argument(config, key) != need]
     if wrong:
-        raise ValueError(f"{config_path}: not LaBraM's fine-tuning model: {', '.join(wrong)}")
+        raise UserError(f"{config_path}: not LaBraM's fine-tuning model: {', '.join(wrong)}")
     if not weights_path.is_file():
-        raise ValueError(f"{path}: no {WEIGHTS}")
+        raise UserError(f"{path}: no {WEIGHTS}")
     weights = read_safetensors(weights_path)
     original = {original_key(k): v for k, v in weights.items()}
     heads = _argument(config, "num_heads")
@@ -189,10 +190,10 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
                              or n_times // PATCH_SIZE + 1 != rows):
         mismatches.append(f"n_times {n_times!r} does not match {WEIGHTS} (temporal_embedding of {rows} rows)")
     if mismatches:
-        raise ValueError(f"{config_path}: " + "; ".join(mismatches))
+        raise UserError(f"{config_path}: " + "; ".join(mismatches))
 
     if rows is not None and rows > MAX_PATCHES:
-        raise ValueError(f"{weights_path}: temporal_embedding has {rows} rows; LaBraM has {MAX_PATCHES} "
+        raise UserError(f"{weights_path}: temporal_embedding has {rows} rows; LaBraM has {MAX_PATCHES} "
                          f"(n_times at most {DEFAULT_N_TIMES})")
     if rows is not None and rows < MAX_PATCHES:
         time = weights["temporal_embedding"]
@@ -207,7 +208,7 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
     bad = [f"{key} {value!r}" for key, value in numbers.items()
            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)))]
     if bad:
-        raise ValueError(f"{config_path}: not numbers: {', '.join(bad)}")
+        raise UserError(f"{config_path}: not numbers: {', '.join(bad)}")
     cfg = cfg.replace(drop_rate=float(numbers["drop_prob"]), attn_drop_rate=float(numbers["attn_drop_prob"]),
                       drop_path_rate=float(numbers["drop_path_prob"]), init_scale=float(numbers["init_scale"]),
                       init_values=float(numbers["init_values"] or 0.0))

@@ -9,6 +9,7 @@ import safetensors
 import safetensors.numpy
 
 from labram_jax.convert.pth import replace_atomically
+from labram_jax.errors import UserError
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -17,7 +18,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return safetensors.numpy.load_file(name)
     except safetensors.SafetensorError as error:
-        raise ValueError(f"{name}: not a safetensors file ({' '.join(str(error).split())})") from None
+        raise UserError(f"{name}: not a safetensors file ({' '.join(str(error).split())})") from None
 
 
 def write_safetensors(path: str | os.PathLike, weights: dict[str, np.ndarray]) -> None:
