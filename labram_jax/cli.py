@@ -4,7 +4,7 @@
     labram prep INPUT... --out DIR     EEG recordings -> ArrayRecord shards of windows
     labram build tuab|tuev|eegmat ROOT OUT   a labelled downstream set with the original's windows and splits
     labram embed CHECKPOINT RECORDING... --out FILE   embeddings per window (and per patch) of your recordings
-    labram convert IN OUT              PyTorch .pth <-> labram-jax export directory
+    labram convert IN OUT              .pth / .safetensors / labram-jax export / braindecode directory
 
 Exit status: 0 done, 2 a usage or input error, 75 stopped by SIGTERM or SIGINT (prep and build; rerun the same
 command to resume).
@@ -13,14 +13,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
-from labram_jax.checkpoint import load_model, save_model
-from labram_jax.convert import from_pytorch, task_of, to_pytorch
+from labram_jax.checkpoint import is_export, load_model, save_model
+from labram_jax.checkpoint.export import META
+from labram_jax.convert import from_pytorch, state_dict, task_of, write_pth, write_safetensors
+from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
+from labram_jax.convert.braindecode import (DEFAULT_N_TIMES, WEIGHTS, TimeEmbeddingWarning, from_braindecode,
+                                           to_braindecode)
 from labram_jax.convert.state_dict import Model
 from labram_jax.errors import UserError
 from labram_jax.preemption import EXIT_CODE, Preempted
@@ -34,23 +39,53 @@ def _parameter_count(model: Model) -> int:
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-def convert(args: argparse.Namespace) -> int:
-    source, out = Path(args.input), Path(args.output)
+def _read_model(source: Path, args: argparse.Namespace) -> Model:
     if source.is_dir():
         if args.num_classes is not None:
-            raise CommandError("--num-classes applies only to a .pth input")
-        model = load_model(source)
+            raise CommandError("--num-classes applies only to a .pth or .safetensors input")
+        if (source / META).exists():
+            model = load_model(source)
+        elif (source / BRAINDECODE_CONFIG).exists():
+            model = from_braindecode(source)
+        else:
+            raise CommandError(f"{source}: neither a labram-jax export ({META}) nor a braindecode Labram directory "
+                               f"({BRAINDECODE_CONFIG} + {WEIGHTS})")
         if args.task is not None and args.task != task_of(model):
             raise CommandError(f"{source} holds a {task_of(model)} model, not {args.task}")
-        to_pytorch(model, out)
-    elif source.is_file():
-        model = from_pytorch(source, args.task or "classify", num_classes=args.num_classes)
-        out = save_model(model, out)
-    else:
-        raise CommandError(f"{source}: no such file or directory")
-    print(f"wrote {task_of(model)} model ({_parameter_count(model):,} parameters) to {out}")
-    return 0
+        return model
+    if source.is_file():
+        return from_pytorch(source, args.task or "classify", num_classes=args.num_classes)
+    raise CommandError(f"{source}: no such file or directory")
 
+
+def convert(args: argparse.Namespace) -> int:
+    source, out = Path(args.input), Path(args.output)
+    # Without --to, OUT's suffix decides; an export directory goes back to a .pth, anything else to an export.
+    to = args.to or ("safetensors" if out.suffix == ".safetensors" else
+                     "pth" if out.suffix == ".pth" or is_export(source) else "export")
+    if args.n_times is not None and to != "braindecode":
+        raise CommandError("--n-times applies only to --to braindecode")
+    n_times = DEFAULT_N_TIMES if args.n_times is None else args.n_times
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", TimeEmbeddingWarning)
+        model = _read_model(source, args)
+        if to == "export":
+            out = save_model(model, out)
+        elif to == "braindecode":
+            out = to_braindecode(model, out, n_times=n_times)
+        elif to == "safetensors":
+            write_safetensors(out, state_dict(model))
+        else:
+            write_pth(out, {"model": state_dict(model)})
+    for warning in caught:
+        if issubclass(warning.category, TimeEmbeddingWarning):
+            print(f"labram convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+    kind = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
+            "braindecode": f"braindecode's Labram (n_times={n_times})"}[to]
+    print(f"wrote {task_of(model)} model ({_parameter_count(model):,} parameters) as {kind} to {out}")
+    return 0
 
 
 def demo(args: argparse.Namespace) -> int:
@@ -92,14 +127,23 @@ def _parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="labram", description="LaBraM in JAX/Flax.")
     commands = parser.add_subparsers(dest="command", required=True)
-    p = commands.add_parser("convert", help="PyTorch .pth -> labram-jax export directory, or back",
-                            description="IN is a .pth (written by the original LaBraM code) or a labram-jax "
-                                        "export directory; the other kind is written to OUT.")
+    p = commands.add_parser("convert", help="weights between .pth/.safetensors, labram-jax exports and braindecode",
+                            description="IN is a .pth or .safetensors in the original LaBraM's layout, a "
+                                        "labram-jax export directory, or a braindecode Labram directory "
+                                        "(config.json + model.safetensors). OUT is written as --to says; "
+                                        "without it, OUT ending in .safetensors or .pth gives that file, and "
+                                        "otherwise an export directory (a .pth when IN is an export).")
     p.add_argument("input", metavar="IN")
     p.add_argument("output", metavar="OUT")
+    p.add_argument("--to", choices=("export", "pth", "safetensors", "braindecode"),
+                   help="what to write: a labram-jax export directory, the original's .pth or the same state "
+                        "dict as .safetensors, or a directory braindecode's Labram.from_pretrained loads")
     p.add_argument("--task", choices=("classify", "pretrain", "tokenizer"),
-                   help="model kind in a .pth (default: classify)")
+                   help="model kind in a .pth or .safetensors (default: classify)")
     p.add_argument("--num-classes", type=int, help="head width when the .pth has another (or none)")
+    p.add_argument("--n-times", type=int, metavar="SAMPLES",
+                   help="with --to braindecode: the window braindecode's model takes, in samples at 200 Hz "
+                        "(default 3000: keeps all 16 time_embed rows; a shorter window drops the rows past it)")
     p.set_defaults(run=convert)
 
     p = commands.add_parser("demo", help="the whole pipeline on the bundled real EEG sample",

@@ -14,7 +14,7 @@ import pickle
 import struct
 import uuid
 import zipfile
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import ml_dtypes
 import numpy as np
@@ -222,10 +222,16 @@ def write_pth(path: str | os.PathLike, obj: Any) -> None:
     records = [('data.pkl', out), ('.format_version', b'1'), ('.storage_alignment', str(_ALIGN).encode()),
                ('byteorder', b'little'),
                *((f'data/{i}', a.reshape(-1).view(np.uint8)) for i, a in enumerate(arrays)), ('version', b'3\n')]
+    replace_atomically(path, lambda f: _write_zip(f, records))
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write`` into a sibling temporary file, synced, then renamed over ``path``: a
+    reader never sees half a checkpoint, and an interrupted write leaves the old file."""
     tmp = f'{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp'
     try:
         with open(tmp, 'xb') as f:
-            _write_zip(f, records)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
