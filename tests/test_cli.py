@@ -2,7 +2,10 @@
 import argparse
 import importlib
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +169,17 @@ def test_train_runs_a_recipe_file(tmp_path, capsys):
     assert main(["train", str(tmp_path / "mine.py"), "--workdir", str(tmp_path / "w"), "--aot", "--set", *SMALL,
                  "model.num_classes=1"]) == 0
     assert "finetune step compiled for 8 devices" in capsys.readouterr().out
+
+
+def test_train_simulates_devices_in_a_fresh_process(tmp_path):
+    """The multi-host and device flags act before JAX starts its backend, as in experiments/*.py."""
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    run = subprocess.run([sys.executable, "-m", "labram_jax.cli", "train", "finetune_eegmat", "--workdir",
+                          str(tmp_path), "--aot", "--simulate-devices", "4", "--set", *SMALL, "mesh.fsdp=2"],
+                         env=env | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "finetune step compiled for 4 devices, mesh {'data': 2, 'fsdp': 2, 'tensor': 1}" in run.stdout
 
 
 @pytest.mark.parametrize("recipe,message", [
