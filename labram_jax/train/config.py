@@ -1,7 +1,7 @@
 """Typed experiment configs and their `--set a.b=value` overrides.
 
 An experiment is a stage ("tokenizer", "pretrain" or "finetune"), a model, data, optimisation, mesh and
-checkpointing. Recipes in experiments/ are small functions returning one of these, as big_vision's configs are.
+checkpointing. Recipes (labram_jax/recipes/) are small functions returning one of these, as big_vision's configs are.
 """
 from __future__ import annotations
 
