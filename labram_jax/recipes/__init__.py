@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Callable
 
+from labram_jax.errors import UserError
 from labram_jax.train.config import Experiment
 
 
@@ -33,16 +34,16 @@ def load(recipe: str) -> Callable[[], Experiment]:
     elif recipe in available():
         module = importlib.import_module(f"{__name__}.{recipe}")
     else:
-        raise ValueError(f"no recipe {recipe!r} (labram train --list shows them)")
+        raise UserError(f"no recipe {recipe!r} (labram train --list shows them)")
     config = getattr(module, "config", None)
     if not callable(config):
-        raise ValueError(f"{recipe}: no config() returning an Experiment")
+        raise UserError(f"{recipe}: no config() returning an Experiment")
     return config
 
 
 def _from_file(path: Path) -> ModuleType:
     if not path.is_file():
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     # Its folder goes first on the path: recipes import the recipes beside them, as experiments/*.py do.
     sys.path.insert(0, str(path.resolve().parent))
     spec = importlib.util.spec_from_file_location(path.stem, path)
