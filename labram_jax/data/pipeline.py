@@ -27,7 +27,8 @@ to the grid, windows are packed into rows of `pack_tokens` patch tokens with up 
   token_times     int32   [B, T]          patch index of each token within its window; 0 for padding
   label, target, dataset, valid           [B, W], per window slot as above; valid is False for an empty slot
 Each process packs its own share of the windows, so rows hold different numbers of windows on different
-processes; the stream is endless (num_epochs=None), so every process always has a next batch.
+processes; the stream is endless (num_epochs=None), so every process always has a next batch. With `workers`,
+each worker packs its own slice of the process's stream, so packed batches depend on the worker count.
 
 Resuming: `state = save_state(it)` is plain JSON; `restore_state(iter(same_pipeline), state)` continues with exactly
 the batches the first iterator would have produced. grain ties the state to the number of worker processes, so
