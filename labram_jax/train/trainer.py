@@ -277,7 +277,8 @@ class Trainer:
         d = self.exp.data
         weights = dict(zip(map(str, d.train), d.weights)) if d.weights else None
         return LoaderConfig(batch_size=batch_size, max_channels=d.max_channels, max_patches=d.max_patches,
-                            seed=self.exp.train.seed, workers=d.workers, weights=weights)
+                            seed=self.exp.train.seed, workers=d.workers, weights=weights,
+                            pack_tokens=d.pack_tokens, pack_windows=d.pack_windows, pack_buffer=d.pack_buffer)
 
     def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
@@ -474,6 +475,13 @@ class Trainer:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         b, d = self.exp.train.batch_size, self.exp.data
         n, a = d.max_channels, d.max_patches
+        if d.pack_tokens:  # labram_jax.data.pipeline's packed rows
+            t, w = d.pack_tokens, d.pack_windows
+            shapes = {"x": ((b, t, 200), jnp.float32), "segments": ((b, t), jnp.int32), "mask": ((b, t), jnp.bool_),
+                      "token_channels": ((b, t), jnp.int32), "token_times": ((b, t), jnp.int32),
+                      "label": ((b, w), jnp.int32), "target": ((b, w), jnp.float32),
+                      "dataset": ((b, w), jnp.int32), "valid": ((b, w), jnp.bool_)}
+            return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
         shapes = {"x": ((b, n, a, 200), jnp.float32), "input_chans": ((b, n + 1), jnp.int32),
                   "mask": ((b, n, a), jnp.bool_), "token_channels": ((b, n * a), jnp.int32),
                   "token_times": ((b, n * a), jnp.int32), "label": ((b,), jnp.int32), "target": ((b,), jnp.float32),
