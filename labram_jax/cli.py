@@ -75,7 +75,7 @@ def embed(args: argparse.Namespace) -> int:
 def build(args: argparse.Namespace) -> int:
     from data_prep import builders
 
-    kwargs = {"workers": args.workers, "notch": args.notch or None}
+    kwargs = {"workers": args.workers, "notch": args.notch or None, "progress": None if args.quiet else sys.stderr}
     if args.seed is not None:
         if args.dataset == "eegmat":
             raise CommandError("eegmat's split is by subject number and takes no --seed")
@@ -121,6 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--notch", type=float, default=50.0, help="mains notch in Hz (default 50, as the original)")
     p.add_argument("--seed", type=int, help="split seed (TUAB: 12345, TUEV: 4523 as the original)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(run=build)
 
     p = commands.add_parser("embed", help="embeddings of your recordings from a LaBraM checkpoint",
