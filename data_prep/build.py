@@ -24,8 +24,8 @@ import re
 from pathlib import Path
 from typing import Any, TextIO
 
-from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fingerprint, journal_name, totals,
-                              prepare, write_folder, write_json)
+from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fingerprint, prepare, totals,
+                              write_folder, write_json)
 from data_prep.plan import SPLITS, Plan, PrepError
 from data_prep.progress import Progress
 from labram_jax.data.shards import MANIFEST, write_manifest

@@ -58,9 +58,9 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
     A worker process that dies (a segfault in a file reader, the kernel's OOM killer) breaks the whole pool and
     every item in flight with it; the item at the head is then retried alone in a fresh process, which tells a
     culprit (it dies again: on_crash(item, reason) stands in for its result) from a bystander; the other items
-    keep the results they had or run again in a new pool. Processes come from a fork server, which imports fn's module and
-    `preload` once: forking this process directly would copy the shard writer's threads and JAX state, and
-    spawning would import everything again in every worker.
+    keep the results they had or run again in a new pool. Processes come from a fork server, which imports fn's
+    module and `preload` once: forking this process directly would copy the shard writer's threads and JAX state,
+    and spawning would import everything again in every worker.
     """
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload([fn.__module__, *preload])
@@ -87,6 +87,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
             try:
                 result = _result(future, poll)
             except BrokenProcessPool:
+                _kill_survivors(executor)
                 executor.shutdown(wait=True, cancel_futures=True)
                 result = _alone(fn, item, context, on_crash)
                 others = list(pending)
@@ -97,6 +98,14 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
             yield result
     finally:
         executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _kill_survivors(executor: ProcessPoolExecutor) -> None:
+    """SIGKILL the workers a broken pool still has. The executor ends them with SIGTERM and then joins them, but
+    workers ignore SIGTERM (ignore_in_worker), and one blocked writing a large result into the pipe that nobody
+    reads any more would never exit: the join, and with it the whole job, would hang."""
+    for process in list((executor._processes or {}).values()):  # the executor offers no public handle
+        process.kill()
 
 
 def _succeeded(future: Future) -> bool:

@@ -16,8 +16,9 @@ Stopping: on SIGTERM or SIGINT the job abandons the shard it is writing at the n
 exits with status 75); the rerun resumes as after a crash, so at most one shard's recordings are done again.
 
 Scale-out: with `--num-shards K --shard-index I` this index takes the recordings at positions p of the sorted list
-with p % K == I (and likewise the skipped files, to list in its report). Positions, not hashes of names, give every index the same number of recordings (to one), and any
-scheduler can run the K indices independently, one after the other or all at once into one DIR.
+with p % K == I (and likewise the skipped files, to list in its report). Positions, not hashes of names, give
+every index the same number of recordings (to one), and any scheduler can run the K indices independently, one
+after the other or all at once into one DIR.
 """
 from __future__ import annotations
 
@@ -171,7 +172,7 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
         def stop(done: int) -> None:
             if signals.requested:  # the recordings of the shard in writing are done again by the rerun
                 bar.close()
-                raise Preempted(f"stopped by {signals.received}: {done} of {len(mine)} recordings are done and "
+                raise Preempted(f"stopped by {signals.received}: {done} of {len(mine)} inputs are done and "
                                 f"journaled in {out}; the same command resumes after them")
 
         written = write_folder(out, [(item, rule) for item in mine], header, workers=workers,

@@ -1,8 +1,9 @@
 """TFDS builders of TUAB, TUEV and EEGMAT (`labram_tuab`, `labram_tuev`, `labram_eegmat`), array_record format.
 
 They run the builders' plans (`data_prep.builders`) through the corpus engine's per-recording step
-(`data_prep.engine.prepare`: reading, quality checks, preprocessing, windows), so an example here is a window there. Features: `x` float32 [N, A, 200] (µV), `input_chans` int32 [N + 1] (led by the cls row 0), `label`
-int64, `subject` and `recording` (text, read back as bytes), `start` float32 (s). Splits: train, validation, test.
+(`data_prep.engine.prepare`: reading, quality checks, preprocessing, windows), so an example here is a window
+there. Features: `x` float32 [N, A, 200] (µV), `input_chans` int32 [N + 1] (led by the cls row 0), `label` int64,
+`subject` and `recording` (text, read back as bytes), `start` float32 (s). Splits: train, validation, test.
 Files the builders reject are logged and left out; use `data_prep.builders` for a report.json.
 
     builder = LabramEegmat(data_dir=DATA_DIR)            # options: seconds, splits, notch, workers, ...

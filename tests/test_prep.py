@@ -204,7 +204,8 @@ def test_manifest_and_report(good):
     assert report["complete"] and report["totals"]["written"] == 3 and report["totals"]["windows"] == 35
     entries = {Path(e["path"]).name: e for e in report["recordings"] if e["status"] != "skipped"}
     assert list(entries) == ["eeglab_data.set", "testbva.vhdr", "Subject00_2.edf"]
-    assert {Path(e["path"]).name: e["reason"].split(";")[0] for e in report["recordings"] if e["status"] == "skipped"} == {
+    skipped = [e for e in report["recordings"] if e["status"] == "skipped"]
+    assert {Path(e["path"]).name: e["reason"].split(";")[0] for e in skipped} == {
         "README.md": "not a recording format read from a folder (.md)", "eeglab_data.fdt": "data file of "
         "eeglab_data.set (EEGLAB)", "testbva.dat": "data file of testbva.vhdr (BrainVision)",
         "testbva.vmrk": "marker file of testbva.vhdr (BrainVision)"}
