@@ -7,7 +7,9 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from data_prep.prep import DEFAULT_SHARD_WINDOWS, Params, run
+from data_prep.engine import DEFAULT_SHARD_WINDOWS
+from data_prep.plan import Params
+from data_prep.prep import run
 from labram_jax.errors import UserError
 
 
@@ -36,7 +38,7 @@ def prep(args: argparse.Namespace) -> int:
     summary = run(args.inputs, args.out, params=params, dataset=args.dataset, labels=args.labels,
                   workers=args.workers, shard_windows=args.shard_windows, num_shards=args.num_shards or 1,
                   shard_index=args.shard_index or 0, prefix=args.prefix, command=_prep_command(args),
-                  progress=sys.stderr)
+                  progress=None if args.quiet else sys.stderr)
     totals = summary["report"]["totals"]
     minutes = summary["seconds"] / 60
     print(f"this run: {summary['written']} written, {summary['rejected']} rejected, {summary['skipped']} skipped "
@@ -72,10 +74,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "knows, 0.1-75 Hz band-pass, notch, 200 Hz, µV) and write windows of 1-s patches\n"
                     "[channels, seconds, 200] to ArrayRecord shards in DIR, with manifest.json and report.json\n"
                     "(every input: written, rejected with its reason, or skipped).",
-        epilog="INPUT: files (any format MNE reads: .edf .bdf .gdf .vhdr .set .cnt .fif .mff .eeg ...), folders\n"
-               "(searched recursively; other files ignored) or glob patterns. A recording that cannot be read,\n"
-               "has no mappable channel, holds NaN/Inf, is flat, has an absurd amplitude or is shorter than a\n"
-               "window is rejected and the job goes on; exit status 0 once every input is accounted for.\n"
+        epilog="INPUT: files (any format MNE reads: .edf .bdf .gdf .vhdr .set .cnt .fif .mff .eeg ..., and .xdf),\n"
+               "folders (searched recursively; every other file is listed in the report as skipped) or glob\n"
+               "patterns. A recording that cannot be read, has no mappable channel, holds NaN/Inf, is flat, has\n"
+               "an absurd amplitude or is shorter than a window is rejected and the job goes on; exit status 0\n"
+               "once every input is accounted for.\n"
                "Rerunning the same command resumes an interrupted job, with identical output.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="EEG files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -103,6 +106,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "p %% K == --shard-index; runs may share --out")
     p.add_argument("--shard-index", type=_int_from(0), metavar="I", help="which of the K parts, 0..K-1")
     p.add_argument("--prefix", default="windows", help="shard file name prefix (default: windows)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress line and no line per rejected recording on stderr (report.json has them)")
     p.set_defaults(run=prep)
 
 

@@ -146,7 +146,7 @@ class _ListRecipes(argparse.Action):
 def build(args: argparse.Namespace) -> int:
     from data_prep import builders
 
-    kwargs = {"workers": args.workers, "notch": args.notch or None}
+    kwargs = {"workers": args.workers, "notch": args.notch or None, "progress": None if args.quiet else sys.stderr}
     if args.seed is not None:
         if args.dataset == "eegmat":
             raise CommandError("eegmat's split is by subject number and takes no --seed")
@@ -209,6 +209,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="mains notch (default: 50, as the original; 0: none)")
     p.add_argument("--seed", type=int, metavar="N",
                    help="split seed (default: TUAB 12345, TUEV 4523, as the original)")
+    p.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     p.set_defaults(run=build)
 
     p = commands.add_parser("train", help="a recipe by name (labram train --list) or from a file",

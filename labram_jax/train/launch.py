@@ -73,7 +73,7 @@ def _window_patches(folder: str, manifest: dict) -> int:
     if isinstance(window, int):
         return window
     if isinstance(window, str) and window.startswith("auto"):  # labram prep's rule, applied per channel set
-        from data_prep.prep import default_window
+        from data_prep.plan import default_window
 
         return max(default_window(len(names.split())) for names in manifest["channel_sets"])
     raise UserError(f"{folder}/manifest.json: preprocessing states no window length (window_s or window); "
