@@ -71,20 +71,6 @@ def test_embed_needs_an_encoder(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("labram embed: ")
 
 
-@pytest.mark.slow
-def test_demo(tmp_path, capsys):
-    """The README's main job, end to end on the bundled sample (fewer steps than the default)."""
-    assert main(["demo", "--out", str(tmp_path), "--steps", "60"]) == 0
-    out = capsys.readouterr().out
-    for stage in ("1. prep", "2. tokenizer", "3. pretrain", "4. finetune", "5. evaluate", "6. convert"):
-        assert stage in out
-    assert (tmp_path / "labram_eegmat.pth").is_file()
-    assert read_pth(tmp_path / "labram_eegmat.pth")["model"]["head.weight"].shape == (1, 100)
-    for stage in ("tokenizer", "pretrain", "finetune"):
-        assert (tmp_path / stage / "export" / "labram.json").is_file()
-        assert (tmp_path / stage / "metrics.jsonl").is_file()
-
-
 # -- labram train: the recipes by name or file, with the launchers' flags ------------------------------------------
 RECIPES = ("finetune_eegmat", "finetune_tuab", "finetune_tuev", "pretrain_base", "pretrain_huge", "pretrain_large",
            "train_tokenizer")

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from labram_jax.convert.pth import read_pth
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,9 +66,15 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(tmp_path):
     assert len(list(sample.glob("Subject*_[12].edf"))) == 8 and (package / "sample_data" / "README.md").is_file()
     labram = str(venv / "bin" / "labram")
 
+    # The README's main job (fewer steps than its default): every stage, its exports and logs, the .pth.
     out = run([labram, "demo", "--out", "d", "--steps", "12"], cwd, env)
-    assert f"1. prep: {sample} -> d/data/" in out and "6. convert:" in out
-    assert (cwd / "d" / "labram_eegmat.pth").is_file()
+    assert f"1. prep: {sample} -> d/data/" in out
+    for stage in ("2. tokenizer", "3. pretrain", "4. finetune", "5. evaluate", "6. convert"):
+        assert stage in out
+    assert read_pth(cwd / "d" / "labram_eegmat.pth")["model"]["head.weight"].shape == (1, 100)
+    for stage in ("tokenizer", "pretrain", "finetune"):
+        assert (cwd / "d" / stage / "export" / "labram.json").is_file()
+        assert (cwd / "d" / stage / "metrics.jsonl").is_file()
 
     assert "finetune_eegmat " in run([labram, "train", "--list"], cwd, env)
     # The recipe as it stands, on the demo's build of the sample, for 5 steps: the window shape (5 s, not the
