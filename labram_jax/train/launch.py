@@ -86,6 +86,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--num-processes", type=int)
     p.add_argument("--process-id", type=int)
     p.add_argument("--distributed", choices=("off", "auto"), default="off")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr "
+                                                        "(metrics.jsonl and TensorBoard are written as always)")
     return p
 
 
@@ -109,9 +111,9 @@ def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int
     exp = resolve_epochs(exp)
     try:
         if args.seeds:
-            seeds.run([int(s) for s in args.seeds.split(",")], exp, Path(args.workdir))
+            seeds.run([int(s) for s in args.seeds.split(",")], exp, Path(args.workdir), progress=not args.quiet)
             return 0
-        summary = trainer.Trainer(exp, args.workdir).train()
+        summary = trainer.Trainer(exp, args.workdir).train(progress=not args.quiet)
     except preemption.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
         return preemption.EXIT_CODE

@@ -36,6 +36,7 @@ from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
+from labram_jax.train.progress import Progress
 from labram_jax.train.tasks import STAGES, trainable_filter
 
 State = dict[str, Any]
@@ -322,13 +323,14 @@ class Trainer:
         return target
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
+    def train(self, progress: bool = True) -> dict[str, float]:
         """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
-        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step)."""
+        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step).
+        progress=False: no progress bar or lines (labram_jax.train.progress)."""
         with preemption.StopSignals("training") as signals:
-            return self._train(preemption.StopAgreement(signals))
+            return self._train(preemption.StopAgreement(signals), progress)
 
-    def _train(self, stop: preemption.StopAgreement) -> dict[str, float]:
+    def _train(self, stop: preemption.StopAgreement, progress: bool = True) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         self.workdir.mkdir(parents=True, exist_ok=True)
         ckpt = Checkpoints(self.workdir, t.keep, identity={"stage": exp.stage})
@@ -348,6 +350,8 @@ class Trainer:
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
+        live = Progress(t.steps, step, t.batch_size, enabled=progress)
+        logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
@@ -366,6 +370,7 @@ class Trainer:
             self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
             in_flight = m
             step += 1
+            live.advance(step)
             if not t.skip_nonfinite:
                 unchecked.append((step, data_state, m))
             logs = step % t.log_every == 0 or step == t.steps
