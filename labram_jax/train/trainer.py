@@ -30,6 +30,7 @@ from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, st
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
+from labram_jax.train import outputs as eval_outputs
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
 from labram_jax.train.flops import step_flops as analytic_step_flops
@@ -281,8 +282,9 @@ class Trainer:
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict[str, float]:
-        """The stage's metrics over a whole split, every process's share gathered first."""
+    def evaluate(self, split: str, save_as: str = "") -> dict[str, float]:
+        """The stage's metrics over a whole split, every process's share gathered first. save_as: fine-tuning
+        also writes the per-window labels and logits to outputs/SAVE_AS.npz (labram_jax.train.outputs)."""
         paths = getattr(self.exp.data, split)
         size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
         size = max(size - size % self.batch_multiple, self.batch_multiple)
@@ -297,6 +299,9 @@ class Trainer:
         if self.exp.stage == "finetune":
             labels = out["label"] if self.exp.task_kind != "regression" else out["target"]
             result |= paper_metrics.task_metrics(self.exp.task_kind, labels[valid], out["logits"][valid])
+            if save_as and jax.process_index() == 0:
+                eval_outputs.save(self.workdir / "outputs" / f"{save_as}.npz", self.exp.task_kind, labels[valid],
+                                  out["logits"][valid])
         return {f"{split}/{k}": v for k, v in result.items()}
 
     # -- exports ------------------------------------------------------------------------------------------------
@@ -408,7 +413,7 @@ class Trainer:
         ckpt.close()
         self.export("export")
         if exp.data.test:
-            summary |= self.evaluate("test")
+            summary |= self.evaluate("test", save_as="test")
             if meta.get("best") is not None:
                 summary |= {f"best_{k}": v for k, v in self._best_test().items()}
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
@@ -444,7 +449,7 @@ class Trainer:
         self.state = dict(current, **jax.device_put({"params": params, "fixed": fixed, "rest": rest},
                                                     {k: self.shardings[k] for k in ("params", "fixed", "rest")}))
         try:
-            return self.evaluate("test")
+            return self.evaluate("test", save_as="best_test")
         finally:
             self.state = current
 
