@@ -5,6 +5,7 @@
     labram build tuab|tuev|eegmat ROOT OUT   a labelled downstream set with the original's windows and splits
     labram embed CHECKPOINT RECORDING... --out FILE   embeddings per window (and per patch) of your recordings
     labram convert IN OUT              PyTorch .pth <-> labram-jax export directory
+    labram plot WORKDIR... --out DIR   PNGs of the runs' curves (and a fine-tuning run's ROC and confusion matrix)
 
 Exit status: 0 done, 2 a usage or input error, 75 stopped by SIGTERM or SIGINT (prep and build; rerun the same
 command to resume).
@@ -56,6 +57,14 @@ def demo(args: argparse.Namespace) -> int:
 
     summary = run(args.out, args.data, steps=args.steps)
     return 0 if summary else 1
+
+
+def plot(args: argparse.Namespace) -> int:
+    from labram_jax import plots
+
+    written = plots.write([Path(w) for w in args.workdirs], Path(args.out))
+    print(f"wrote {len(written)} plots to {args.out}: {', '.join(p.name for p in written)}")
+    return 0
 
 
 def embed(args: argparse.Namespace) -> int:
@@ -135,6 +144,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, help="seconds between windows (default: the window)")
     p.add_argument("--notch", type=float, default=50.0, help="mains notch in Hz (0: none)")
     p.set_defaults(run=embed)
+
+    p = commands.add_parser("plot", help="PNGs of the curves of one or several training runs",
+                            description="From each WORKDIR's metrics.jsonl: loss, lr, grad norm, codebook usage "
+                                        "and perplexity, masked-token accuracy and the validation metrics against "
+                                        "steps, one line per run; from a fine-tuning run's test outputs "
+                                        "(outputs/test.npz, outputs/best_test.npz) the ROC curve and the "
+                                        "confusion matrix. Only the plots some run has data for.")
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a training run's workdir (repeatable)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
+    p.set_defaults(run=plot)
     return parser
 
 
