@@ -112,7 +112,7 @@ def roc(split: str, evaluations: dict[str, dict]) -> plt.Figure:
 
 
 def confusion(split: str, evaluations: dict[str, dict]) -> plt.Figure:
-    fig, axes = plt.subplots(1, len(evaluations), figsize=(4.4 * len(evaluations), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(evaluations), figsize=(4.8 * len(evaluations), 4.8), squeeze=False)
     for ax, (label, out) in zip(axes[0], evaluations.items()):
         counts = paper_metrics.confusion_matrix(out["kind"], out["labels"], out["logits"])
         accuracy = paper_metrics.task_metrics(out["kind"], out["labels"], out["logits"])["balanced_accuracy"]
@@ -124,7 +124,8 @@ def confusion(split: str, evaluations: dict[str, dict]) -> plt.Figure:
         classes = range(len(counts))
         ax.set(xticks=classes, yticks=classes, xlabel="predicted class", ylabel="true class",
                title=f"{label}\nbalanced accuracy {accuracy:.3f}")
-    fig.suptitle(f"confusion matrix, {EVALUATIONS[split]} (row %: of the true class)", fontsize=9)
+    fig.suptitle(f"confusion matrix, {EVALUATIONS[split]}\n(each cell: count and share of its true class)",
+                 fontsize=9)
     fig.tight_layout()
     return fig
 

@@ -72,3 +72,13 @@ def test_demo(tmp_path, capsys):
     for stage in ("tokenizer", "pretrain", "finetune"):
         assert (tmp_path / stage / "export" / "labram.json").is_file()
         assert (tmp_path / stage / "metrics.jsonl").is_file()
+    # 7. plot: each stage's curves, and the fine-tuned model's ROC and confusion matrix on the held-out subject.
+    assert f"7. plot: each stage's curves -> {tmp_path / 'plots'}/" in out
+    expected = {"tokenizer": {"loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "val_loss"},
+                "pretrain": {"loss", "lr", "grad_norm", "masked_accuracy", "val_loss"},
+                "finetune": {"loss", "lr", "grad_norm", "val_loss", "val_balanced_accuracy", "val_roc_auc",
+                             "roc_test", "confusion_test", "roc_best_test", "confusion_best_test"}}
+    for stage, names in expected.items():
+        folder = tmp_path / "plots" / stage
+        listed = next(line for line in out.splitlines() if line.strip().startswith(f"{folder}/: "))
+        assert set(listed.split(": ", 1)[1].split(", ")) == {p.stem for p in folder.glob("*.png")} >= names
