@@ -151,7 +151,7 @@ def _parser() -> argparse.ArgumentParser:
                                         "steps, one line per run; from a fine-tuning run's test outputs "
                                         "(outputs/test.npz, outputs/best_test.npz) the ROC curve and the "
                                         "confusion matrix. Only the plots some run has data for.")
-    p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a training run's workdir (repeatable)")
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="the workdirs of one or more training runs")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
     p.set_defaults(run=plot)
     return parser

@@ -170,3 +170,19 @@ def test_labram_plot_writes_the_pngs(runs, tmp_path, capsys):
     assert main(["plot", str(tmp_path / "nothing"), "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing" in err and "metrics.jsonl" in err
+
+
+def test_metrics_of_a_resumed_or_running_run(tmp_path):
+    """A resumed run logs again the steps after its last checkpoint (the last value counts), a non-finite value is
+    a null, and a run still writing may end in half a line; anything else unreadable is an error naming the line."""
+    records = [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}, {"step": 3, "loss": None, "grad_norm": None},
+               {"step": 2, "loss": 2.5}, {"step": 3, "loss": 1.5, "val/loss": 1.7}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"step": 4, "lo')
+    series = plots.read_metrics(tmp_path)
+    np.testing.assert_array_equal(series["loss"][0], [1, 2, 3])
+    np.testing.assert_array_equal(series["loss"][1], [3.0, 2.5, 1.5])
+    np.testing.assert_array_equal(series["val/loss"][0], [3])
+    assert np.isnan(series["grad_norm"][1]).all()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n{"loss": 2.0}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a metrics record"):
+        plots.read_metrics(tmp_path)
