@@ -5,12 +5,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-quick
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU wheel of torch first: an unpinned torch would pull several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	# braindecode requires torchaudio, which has no release for torch 2.13: install it alone, its other
+	# dependencies are pinned in the dev extra, and the test stands in an inert torchaudio.
+	$(PY) -m pip install -q --no-deps braindecode==1.8.1
 	touch $@
 
 demo: $(STAMP)

@@ -8,9 +8,10 @@ from pathlib import Path
 from typing import Callable
 
 from data_prep.prep import DEFAULT_SHARD_WINDOWS, Params, run
+from labram_jax.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError):
     """A bad combination of flags: printed as one line, exit code 2."""
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from labram_jax.errors import UserError
+
 # What MNE's read_raw reads and a folder scan picks up. Left out on purpose: extensions that in an EEG corpus are
 # mostly something else (.txt, .dat, .mat, .bin, .asc, .hdr: notes, BrainVision data, MATLAB, eye tracking, fNIRS),
 # MEG-only formats (.ds, .sqd, .con) and fNIRS (.snirf); Curry's .rs3/.cef/.cdt.* describe the same recording as its
@@ -32,7 +34,7 @@ _BRAINVISION_HEADERS = (".vhdr", ".ahdr")
 _SIDECAR_KEY = re.compile(r"^\s*(DataFile|MarkerFile)\s*=\s*(.+?)\s*$", re.IGNORECASE)
 
 
-class DiscoveryError(ValueError):
+class DiscoveryError(UserError):
     """Inputs that name nothing, or two different recordings under one id: a usage error."""
 
 

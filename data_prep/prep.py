@@ -61,6 +61,7 @@ from labram_jax.channels import resolve_channels
 from labram_jax.configs import MAX_PATCHES
 from labram_jax.data.records import Window
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.errors import UserError
 from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 # A LaBraM window of up to 256 tokens is <= 205 KB in float32, so 2000 windows make shards of at most ~400 MB
@@ -80,7 +81,7 @@ R = TypeVar("R")
 _END = object()
 
 
-class PrepError(ValueError):
+class PrepError(UserError):
     """A usage error: bad flags, no inputs, or an output folder that holds another job."""
 
 

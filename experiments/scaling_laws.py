@@ -14,10 +14,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import pretrain_base
-import train_tokenizer
-
 from labram_jax import demo
+from labram_jax.errors import UserError
+from labram_jax.recipes import pretrain_base, train_tokenizer
 from labram_jax.scaling.grid import GridConfig
 from labram_jax.train import launch
 from labram_jax.train.config import MeshConfig, override
@@ -35,11 +34,12 @@ def toy() -> GridConfig:
 def pod() -> GridConfig:
     """The LaBraM-Base recipe over the ladder from 0.5M to LaBraM-Huge's 369M and 30-2,500 h of EEG.
 
-    Parameters and optimizer state sharded over 8 devices, blocks recomputed in the backward pass (what the huge
-    rung needs; the small rungs pay the same relative recompute, so FLOPs stay comparable across the grid).
+    Parameters and optimizer state sharded over 4 devices (4 divides every rung's width, 100 to 800; an axis that
+    does not divide a width is an error), blocks recomputed in the backward pass (what the huge rung needs; the
+    small rungs pay the same relative recompute, so FLOPs stay comparable across the grid).
     """
     exp = pretrain_base.config()
-    exp = exp.replace(mesh=MeshConfig(data=-1, fsdp=8), train=dataclasses.replace(exp.train, remat="block"))
+    exp = exp.replace(mesh=MeshConfig(data=-1, fsdp=4), train=dataclasses.replace(exp.train, remat="block"))
     return GridConfig(pretrain=exp, tokenizer=train_tokenizer.config(),
                       sizes=("0.5M", "1.5M", "5.8M", "20M", "46M", "120M", "369M"),
                       hours=(30.0, 100.0, 300.0, 1000.0, 2500.0), epochs=5, eval_tokens=50_000_000, eval_hours=10.0,
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             scaling.run_point(grid, args.point, args.workdir, args.data)
         else:
             scaling.run_grid(grid, args.workdir, args.data)
-    except ValueError as error:
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -19,6 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from labram_jax.configs import NUM_CHANNEL_ROWS
+from labram_jax.errors import UserError
 
 STANDARD_1020: tuple[str, ...] = (
     'FP1', 'FPZ', 'FP2',
@@ -106,8 +107,8 @@ def resolve_channels(names: Sequence[str], *, drop_unknown: bool = False) -> Res
     rows = [channel_row(n) for n in names]
     dropped = [n for n, r in zip(names, rows) if r is None]
     if dropped and not drop_unknown:
-        raise ValueError('unknown EEG channel names (not in the LaBraM 10-20 vocabulary): '
-                         f'{_quoted(dropped)}; pass drop_unknown=True to drop them')
+        raise UserError('unknown EEG channel names (not in the LaBraM 10-20 vocabulary): '
+                        f'{_quoted(dropped)}; pass drop_unknown=True to drop them')
     kept = [i for i, r in enumerate(rows) if r is not None]
     first_at_row: dict[int, int] = {}
     clashes = []
@@ -116,10 +117,10 @@ def resolve_channels(names: Sequence[str], *, drop_unknown: bool = False) -> Res
         if j != i:
             clashes.append(f'{names[j]!r} and {names[i]!r} (row {rows[i]})')
     if clashes:
-        raise ValueError('channel names map to the same pos_embed row: ' + '; '.join(clashes))
+        raise UserError('channel names map to the same pos_embed row: ' + '; '.join(clashes))
     if not kept:
-        raise ValueError(f'no channel could be mapped to the LaBraM 10-20 vocabulary: '
-                         f'{_quoted(names)}')
+        raise UserError(f'no channel could be mapped to the LaBraM 10-20 vocabulary: '
+                        f'{_quoted(names)}')
     return ResolvedChannels(
         names=tuple(STANDARD_1020[rows[i] - 1] for i in kept),
         rows=tuple(rows[i] for i in kept),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
+from labram_jax.errors import UserError
+
 PATCH_SIZE = 200  # samples per patch: one second at 200 Hz
 NUM_CHANNEL_ROWS = 128  # channel slots of pos_embed; row 0 is the cls token
 MAX_PATCHES = 16  # rows of time_embed: at most 16 one-second patches per channel
@@ -49,10 +51,10 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+            raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.in_chans == 0 and 25 * self.out_chans != self.embed_dim:
-            raise ValueError(f"TemporalConv gives 25 * out_chans = {25 * self.out_chans} features, "
-                             f"but embed_dim is {self.embed_dim}")
+            raise UserError(f"TemporalConv gives 25 * out_chans = {25 * self.out_chans} features, "
+                            f"but embed_dim is {self.embed_dim}")
 
     @property
     def head_dim(self) -> int:
@@ -83,7 +85,7 @@ class TokenizerConfig:
 
     def __post_init__(self) -> None:
         if self.decoder.in_chans != self.code_dim:
-            raise ValueError(f"decoder.in_chans ({self.decoder.in_chans}) must equal code_dim ({self.code_dim})")
+            raise UserError(f"decoder.in_chans ({self.decoder.in_chans}) must equal code_dim ({self.code_dim})")
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)

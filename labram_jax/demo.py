@@ -18,7 +18,8 @@ import numpy as np
 from labram_jax import configs
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "eegmat"
+# Package data, so that an installed labram-jax has it; sample_data/ in a clone is a link to it.
+SAMPLE = Path(__file__).resolve().parent / "sample_data" / "eegmat"
 SPLITS = {"train": [0, 1], "val": [2], "test": [3]}
 SECONDS, CHANNELS = 5, 20
 

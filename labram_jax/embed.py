@@ -19,6 +19,7 @@ from flax import nnx
 from labram_jax.checkpoint import load_model
 from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import load_state_dict, state_dict, student_weights
+from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 
 MAX_TOKENS = 256  # the original's windows hold at most 256 patches (channels x seconds)
@@ -33,7 +34,7 @@ def load_encoder(checkpoint: str | os.PathLike) -> LaBraM:
     if isinstance(model, LaBraM):
         return model
     if not isinstance(model, LaBraMForMEM):
-        raise ValueError(f"{path}: a {type(model).__name__} export has no LaBraM encoder to embed with")
+        raise UserError(f"{path}: a {type(model).__name__} export has no LaBraM encoder to embed with")
     encoder = LaBraM(model.cfg.replace(num_classes=0), rngs=nnx.Rngs(0))
     weights = student_weights({f"student.{k}": v for k, v in state_dict(model.student).items()})
     load_state_dict(encoder, weights, allow_missing=("fc_norm.",), source=str(path))
@@ -64,7 +65,7 @@ def embed(checkpoint: str | os.PathLike, recordings: list[str | os.PathLike], *,
         step = stride or seconds
         x = to_model_input(windows(recording.signal, seconds, step))
         if not len(x):
-            raise ValueError(f"{path}: {recording.duration:.1f} s is shorter than one {seconds} s window")
+            raise UserError(f"{path}: {recording.duration:.1f} s is shorter than one {seconds} s window")
         chans = jnp.asarray(recording.channels.input_chans)
         pooled, per_patch = [], []
         for start in range(0, len(x), batch_size):

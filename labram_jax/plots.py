@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy.special import softmax  # noqa: E402
 
+from labram_jax.errors import UserError  # noqa: E402
 from labram_jax.train import metrics as paper_metrics  # noqa: E402
 from labram_jax.train import outputs  # noqa: E402
 
@@ -37,7 +38,7 @@ def read_metrics(workdir: Path) -> dict[str, Series]:
     run logs again the steps after its last checkpoint) keeps its last value. A null (a non-finite value) is nan."""
     path = workdir / "metrics.jsonl"
     if not path.is_file():
-        raise ValueError(f"{workdir}: no metrics.jsonl (not a training workdir)")
+        raise UserError(f"{workdir}: no metrics.jsonl (not a training workdir)")
     text = path.read_text()
     lines = text.splitlines()
     if text and not text.endswith("\n"):
@@ -48,7 +49,7 @@ def read_metrics(workdir: Path) -> dict[str, Series]:
             record = json.loads(line)
             step = int(record["step"])
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}:{number}: not a metrics record (a JSON object with a step)") from None
+            raise UserError(f"{path}:{number}: not a metrics record (a JSON object with a step)") from None
         for key, value in record.items():
             if key not in ("step", "time") and (value is None or isinstance(value, (int, float))):
                 by_key.setdefault(key, {})[step] = np.nan if value is None else float(value)
@@ -60,7 +61,7 @@ def run_labels(workdirs: Sequence[Path]) -> list[str]:
     """Each run's name in the legends: its path below the workdirs' common folder (one run: its folder's name)."""
     paths = [Path(w).resolve() for w in workdirs]
     if len(set(paths)) < len(paths):
-        raise ValueError(f"a workdir is given twice: {', '.join(map(str, workdirs))}")
+        raise UserError(f"a workdir is given twice: {', '.join(map(str, workdirs))}")
     if len(paths) == 1:
         return [paths[0].name]
     root = Path(os.path.commonpath(paths))
@@ -166,5 +167,5 @@ def write(workdirs: Sequence[Path], out: Path) -> list[Path]:
         plt.close(fig)
         written.append(out / name)
     if not written:
-        raise ValueError(f"nothing to plot in {', '.join(map(str, workdirs))}: their metrics.jsonl hold no curves")
+        raise UserError(f"nothing to plot in {', '.join(map(str, workdirs))}: their metrics.jsonl hold no curves")
     return written

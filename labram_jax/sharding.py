@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from labram_jax.errors import UserError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
@@ -36,35 +38,41 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1, devices: Sequence[
     devices = list(jax.devices() if devices is None else devices)
     shape = [data, fsdp, tensor]
     if shape.count(-1) > 1:
-        raise ValueError("at most one mesh axis may be -1")
+        raise UserError("at most one mesh axis may be -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         shape[shape.index(-1)] = len(devices) // known
     if math.prod(shape) != len(devices):
-        raise ValueError(f"mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs "
-                         f"{math.prod(shape)} devices, but {len(devices)} are given")
+        raise UserError(f"mesh (data={shape[0]}, fsdp={shape[1]}, tensor={shape[2]}) needs "
+                        f"{math.prod(shape)} devices, but {len(devices)} are given")
     # Auto axes: GSPMD propagates shardings through FSDP matmuls (Explicit axes reject them).
     return jax.make_mesh(tuple(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
 def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mesh,
-                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> PartitionSpec:
+                    rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES, *, what: str = "an array") -> PartitionSpec:
     """The PartitionSpec for an array with these logical axis names.
 
-    A mesh axis is used only where it splits something (size > 1), divides the dimension and is not used by an
-    earlier dimension, so odd sizes (a 25-wide dimension on 4 devices) fall back to replication, not failure.
+    A mesh axis splits a dimension where it has more than one device and no earlier dimension uses it. One that
+    does not divide the dimension is an error naming `what`, the dimension and the axis (as in MaxText): falling
+    back to replication would quietly give up the memory plan. A dimension meant to be replicated names a rule
+    without mesh axes.
     """
     table = dict(rules)
     used: set[str] = set()
     spec = []
-    for name, size in zip(names, shape):
+    for dim, (name, size) in enumerate(zip(names, shape)):
         targets = table.get(name) if name is not None else None
         targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
-        chosen = []
+        chosen: list[str] = []
         for axis in targets:
-            if (mesh.shape.get(axis, 1) > 1 and axis not in used
-                    and size % (mesh.shape[axis] * _prod(mesh, chosen)) == 0):
-                chosen.append(axis)
+            if mesh.shape.get(axis, 1) == 1 or axis in used:
+                continue
+            if size % (mesh.shape[axis] * _prod(mesh, chosen)):
+                raise UserError(f"{what}: dimension {dim} ({name!r}, {size}) does not divide over mesh axis {axis!r} "
+                                f"({mesh.shape[axis]} devices{''.join(f' x {a!r}' for a in chosen)}); use a mesh "
+                                f"whose {axis} size divides {size}")
+            chosen.append(axis)
         used.update(chosen)
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
     return PartitionSpec(*spec)
@@ -74,17 +82,18 @@ def _prod(mesh: Mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
-def variable_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
-    """Where one model variable lives: its logical axis names through the rule table."""
+def variable_sharding(var: nnx.Variable, mesh: Mesh, what: str = "a variable") -> NamedSharding:
+    """Where one model variable (named `what` in errors) lives: its logical axis names through the rule table."""
     value = var.get_value()
     names = var.get_metadata().get("out_sharding") or (None,) * np.ndim(value)
-    return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh))
+    return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh, what=what))
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
     """A NamedSharding for every variable of a model's state, from its logical axis names."""
-    return jax.tree.map(lambda var: variable_sharding(var, mesh), state,
-                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(
+        lambda path, var: variable_sharding(var, mesh, jax.tree_util.keystr(path)), state,
+        is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from labram_jax import LaBraM, from_pytorch, mem_loss
-from labram_jax.convert.state_dict import state_dict
+from labram_jax.convert.state_dict import state_dict, torch_key
 from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
 from labram_jax.models.vqnsp import fourier_targets
 
@@ -115,29 +115,94 @@ def test_pretraining_cls_uses_first_channel_row():
     assert not np.allclose(classifier(x, chans), before)
 
 
-def test_finetune_gradients():
-    grads_ref = load(FIXTURES, "finetune_grads")
-    x, chans, _ = inputs(FIXTURES)
-    labels = jnp.asarray(load(FIXTURES, "inputs")["labels"])
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
-    graphdef, params = nnx.split(model, nnx.Param)
+def gradients(model: nnx.Module, loss_fn) -> tuple[jax.Array, dict, dict[str, np.ndarray], nnx.State]:
+    """loss_fn(model) -> (loss, aux) differentiated with respect to the parameters: the loss, the aux, every
+    parameter's gradient under the original's state-dict key, and the model's other state after the call."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss_fn(p):
-        logits = nnx.merge(graphdef, p)(x, chans)
-        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean()
+    def fn(p):
+        module = nnx.merge(graphdef, p, rest, copy=True)
+        loss, aux = loss_fn(module)
+        return loss, (aux, nnx.state(module, nnx.Not(nnx.Param)))
 
-    loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
-    assert rel(loss, grads_ref["loss"]) <= 1e-5
-    torch_grads = state_dict(nnx.merge(graphdef, grads))
-    assert set(torch_grads) == set(grads_ref) - {"loss", "labels"}
+    (loss, (aux, new_rest)), grads = jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+    grad_keys = {torch_key(path) for path, _ in nnx.to_flat_state(grads)}
+    torch_grads = {k: v for k, v in state_dict(nnx.merge(graphdef, grads, rest)).items() if k in grad_keys}
+    return loss, aux, torch_grads, new_rest
+
+
+def assert_gradients_match(torch_grads: dict[str, np.ndarray], grads_ref: dict[str, np.ndarray],
+                           scalars: set[str]) -> None:
+    """Per tensor, rel <= 1e-3 (the reference's tolerance): float32 rounding through a few blocks, softmaxes and
+    batch sums gives 1e-6 to 1e-5 here, while a wrong term, sign or transpose gives order 1."""
+    unused = set(grads_ref.get("unused", np.array([], str)).tolist())
+    assert set(torch_grads) == set(grads_ref) - scalars - {"unused"} | unused
     for key, grad in torch_grads.items():
-        if np.linalg.norm(grads_ref[key]) < 1e-6:
+        if key in unused:  # the original's loss never reaches it (torch's .grad is None)
+            assert not np.any(grad), key
+        elif np.linalg.norm(grads_ref[key]) < 1e-6:
             # Structurally zero gradients, where both frameworks return rounding noise: k_norm.bias (a bias shared
             # by every key shifts no softmax) and the conv biases (GroupNorm with one channel per group removes
             # them). Compare them as zero.
             assert np.linalg.norm(grad) < 1e-6, key
         else:
             assert rel(grad, grads_ref[key]) <= 1e-3, key
+
+
+def test_finetune_gradients():
+    grads_ref = load(FIXTURES, "finetune_grads")
+    x, chans, _ = inputs(FIXTURES)
+    labels = jnp.asarray(load(FIXTURES, "inputs")["labels"])
+    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+
+    def loss_fn(m):
+        logits = m(x, chans)
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean(), ()
+
+    loss, _, torch_grads, _ = gradients(model, loss_fn)
+    assert rel(loss, grads_ref["loss"]) <= 1e-5
+    assert_gradients_match(torch_grads, grads_ref, {"loss", "labels"})
+
+
+def test_tokenizer_gradients_and_codebook_update():
+    """One train-mode step of the VQ-NSP loss (commitment + amplitude + phase) against the original's, called as
+    the trainer calls it (tasks._tokenizer_loss: a patch mask, train=True), and the EMA codebook it leaves."""
+    grads_ref = load(FIXTURES, "tokenizer_grads")
+    x, chans, _ = inputs(FIXTURES)
+    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", task="tokenizer")
+    real = jnp.ones(x.shape[:3], bool)
+
+    def loss_fn(m):
+        out = m(x, chans, mask=real, train=True, rng=jax.random.key(0))
+        return out["loss"], ()
+
+    loss, _, torch_grads, rest = gradients(tokenizer, loss_fn)
+    assert rel(loss, grads_ref["loss"]) <= 1e-5
+    ema = {"ema." + k: v for k, v in state_dict(nnx.merge(nnx.graphdef(tokenizer), nnx.state(tokenizer, nnx.Param),
+                                                           rest)).items()}
+    for key in ("ema.quantize.embedding.weight", "ema.quantize.cluster_size"):
+        assert rel(ema[key], grads_ref[key]) <= 1e-5, key
+    assert_gradients_match(torch_grads, grads_ref,
+                           {"loss", "ema.quantize.embedding.weight", "ema.quantize.cluster_size"})
+
+
+def test_pretraining_gradients():
+    """Both passes' cross-entropy with the fixed mask of inputs.npz and the original tokenizer's codes, through the
+    trainer's path (tasks._pretrain_loss: a patch mask, so logits for every patch) and the unpadded one."""
+    grads_ref = load(FIXTURES, "pretrain_grads")
+    x, chans, mask = inputs(FIXTURES)
+    tokens = jnp.asarray(grads_ref["labels"])
+    np.testing.assert_array_equal(tokens, load(FIXTURES, "tokenizer_out")["tokens"])
+    model = from_pytorch(FIXTURES / "pretrain.pth", task="pretrain")
+    for padding in (jnp.ones(x.shape[:3], bool), None):
+        def loss_fn(m):
+            losses = mem_loss(*m(x, chans, mask, padding=padding), tokens, mask, padding)
+            return losses["loss"], losses
+
+        loss, losses, torch_grads, _ = gradients(model, loss_fn)
+        for term in ("loss", "loss_rec", "loss_rec_sym"):
+            assert rel(losses[term], grads_ref[term]) <= 1e-5, term
+        assert_gradients_match(torch_grads, grads_ref, {"loss", "loss_rec", "loss_rec_sym", "labels"})
 
 
 def test_reference_meta_matches_fixture_set():

@@ -110,17 +110,49 @@ def test_codebook_update_ignores_padding(data):
     np.testing.assert_allclose(codebooks[1], codebooks[0], rtol=1e-5, atol=1e-6)
 
 
-def test_kmeans_never_draws_padding():
-    samples = jax.random.normal(jax.random.key(0), (40, 8))
-    samples = samples / jnp.linalg.norm(samples, axis=1, keepdims=True)
-    weights = jnp.arange(40) < 10  # only the first 10 are real
-    means, bins = kmeans_cosine(samples, 16, 3, jax.random.key(1), weights.astype(jnp.float32))
-    assert float(bins.sum()) == 10
-    # Each centre is a real sample or a mean of real samples: it lies in their span, never near a padded one.
-    real, fake = np.asarray(samples[:10]), np.asarray(samples[10:])
-    coef, *_ = np.linalg.lstsq(real.T, np.asarray(means).T, rcond=None)
-    np.testing.assert_allclose(real.T @ coef, np.asarray(means).T, atol=1e-4)
-    assert not np.any(np.isclose(np.asarray(means) @ fake.T, 1.0, atol=1e-6))
+def lloyd_cosine(samples: np.ndarray, centres: np.ndarray, num_iters: int) -> tuple[np.ndarray, np.ndarray]:
+    """The original's kmeans(use_cosine_sim=True) after its initial draw (norm_ema_quantizer.py), in float64:
+    assign each sample to the most similar centre, move each centre to the l2-normalised mean of its samples,
+    and leave a centre that got none where it was. Returns the centres and the last assignment's counts."""
+    bins = np.zeros(len(centres), np.int64)
+    for _ in range(num_iters):
+        buckets = (samples @ centres.T).argmax(1)
+        bins = np.bincount(buckets, minlength=len(centres))
+        sums = np.zeros_like(centres)
+        np.add.at(sums, buckets, samples)
+        means = sums / np.maximum(bins, 1)[:, None]
+        means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
+        centres = np.where((bins == 0)[:, None], centres, means)
+    return centres, bins
+
+
+@pytest.mark.parametrize("num_real", [pytest.param(40, id="more-samples-than-clusters"),
+                                      pytest.param(4, id="fewer-samples-than-clusters")])
+def test_kmeans_is_lloyd_from_distinct_real_samples(num_real: int):
+    """k-means as the original's init_embed_: distinct random samples, then 10 cosine Lloyd steps, each step
+    computed again here in numpy on the real samples alone, so padded samples are neither drawn nor counted.
+    With fewer samples than clusters the draw repeats samples and the repeats stay empty, keeping their centre."""
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=(64, 8)).astype(np.float32)
+    samples /= np.linalg.norm(samples, axis=1, keepdims=True)
+    clusters, iters = 6, configs.TokenizerConfig.kmeans_iters
+    assert iters == 10  # init_embed_ calls kmeans(data, num_tokens, 10, use_cosine_sim=True)
+    weights = jnp.asarray(np.arange(64) < num_real, jnp.float32)
+    key = jax.random.key(1)
+
+    # Zero iterations give the initial draw the same key makes: distinct real samples, as torch.randperm draws.
+    start = np.asarray(kmeans_cosine(jnp.asarray(samples), clusters, 0, key, weights)[0])
+    drawn = [np.flatnonzero((samples == centre).all(1)) for centre in start]
+    assert all(len(i) == 1 and i[0] < num_real for i in drawn), f"initial centres are not real samples: {drawn}"
+    assert len({int(i[0]) for i in drawn}) == min(num_real, clusters), f"initial centres repeat: {drawn}"
+
+    for steps in range(1, iters + 1):
+        means, bins = kmeans_cosine(jnp.asarray(samples), clusters, steps, key, weights)
+        want_means, want_bins = lloyd_cosine(samples[:num_real].astype(np.float64), start.astype(np.float64), steps)
+        np.testing.assert_array_equal(np.asarray(bins), want_bins, err_msg=f"{steps} steps")
+        np.testing.assert_allclose(np.asarray(means), want_means, atol=1e-6, err_msg=f"{steps} steps")
+    # Not a vacuous check: with enough samples the steps move the centres; with too few, clusters stay empty.
+    assert np.abs(want_means - start).max() > 0.1 if num_real > clusters else (want_bins == 0).any()
 
 
 def test_mask_shape_is_checked(data):

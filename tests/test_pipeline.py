@@ -14,6 +14,7 @@ import pytest
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state, window_source
 from labram_jax.data.records import Window
 from labram_jax.data.shards import write_shard
+from labram_jax.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(2, 1), (3, 2), (5, 3), (4, 3)]  # (channels, patches), cycled over the windows
@@ -61,7 +62,7 @@ def test_window_source_accepts_files_and_folders(tmp_path):
     assert len(window_source(folder)) == len(window_source(files)) == len(window_source([files[0], folder])) - 7 == 15
     (tmp_path / "empty").mkdir()
     for missing in ("empty", "nowhere"):
-        with pytest.raises(FileNotFoundError, match=missing):
+        with pytest.raises(UserError, match=missing):
             window_source(tmp_path / missing)
 
 

@@ -11,6 +11,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from labram_jax import LaBraM, LaBraMForMEM, VQNSP, configs
+from labram_jax.errors import UserError
 from labram_jax.sharding import batch_sharding, logical_to_mesh, make_mesh, shard_state
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_tiny"
@@ -32,8 +33,9 @@ def test_rule_table():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     assert logical_to_mesh(("embed", "mlp"), (200, 800), mesh) == P("fsdp", "tensor")
     assert logical_to_mesh(("batch", None), (8, 3), mesh) == P(("data", "fsdp"), None)
-    # 25 is not divisible by the fsdp axis: replicate rather than fail.
-    assert logical_to_mesh(("embed",), (25,), mesh) == P(None)
+    # 25 is not divisible by the fsdp axis: an error (tests/test_input_errors.py), never a silent replication.
+    with pytest.raises(UserError, match="dimension 0 \\('embed', 25\\) does not divide over mesh axis 'fsdp'"):
+        logical_to_mesh(("embed",), (25,), mesh)
     assert logical_to_mesh(("codebook", "code"), (8192, 64), mesh) == P(None, None)
     with pytest.raises(ValueError, match="needs 16 devices"):
         make_mesh(data=2, fsdp=8)

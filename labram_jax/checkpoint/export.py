@@ -17,6 +17,7 @@ from flax import nnx
 
 from labram_jax.configs import TokenizerConfig, TransformerConfig
 from labram_jax.convert.state_dict import Model, build, task_of
+from labram_jax.errors import UserError
 
 FORMAT = "labram-jax/params"
 VERSION = 1
@@ -41,7 +42,7 @@ def save_model(model: Model, directory: str | os.PathLike) -> Path:
     """
     target = Path(directory).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
-        raise ValueError(f"{target}: already exists and is not an empty directory")
+        raise UserError(f"{target}: already exists and is not an empty directory")
     meta = {"format": FORMAT, "version": VERSION, "task": task_of(model), "config": dataclasses.asdict(model.cfg)}
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -68,15 +69,15 @@ def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads((path / META).read_text())
     except FileNotFoundError:
-        raise ValueError(f"{path}: not a labram-jax export (no {META})") from None
+        raise UserError(f"{path}: not a labram-jax export (no {META})") from None
     except (OSError, ValueError) as error:
-        raise ValueError(f"{path}: unreadable {META}: {error}") from None
+        raise UserError(f"{path}: unreadable {META}: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: {META} is not a {FORMAT} export")
+        raise UserError(f"{path}: {META} is not a {FORMAT} export")
     if meta.get("version") != VERSION:
-        raise ValueError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads version {VERSION}")
+        raise UserError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads version {VERSION}")
     if meta.get("task") not in TASKS:
-        raise ValueError(f"{path}: unknown task {meta.get('task')!r} in {META}")
+        raise UserError(f"{path}: unknown task {meta.get('task')!r} in {META}")
     return meta
 
 
@@ -89,7 +90,7 @@ def _config(meta: dict, path: Path) -> TransformerConfig | TokenizerConfig:
             return TokenizerConfig(**raw)
         return TransformerConfig(**raw)
     except (KeyError, TypeError, ValueError) as error:
-        raise ValueError(f"{path}: invalid config in {META}: {error}") from None
+        raise UserError(f"{path}: invalid config in {META}: {error}") from None
 
 
 def _flat(tree: object) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -107,7 +108,7 @@ def _check_stored(stored: object, expected: object, path: Path, task: str) -> No
         ("wrong shape or dtype", [f"{k} {have[k]} (expected {want[k]})" for k in want
                                   if k in have and have[k] != want[k]])) if keys]
     if problems:
-        raise ValueError(f"{path}: stored arrays do not match the {task} model of its config: " + "; ".join(problems))
+        raise UserError(f"{path}: stored arrays do not match the {task} model of its config: " + "; ".join(problems))
 
 
 def load_model(directory: str | os.PathLike) -> Model:
@@ -124,7 +125,7 @@ def load_model(directory: str | os.PathLike) -> Model:
         try:
             stored = checkpointer.metadata(path / STATE).item_metadata
         except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types
-            raise ValueError(f"{path}: no readable Orbax state: {' '.join(str(error).split())}") from None
+            raise UserError(f"{path}: no readable Orbax state: {' '.join(str(error).split())}") from None
         _check_stored(stored, expected, path, meta["task"])
         restored = checkpointer.restore(path / STATE, target)
     nnx.replace_by_pure_dict(state, restored)

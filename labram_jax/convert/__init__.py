@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 
 from labram_jax.convert.pth import read_pth, write_pth
+from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Task, build, infer_config, load_state_dict, state_dict,
                                            student_weights, task_of)
+from labram_jax.errors import UserError
 
 
 def _model_weights(obj: object, source: str) -> dict:
@@ -17,12 +19,17 @@ def _model_weights(obj: object, source: str) -> dict:
                 return obj[key]
         if obj and all(isinstance(k, str) and hasattr(v, "shape") for k, v in obj.items()):
             return obj
-    raise ValueError(f"{source}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+    raise UserError(f"{source}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+
+
+def _is_safetensors(path: str | os.PathLike) -> bool:
+    return os.fspath(path).endswith(".safetensors")
 
 
 def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classes: int | None = None,
                  head_dim: int | None = None, seed: int = 0) -> Model:
-    """Load a .pth written by the original code into a ready labram-jax model.
+    """Load a .pth written by the original code (or a .safetensors of the same state dict) into a ready
+    labram-jax model.
 
     task: "classify" (NeuralTransformer; also accepts a pretraining checkpoint and keeps its `student.*` weights
     as the original's fine-tuning loader does, leaving fc_norm and head freshly initialised), "pretrain"
@@ -32,7 +39,7 @@ def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classe
     Raises ValueError naming every missing, unexpected or mis-shaped key: it never loads half a model.
     """
     source = os.fspath(path)
-    weights = _model_weights(read_pth(path), source)
+    weights = read_safetensors(path) if _is_safetensors(path) else _model_weights(read_pth(path), source)
     fresh: tuple[str, ...] = ()
     if task == "classify" and any(k.startswith("student.") for k in weights):
         weights, fresh = student_weights(weights), ("fc_norm.", "head.")
@@ -48,8 +55,13 @@ def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classe
 
 
 def to_pytorch(model: Model, path: str | os.PathLike) -> None:
-    """Write `{'model': state_dict}` in the original's key layout; the original loads it with strict=True."""
-    write_pth(path, {"model": state_dict(model)})
+    """Write `{'model': state_dict}` in the original's key layout, which the original loads with strict=True; a
+    path ending in .safetensors gets the same state dict as a safetensors file."""
+    if _is_safetensors(path):
+        write_safetensors(path, state_dict(model))
+    else:
+        write_pth(path, {"model": state_dict(model)})
 
 
-__all__ = ["from_pytorch", "to_pytorch", "read_pth", "write_pth", "state_dict", "load_state_dict", "task_of"]
+__all__ = ["from_pytorch", "to_pytorch", "read_pth", "write_pth", "read_safetensors", "write_safetensors",
+           "state_dict", "load_state_dict", "task_of"]

@@ -14,10 +14,12 @@ import pickle
 import struct
 import uuid
 import zipfile
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import ml_dtypes
 import numpy as np
+
+from labram_jax.errors import UserError
 
 _STORAGES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -59,8 +61,8 @@ def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple
     if 0 not in shape:  # as_strided reads raw memory, so a corrupt view must be stopped before it
         last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
         if offset < 0 or min(strides, default=0) < 0 or last >= storage.size:
-            raise ValueError(f'tensor view (offset {offset}, size {shape}, stride {strides}) '
-                             f'lies outside its storage of {storage.size} elements')
+            raise UserError(f'tensor view (offset {offset}, size {shape}, stride {strides}) '
+                            f'lies outside its storage of {storage.size} elements')
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape, [s * storage.itemsize for s in strides])
     return np.array(view, dtype=storage.dtype.newbyteorder('='), order='C')
 
@@ -95,15 +97,15 @@ class _Unpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> np.ndarray:
         kind, dtype, key, _location, numel = pid
         if kind != 'storage' or not isinstance(dtype, np.dtype):
-            raise ValueError(f'unsupported persistent record {kind!r} of type {dtype!r}')
+            raise UserError(f'unsupported persistent record {kind!r} of type {dtype!r}')
         if key not in self._storages:
             record = f'{self._prefix}data/{key}'
             try:
                 raw = self._zf.read(record)
             except KeyError:
-                raise ValueError(f'missing storage record {record}') from None
+                raise UserError(f'missing storage record {record}') from None
             if len(raw) < numel * dtype.itemsize:
-                raise ValueError(f'storage record {record} holds {len(raw)} bytes, expected {numel * dtype.itemsize}')
+                raise UserError(f'storage record {record} holds {len(raw)} bytes, expected {numel * dtype.itemsize}')
             self._storages[key] = np.frombuffer(raw, dtype.newbyteorder(self._order), count=numel)
         return self._storages[key]
 
@@ -118,13 +120,13 @@ def read_pth(path: str | os.PathLike) -> Any:
         with zipfile.ZipFile(name) as zf:
             pickles = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
             if not pickles:
-                raise ValueError('no <prefix>/data.pkl record')
+                raise UserError('no <prefix>/data.pkl record')
             with zf.open(pickles[0]) as f:
                 return _Unpickler(f, zf, pickles[0][:-len('data.pkl')]).load()
     except zipfile.BadZipFile as e:
-        raise ValueError(f'{name}: not a PyTorch zip checkpoint (legacy or corrupt file: {e})') from e
+        raise UserError(f'{name}: not a PyTorch zip checkpoint (legacy or corrupt file: {e})') from e
     except (ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(f'{name}: {e}') from e
+        raise UserError(f'{name}: {e}') from e
 
 
 def _int(v: int) -> bytes:
@@ -220,10 +222,16 @@ def write_pth(path: str | os.PathLike, obj: Any) -> None:
     records = [('data.pkl', out), ('.format_version', b'1'), ('.storage_alignment', str(_ALIGN).encode()),
                ('byteorder', b'little'),
                *((f'data/{i}', a.reshape(-1).view(np.uint8)) for i, a in enumerate(arrays)), ('version', b'3\n')]
+    replace_atomically(path, lambda f: _write_zip(f, records))
+
+
+def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file through ``write`` into a sibling temporary file, synced, then renamed over ``path``: a
+    reader never sees half a checkpoint, and an interrupted write leaves the old file."""
     tmp = f'{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp'
     try:
         with open(tmp, 'xb') as f:
-            _write_zip(f, records)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -9,21 +9,31 @@ from __future__ import annotations
 
 import collections
 import re
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import numpy as np
 from flax import nnx
 
 from labram_jax import configs
+from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP
 
 Task = Literal["classify", "pretrain", "tokenizer"]
 Model = LaBraM | LaBraMForMEM | VQNSP
 
+Renames = tuple[tuple[re.Pattern, str], ...]
+
 # nn.Sequential(Linear, Tanh, Linear) and nn.Sequential(Linear, ReLU) number their layers 0 and 2 / 0.
-_RENAMES = ((re.compile(r"(task_layer(?:_angle)?)\.fc1\."), r"\1.0."),
-            (re.compile(r"(task_layer(?:_angle)?)\.fc2\."), r"\1.2."))
+_RENAMES: Renames = ((re.compile(r"(task_layer(?:_angle)?)\.fc1\."), r"\1.0."),
+                     (re.compile(r"(task_layer(?:_angle)?)\.fc2\."), r"\1.2."))
+
+
+def rename(key: str, rules: Renames) -> str:
+    """`key` with every rule's pattern replaced in turn."""
+    for pattern, repl in rules:
+        key = pattern.sub(repl, key)
+    return key
 
 
 def _variables(node: nnx.Module, prefix: tuple = ()) -> Iterator[tuple[tuple, nnx.Variable]]:
@@ -41,10 +51,7 @@ def _variables(node: nnx.Module, prefix: tuple = ()) -> Iterator[tuple[tuple, nn
 
 def torch_key(path: tuple) -> str:
     *parents, leaf = (str(p) for p in path)
-    key = ".".join(parents + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)])
-    for pattern, repl in _RENAMES:
-        key = pattern.sub(repl, key)
-    return key
+    return rename(".".join(parents + [{"kernel": "weight", "scale": "weight"}.get(leaf, leaf)]), _RENAMES)
 
 
 def _to_torch(path: tuple, value: np.ndarray) -> np.ndarray:
@@ -59,20 +66,26 @@ def _from_torch(path: tuple, value: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(value)
 
 
-def state_dict(model: Model) -> "collections.OrderedDict[str, np.ndarray]":
-    """The model's weights in the original's key layout, as numpy arrays."""
-    return collections.OrderedDict((torch_key(path), _to_torch(path, np.asarray(var[...])))
+def _same(key: str) -> str:
+    return key
+
+
+def state_dict(model: Model, *, layout: Callable[[str], str] = _same) -> "collections.OrderedDict[str, np.ndarray]":
+    """The model's weights in the original's key layout (or `layout` of each of its keys), as numpy arrays."""
+    return collections.OrderedDict((layout(torch_key(path)), _to_torch(path, np.asarray(var[...])))
                                    for path, var in _variables(model))
 
 
 def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missing: tuple[str, ...] = (),
-                    source: str = "checkpoint") -> None:
+                    source: str = "checkpoint", layout: Callable[[str], str] = _same) -> None:
     """Copy `weights` into `model`, strictly: one error names every missing, unexpected and mis-shaped key.
 
     Keys starting with a prefix in `allow_missing` may be absent and keep their fresh initialisation (the
     original's fine-tuning loader leaves fc_norm and head fresh when it starts from a pretraining checkpoint).
+    `layout` maps the original's keys to those of `weights` (another library's module names), and the error
+    names keys as `weights` spells them.
     """
-    targets = {torch_key(path): (path, var) for path, var in _variables(model)}
+    targets = {layout(torch_key(path)): (path, var) for path, var in _variables(model)}
     missing = [k for k in targets if k not in weights and not k.startswith(allow_missing)]
     unexpected = [k for k in weights if k not in targets]
     misshaped = [f"{k} {tuple(np.shape(weights[k]))} (expected {_to_torch(p, np.asarray(v[...])).shape})"
@@ -81,7 +94,7 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
     problems = [f"{label}: {', '.join(keys)}" for label, keys in
                 (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
     if problems:
-        raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
     for key, (path, var) in targets.items():
         if key in weights:
             var[...] = _from_torch(path, np.asarray(weights[key])).astype(np.asarray(var[...]).dtype)
@@ -90,8 +103,8 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
 def _require(weights: dict, keys: list[str], source: str, task: str) -> None:
     absent = [k for k in keys if k not in weights]
     if absent:
-        raise ValueError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
-                         f"(found e.g. {', '.join(list(weights)[:5])})")
+        raise UserError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
+                        f"(found e.g. {', '.join(list(weights)[:5])})")
 
 
 def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, task: str,
@@ -133,7 +146,7 @@ def infer_config(weights: dict[str, np.ndarray], task: Task, source: str = "chec
                                        decoder=infer_transformer(weights, "decoder.", source, task, head_dim),
                                        codebook_size=codebook_size, code_dim=code_dim,
                                        kmeans_init=initted is not None and not np.asarray(initted).any())
-    raise ValueError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
+    raise UserError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
 
 
 def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

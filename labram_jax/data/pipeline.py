@@ -36,6 +36,7 @@ from absl import flags
 
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
+from labram_jax.errors import UserError
 
 PATCH = 200
 PathLike = str | os.PathLike
@@ -59,7 +60,7 @@ class LoaderConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= 16:
             # 16: the number of rows in the model's time embedding
-            raise ValueError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= 16, got {self}")
+            raise UserError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= 16, got {self}")
 
 
 def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources.ArrayRecordDataSource:
@@ -68,10 +69,10 @@ def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources
     paths: list[Path] = []
     for item in map(Path, items):
         if not item.exists():
-            raise FileNotFoundError(f"no shard or folder {item}")
+            raise UserError(f"no shard or folder {item}")
         paths.extend(shard_paths(item) if item.is_dir() else [item])
     if not paths:
-        raise FileNotFoundError(f"no {SHARD_SUFFIX} shards in {[str(i) for i in items]}")
+        raise UserError(f"no {SHARD_SUFFIX} shards in {[str(i) for i in items]}")
     return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
 
 
@@ -107,8 +108,8 @@ class _Example:
             window = decode(record)
             n, a, _ = window.signal.shape
             if n > n_max or a > a_max:
-                raise ValueError(f"window of {window.recording!r} at {window.start:g} s has {n} channels x {a} "
-                                 f"patches, more than the loader's max_channels={n_max}, max_patches={a_max}")
+                raise UserError(f"window of {window.recording!r} at {window.start:g} s has {n} channels x {a} "
+                                f"patches, more than the loader's max_channels={n_max}, max_patches={a_max}")
             x[:n, :a] = window.signal / np.float32(100)  # the model's input unit is 100 µV
             rows[:n] = window.channel_rows
             mask[:n, :a] = True
@@ -133,7 +134,7 @@ def _records(sources: Sources, cfg: LoaderConfig) -> grain.MapDataset:
         ds = ds.seed(cfg.seed).shuffle() if cfg.shuffle else ds
         return ds.repeat(cfg.num_epochs)
     if set(cfg.weights) != set(named):
-        raise ValueError(f"weights are given for {sorted(cfg.weights)} but the sources are {sorted(named)}")
+        raise UserError(f"weights are given for {sorted(cfg.weights)} but the sources are {sorted(named)}")
     # Each source is shuffled and repeated on its own, so each keeps its proportion however long the run.
     parts = [(p.seed(cfg.seed + i).shuffle() if cfg.shuffle else p).repeat(cfg.num_epochs) for i, p in enumerate(parts)]
     return grain.MapDataset.mix(parts, [cfg.weights[name] for name in named])
@@ -150,7 +151,7 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
     if process_index is None or process_count is None:
         process_index, process_count = jax.process_index(), jax.process_count()
     if cfg.batch_size % process_count:
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} processes")
+        raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} processes")
     ds = _records(sources, cfg)
     if len(ds) < sys.maxsize:
         # Every process must produce the same number of batches or a collective step would hang: cut a finite pass
@@ -189,8 +190,8 @@ def restore_state(iterator: Any, state: Mapping[str, Any]) -> None:
     # grain silently misreads a state saved with another worker count (2 -> 3 workers yields wrong batches).
     saved, current = _worker_count(state), _worker_count(iterator.get_state())
     if saved != current:
-        raise ValueError(f"the loader state was saved with {saved} workers but this pipeline has {current}; "
-                         "resume with the same `workers`")
+        raise UserError(f"the loader state was saved with {saved} workers but this pipeline has {current}; "
+                        "resume with the same `workers`")
     iterator.set_state(dict(state))
 
 

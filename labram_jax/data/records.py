@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from labram_jax.errors import UserError
+
 MAGIC = b"LBRW1"  # LaBraM window, format 1
 _LEN = struct.Struct("<I")
 
@@ -41,11 +43,11 @@ def encode(window: Window) -> bytes:
     signal = np.ascontiguousarray(window.signal)
     rows = np.ascontiguousarray(window.channel_rows, dtype="<i2")
     if signal.dtype not in (np.float32, np.float16) or signal.ndim != 3:
-        raise ValueError(f"{window.recording}: signal must be float32/float16 [N, A, 200], got "
-                         f"{signal.dtype} {signal.shape}")
+        raise UserError(f"{window.recording}: signal must be float32/float16 [N, A, 200], got "
+                        f"{signal.dtype} {signal.shape}")
     if rows.shape != signal.shape[:1] or len(window.channel_names) != signal.shape[0]:
-        raise ValueError(f"{window.recording}: {signal.shape[0]} channels but {rows.shape[0]} rows and "
-                         f"{len(window.channel_names)} names")
+        raise UserError(f"{window.recording}: {signal.shape[0]} channels but {rows.shape[0]} rows and "
+                        f"{len(window.channel_names)} names")
     header = {"shape": list(signal.shape), "dtype": signal.dtype.str.replace(">", "<").replace("=", "<"),
               "channel_names": list(window.channel_names), "recording": window.recording,
               "start": float(window.start), "dataset": window.dataset, "subject": window.subject,
@@ -57,7 +59,7 @@ def encode(window: Window) -> bytes:
 
 def decode(record: bytes) -> Window:
     if record[:len(MAGIC)] != MAGIC:
-        raise ValueError(f"not a labram-jax window record (starts {record[:8]!r})")
+        raise UserError(f"not a labram-jax window record (starts {record[:8]!r})")
     (size,) = _LEN.unpack_from(record, len(MAGIC))
     start = len(MAGIC) + _LEN.size
     header: dict[str, Any] = json.loads(record[start:start + size])

@@ -107,3 +107,9 @@ def write_manifest(directory: str | os.PathLike, stats: dict[str, DatasetStats],
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, directory / MANIFEST)
     return manifest
+
+
+def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """A folder's manifest.json, or None where there is none (a shard file, a folder written by other tools)."""
+    path = Path(directory) / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else None

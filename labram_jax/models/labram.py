@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, TransformerConfig
+from labram_jax.errors import UserError
 from labram_jax.models.layers import (FINETUNE_INIT, PRETRAIN_INIT, Block, InitScheme, PatchEmbed, TemporalConv,
                                       dropout, layer_norm, linear, param, scaled, torch_default_uniform)
 
@@ -79,14 +80,14 @@ def _remat(block: Block, policy: str):
 
 def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None) -> None:
     if x.ndim != 4:
-        raise ValueError(f"x must be [B, N, A, 200] (batch, channels, patches, samples); got shape {x.shape}")
+        raise UserError(f"x must be [B, N, A, 200] (batch, channels, patches, samples); got shape {x.shape}")
     if input_chans.shape not in ((x.shape[1] + 1,), (x.shape[0], x.shape[1] + 1)):
-        raise ValueError(f"input_chans must be [N+1] or [B, N+1] with N+1 = {x.shape[1] + 1} (a leading 0 for "
-                         f"cls); got shape {input_chans.shape}")
+        raise UserError(f"input_chans must be [N+1] or [B, N+1] with N+1 = {x.shape[1] + 1} (a leading 0 for "
+                        f"cls); got shape {input_chans.shape}")
     if x.shape[2] > MAX_PATCHES:
-        raise ValueError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
+        raise UserError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
     if padding is not None and tuple(padding.shape) != tuple(x.shape[:3]):
-        raise ValueError(f"mask must be [B, N, A] = {tuple(x.shape[:3])}; got shape {tuple(padding.shape)}")
+        raise UserError(f"mask must be [B, N, A] = {tuple(x.shape[:3])}; got shape {tuple(padding.shape)}")
 
 
 def pool(tokens: jax.Array, padding: jax.Array | None) -> jax.Array:

@@ -22,6 +22,8 @@ import numpy as np
 from scipy import optimize
 from threadpoolctl import threadpool_limits
 
+from labram_jax.errors import UserError
+
 DELTA = 1e-3
 # Chinchilla's grid of initialisations: alpha, beta, e, a, b (log E, log A, log B).
 INIT_GRID = np.array(list(itertools.product(np.arange(0, 25.1, 5), np.arange(0, 25.1, 5), np.arange(-1, 1.1, 0.5),
@@ -183,13 +185,13 @@ def read_results(path: str | os.PathLike, n_column: str = "params") -> dict[str,
     """The columns n (from n_column), tokens and loss of a results CSV, and `size` where present."""
     path = Path(path)
     if not path.exists():
-        raise ValueError(f"{path}: no such file")
+        raise UserError(f"{path}: no such file")
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     columns = list(rows[0]) if rows else []
     for column in (n_column, "tokens", "loss"):
         if column not in columns:
-            raise ValueError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
+            raise UserError(f"{path}: no column {column!r} (columns: {', '.join(columns) or 'none'})")
     out: dict[str, list[float]] = {"n": [], "tokens": [], "loss": []}
     for line, row in enumerate(rows, start=2):
         for key, column in (("n", n_column), ("tokens", "tokens"), ("loss", "loss")):
@@ -198,10 +200,10 @@ def read_results(path: str | os.PathLike, n_column: str = "params") -> dict[str,
             except (TypeError, ValueError):
                 value = float("nan")
             if not np.isfinite(value) or value <= 0:
-                raise ValueError(f"{path} line {line}: column {column!r} is {row[column]!r}, not a positive number")
+                raise UserError(f"{path} line {line}: column {column!r} is {row[column]!r}, not a positive number")
             out[key].append(value)
     if len(rows) < 6:
-        raise ValueError(f"{path}: {len(rows)} runs; fitting 5 parameters needs at least 6")
+        raise UserError(f"{path}: {len(rows)} runs; fitting 5 parameters needs at least 6")
     result = {k: np.array(v) for k, v in out.items()}
     result["label"] = np.array([row.get("size") or f"{float(row[n_column]):.3g}" for row in rows])
     return result

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
+from labram_jax.errors import UserError
 from labram_jax.scaling.subsets import Subset, nested_subsets
 from labram_jax.train.config import Experiment
 
@@ -89,7 +90,7 @@ class Point:
 def points(grid: GridConfig) -> list[Point]:
     unknown = [s for s in grid.sizes if s not in LADDER]
     if unknown:
-        raise ValueError(f"unknown sizes {unknown}; the ladder has {', '.join(LADDER)}")
+        raise UserError(f"unknown sizes {unknown}; the ladder has {', '.join(LADDER)}")
     return [Point(i * len(grid.hours) + j, size, hours)
             for i, size in enumerate(grid.sizes) for j, hours in enumerate(grid.hours)]
 
@@ -132,8 +133,8 @@ def _eegmat_splits(folder: Path) -> dict[str, list[int]]:
 
     subjects = sorted({int(m.group(1)) for p in folder.iterdir() if (m := FILE_NAME.match(p.name))})
     if len(subjects) < 2:
-        raise ValueError(f"{folder}: needs EEGMAT files of at least 2 subjects (SubjectNN_1.edf, ...), "
-                         f"found {len(subjects)}")
+        raise UserError(f"{folder}: needs EEGMAT files of at least 2 subjects (SubjectNN_1.edf, ...), "
+                        f"found {len(subjects)}")
     return {"train": subjects[:-1], "val": subjects[-1:]}
 
 
@@ -151,10 +152,10 @@ def _folders(grid: GridConfig, workdir: Path, data: list[str]) -> tuple[list[str
     from labram_jax.train.launch import _split_folders
 
     if not data:
-        raise ValueError("the grid needs --data: a folder with train/ and val/ shard folders")
+        raise UserError("the grid needs --data: a folder with train/ and val/ shard folders")
     split = _split_folders(data, grid.pretrain).data
     if not split.val:
-        raise ValueError(f"{', '.join(data)}: no val/ folder; the grid measures held-out loss on it")
+        raise UserError(f"{', '.join(data)}: no val/ folder; the grid measures held-out loss on it")
     return list(split.train), list(split.val)
 
 
@@ -246,7 +247,7 @@ def run_point(grid: GridConfig, index: int, workdir: str | os.PathLike, data: li
     workdir = Path(workdir)
     grid_points = points(grid)
     if not 0 <= index < len(grid_points):
-        raise ValueError(f"point {index} is not in the grid (points 0-{len(grid_points) - 1})")
+        raise UserError(f"point {index} is not in the grid (points 0-{len(grid_points) - 1})")
     point = grid_points[index]
     pdir = workdir / "points" / point.name
     if (pdir / "result.json").exists():

@@ -19,6 +19,7 @@ import numpy as np
 from labram_jax.data.pipeline import window_source
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.errors import UserError
 
 SHARD_SIZE = 2000  # windows per shard file
 INDEX = "subsets.json"
@@ -78,20 +79,20 @@ def nested_subsets(sources: Sequence[str], hours: Sequence[float], out: str | os
     if index.exists():
         saved = json.loads(index.read_text())
         if saved["request"] != request:
-            raise ValueError(f"{out} holds subsets of {saved['request']}, not {request}: use another folder")
+            raise UserError(f"{out} holds subsets of {saved['request']}, not {request}: use another folder")
         return [Subset(**dict(s, folders=tuple(s["folders"]))) for s in saved["subsets"]]
     if list(hours) != sorted(hours) or not hours or hours[0] <= 0:
-        raise ValueError(f"subset hours must be positive and ascending, got {list(hours)}")
+        raise UserError(f"subset hours must be positive and ascending, got {list(hours)}")
     source, members, sizes = _scan(sources)
     order = [sorted(members)[i] for i in np.random.default_rng(seed).permutation(len(members))]
     cumulative = np.cumsum([sizes[r][0] for r in order]) / 3600
     if hours[-1] > cumulative[-1] + 1e-9:
-        raise ValueError(f"{', '.join(map(str, sources))}: {cumulative[-1]:.4g} h of training data, fewer than "
-                         f"the {hours[-1]:g} h the largest subset needs")
+        raise UserError(f"{', '.join(map(str, sources))}: {cumulative[-1]:.4g} h of training data, fewer than "
+                        f"the {hours[-1]:g} h the largest subset needs")
     ends = [int(np.searchsorted(cumulative, h - 1e-9)) + 1 for h in hours]
     if len(set(ends)) < len(ends):
-        raise ValueError(f"subset hours {list(hours)} give identical subsets (recordings are "
-                         f"{', '.join(f'{s / 3600:.3g}' for s, _ in sizes.values())} h): space them further apart")
+        raise UserError(f"subset hours {list(hours)} give identical subsets (recordings are "
+                        f"{', '.join(f'{s / 3600:.3g}' for s, _ in sizes.values())} h): space them further apart")
     subsets, start, folders = [], 0, []
     for k, end in enumerate(ends):
         folder = out / f"increment-{k:02d}"

@@ -4,8 +4,10 @@ The state is saved as a flat {path: array} dict, so it restores onto any mesh or
 carries the new run's shardings. Orbax writes each step into a temporary folder and renames it when complete, so
 a save cut in the middle leaves the previous checkpoint usable; such leftovers are removed at the next start. A
 step that is damaged all the same (storage without atomic renames, files deleted by hand) is skipped with a
-warning, and the one before it restored. Each process's grain iterator state is its own JSON file beside the
-step, since processes read different slices.
+warning, and the one before it restored; only proven damage counts, a file of the step that is missing or does
+not parse, so that a transient read error or an out-of-memory error is raised rather than discarding progress.
+Process 0 decides which step that is and tells the others. Each process's grain iterator state is its own JSON
+file beside the step, since processes read different slices.
 """
 from __future__ import annotations
 
@@ -19,12 +21,15 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from labram_jax.errors import UserError
+
 
 class DamagedCheckpoint(RuntimeError):
-    """A checkpoint step whose files cannot be read back."""
+    """A checkpoint step that lacks a file a complete step holds, or holds one that does not parse."""
 
 
 class DiskFull(OSError):
@@ -52,6 +57,86 @@ def _names(keys: list[str], limit: int = 6) -> str:
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
+def _json(path: Path) -> tuple[Any, str | None]:
+    """(contents, None), or (None, what is wrong) when the file is missing or not JSON; any other read error is
+    raised: it proves nothing about the file."""
+    try:
+        return json.loads(path.read_bytes()), None
+    except FileNotFoundError:
+        return None, f"{path} is missing"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{path} does not parse: {_one_line(error, 120)}"
+
+
+def _location(ref: str, root: Path) -> tuple[Path, int]:
+    """The file an OCDBT reference names and the size it must have at least: `kind:base/:relative:offset:length`
+    (a B-tree node or an array's bytes), relative to the store's root."""
+    where, offset, length = ref.split(":", 1)[1].rsplit(":", 2)
+    base, relative = where.split(":", 1)
+    return root / base / relative, int(offset) + int(length)
+
+
+def _ocdbt_damage(root: Path, arrays: list[str]) -> str | None:
+    """The first file the OCDBT store at `root` names that is missing or too short, or an array whose zarr
+    metadata the store lacks. TensorStore reports a node that is missing, cut short or garbled as NOT_FOUND,
+    OUT_OF_RANGE, DATA_LOSS or FAILED_PRECONDITION; any other status (a read that failed for another reason) is
+    raised."""
+    import tensorstore as ts  # Orbax's own storage layer
+
+    def proof(error: Exception) -> str | None:
+        text = str(error)
+        return _one_line(error, 200) if text.startswith(("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")) else None
+
+    if not (root / "manifest.ocdbt").exists():
+        return f"{root / 'manifest.ocdbt'} is missing"
+    try:
+        base = ts.KvStore.open(f"file://{root}/").result()
+        versions = ts.ocdbt.dump(base).result()["versions"]
+        nodes, sizes = [versions[-1]["root"]["location"]] if versions else [], {}
+        while nodes:
+            ref = nodes.pop()
+            refs = [ref]
+            for entry in ts.ocdbt.dump(base, ref).result()["entries"]:
+                if "location" in entry:
+                    nodes.append(entry["location"])
+                elif "indirect_value" in entry:
+                    refs.append(entry["indirect_value"])
+            for path, size in map(lambda r: _location(r, root), refs):
+                sizes[path] = max(sizes.get(path, 0), size)
+        keys = set(ts.KvStore.open({"driver": "ocdbt", "base": f"file://{root}/"}).result().list().result())
+    except ValueError as error:
+        if (why := proof(error)) is None:
+            raise
+        return f"the array store {root} is unreadable: {why}"
+    for path, size in sizes.items():
+        have = path.stat().st_size if path.exists() else None
+        if have is None or have < size:
+            return f"{path} is " + ("missing" if have is None else f"{have:,} bytes, its index names {size:,}")
+    lacking = [name for name in arrays if f"{name}/.zarray".encode() not in keys
+               and f"{name}/zarr.json".encode() not in keys]
+    return f"{root} lacks the arrays {_names(lacking)}" if lacking else None
+
+
+def damage(step: Path) -> str | None:
+    """What `step` (an Orbax step folder of this module's layout) lacks of what a complete step holds: the step's
+    metadata, the `meta` item, the `state` item's metadata and every file its array store names. None when all
+    is in place. A read that fails other than by a missing file or contents that do not parse is raised."""
+    for path in (step / "_CHECKPOINT_METADATA", step / "meta" / "metadata"):
+        if (why := _json(path)[1]) is not None:
+            return why
+    state = step / "state"
+    metadata, why = _json(state / "_METADATA")
+    if why is not None:
+        return why
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("tree_metadata"), dict):
+        return f"{state / '_METADATA'} names no arrays"
+    arrays = [entry["key_metadata"][0]["key"] for entry in metadata["tree_metadata"].values()]
+    if metadata.get("use_ocdbt", True):
+        return _ocdbt_damage(state, arrays)
+    lacking = [name for name in arrays if not (state / name).is_dir()]
+    return f"{state} lacks the arrays {_names(lacking)}" if lacking else None
+
+
 def flatten(tree: Any) -> dict[str, Any]:
     return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -67,6 +152,7 @@ class Checkpoints:
         self.directory = Path(workdir).resolve() / "checkpoints"
         self.identity = dict(identity or {})
         self._writing: tuple[int, int] | None = None  # (step, bytes of its arrays) of the save last started
+        self._closed = False
         # Handlers named up front, so a fresh manager can read a step's metadata before restoring it.
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -77,8 +163,9 @@ class Checkpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def _data_file(self, step: int) -> Path:
-        return self.directory / "data_state" / f"step_{step}.process_{jax.process_index()}.json"
+    def _data_file(self, step: int, process: int | None = None) -> Path:
+        index = jax.process_index() if process is None else process
+        return self.directory / "data_state" / f"step_{step}.process_{index}.json"
 
     @contextlib.contextmanager
     def _space_checked(self) -> Iterator[None]:
@@ -119,57 +206,85 @@ class Checkpoints:
                 stale.unlink(missing_ok=True)
 
     def restore_latest(self, like: Any, shardings: Any) -> tuple[int, Any, Any, dict[str, Any]] | None:
-        """(step, state, data state, metadata) of the newest checkpoint that reads back; None when there is none.
+        """(step, state, data state, metadata) of the newest checkpoint that is complete; None when there is none.
 
-        A damaged step is reported and set aside as `<step>.damaged` (kept for a look, out of the way of the save
-        that will reach its number again) and the previous one tried; a checkpoint of another model raises, since
-        falling back would silently restart the run.
+        Process 0 looks at the steps from the newest, sets each damaged one aside as `<step>.damaged` (kept for a
+        look, out of the way of the save that will reach its number again) and tells every process which step
+        to restore, so that all restore the same one. Restoring it raises whatever goes wrong (a checkpoint of
+        another model among them, since falling back would silently restart the run).
         """
-        for step in sorted(self.manager.all_steps(), reverse=True):
-            try:
-                return (step, *self.restore(step, like, shardings))
-            except DamagedCheckpoint as error:
-                print(f"warning: {error}; set aside as {step}.damaged, trying the checkpoint before it",
-                      file=sys.stderr)
-                if jax.process_index() == 0:
-                    aside = self.directory / f"{step}.damaged"
-                    shutil.rmtree(aside, ignore_errors=True)
-                    os.replace(self.directory / str(step), aside)
-                multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
-                self.manager.reload()
-        return None
+        chosen = -1
+        if jax.process_index() == 0:
+            for step in sorted(self.manager.all_steps(), reverse=True):
+                why = damage(self.directory / str(step))
+                if why is None:
+                    chosen = step
+                    break
+                print(f"warning: checkpoint {self.directory / str(step)} is damaged: {why}; set aside as "
+                      f"{step}.damaged, trying the checkpoint before it", file=sys.stderr)
+                aside = self.directory / f"{step}.damaged"
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(self.directory / str(step), aside)
+        # Also the barrier after which every process sees the steps set aside.
+        chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        self.manager.reload()
+        return None if chosen < 0 else (chosen, *self.restore(chosen, like, shardings))
 
     def restore(self, step: int, like: Any, shardings: Any) -> tuple[Any, Any, dict[str, Any]]:
-        """(state shaped and sharded like `like`/`shardings`, this process's data state, metadata)."""
+        """(state shaped and sharded like `like`/`shardings`, this process's data state, metadata).
+
+        Raises DamagedCheckpoint where the step is proven damaged (see `damage`), and any other error as it is.
+        """
         # `shardings` is a prefix of `like` (one sharding per model variable, which may hold several leaves or, as
         # optax's MaskedNode, none), so each sharding is spread over its subtree rather than zipped leaf by leaf.
         target = flatten(jax.tree.map(
             lambda sharding, subtree: jax.tree.map(
                 lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), subtree),
             shardings, like))
-        self._check_matches(step, target)
-        try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                                                          meta=ocp.args.JsonRestore()))
-        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore report missing files with many types
-            raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is unreadable: "
-                                    f"{_one_line(error)}") from error
-        data_file = self._data_file(step)
-        data_state = json.loads(data_file.read_text()) if data_file.exists() else None
-        return unflatten(like, restored["state"]), data_state, dict(restored["meta"])
-
-    def _check_matches(self, step: int, target: dict[str, jax.ShapeDtypeStruct]) -> None:
-        """Raise a ValueError naming another identity (stage), and every array the stored step lacks, has in
-        excess, or has in another shape."""
-        where = self.directory / str(step)
-        try:
+        with self._damage_named(step):
             meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
             stored = self.manager.item_metadata(step)["state"]
-        except Exception as error:  # noqa: BLE001 - as in restore
-            raise DamagedCheckpoint(f"checkpoint {where} has unreadable metadata: {_one_line(error)}") from error
-        if stored is None:
-            raise DamagedCheckpoint(f"checkpoint {where} has no metadata for its arrays")
-        have = {key: tuple(meta.shape) for key, meta in stored.items()}
+            if stored is None:
+                raise FileNotFoundError(f"checkpoint {self.directory / str(step)} has no metadata for its arrays")
+        self._check_matches(step, target, meta, stored)
+        with self._damage_named(step):
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                                          meta=ocp.args.JsonRestore()))
+        return unflatten(like, restored["state"]), self._data_state(step), dict(restored["meta"])
+
+    @contextlib.contextmanager
+    def _damage_named(self, step: int) -> Iterator[None]:
+        """An error in the block becomes DamagedCheckpoint if the step's files show damage; else it stays as is."""
+        try:
+            yield
+        except Exception as error:  # noqa: BLE001 - Orbax and TensorStore report missing files with many types
+            why = damage(self.directory / str(step))
+            if why is None:
+                raise
+            raise DamagedCheckpoint(f"checkpoint {self.directory / str(step)} is damaged: {why}") from error
+
+    def _data_state(self, step: int) -> Any:
+        """This process's loader position at `step`. Every process says whether it has its file, so that a missing
+        one stops all of them (rather than one, with the others waiting for it)."""
+        path = self._data_file(step)
+        present = multihost_utils.process_allgather(np.asarray(path.exists()))
+        lacking = [self._data_file(step, index).name for index, ok in enumerate(np.ravel(present)) if not ok]
+        if lacking:
+            raise FileNotFoundError(f"checkpoint {self.directory / str(step)} has no loader state "
+                                    f"{self.directory / 'data_state' / lacking[0]}"
+                                    + (f" (nor {', '.join(lacking[1:])})" if lacking[1:] else "")
+                                    + ": resuming would start the epoch over; restore the file or delete the step")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: the loader state of checkpoint {step} does not parse: {error}") from None
+
+    def _check_matches(self, step: int, target: dict[str, jax.ShapeDtypeStruct], meta: dict[str, Any],
+                       stored: dict[str, Any]) -> None:
+        """Raise a ValueError naming another identity (stage), and every array the stored step (its `meta` item and
+        the metadata of its arrays) lacks, has in excess, or has in another shape."""
+        where = self.directory / str(step)
+        have = {key: tuple(array.shape) for key, array in stored.items()}
         want = {key: tuple(leaf.shape) for key, leaf in target.items()}
         problems = [f"it was written by a run with {key}={meta[key]!r}, this run has {key}={value!r}"
                     for key, value in self.identity.items() if meta.get(key, value) != value]
@@ -180,8 +295,8 @@ class Checkpoints:
                              if k in have and have[k] != want[k]]),
         ) if keys]
         if problems:
-            raise ValueError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
-                             f"model size or training mode? use another workdir): " + "; ".join(problems))
+            raise UserError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
+                            f"model size or training mode? use another workdir): " + "; ".join(problems))
 
     def check(self) -> None:
         """Raise the error of a background write that has failed (DiskFull for ENOSPC); never waits for a write
@@ -195,5 +310,9 @@ class Checkpoints:
             self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for the save in flight to commit, then release the manager; a second call does nothing."""
+        if self._closed:
+            return
+        self._closed = True
         self.wait()
         self.manager.close()

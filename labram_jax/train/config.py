@@ -1,7 +1,7 @@
 """Typed experiment configs and their `--set a.b=value` overrides.
 
 An experiment is a stage ("tokenizer", "pretrain" or "finetune"), a model, data, optimisation, mesh and
-checkpointing. Recipes in experiments/ are small functions returning one of these, as big_vision's configs are.
+checkpointing. Recipes (labram_jax/recipes/) are small functions returning one of these, as big_vision's configs are.
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import typing
 from typing import Any, Literal
 
 from labram_jax import configs
+from labram_jax.errors import UserError
 
 Stage = Literal["tokenizer", "pretrain", "finetune"]
 
@@ -65,10 +66,13 @@ class TrainConfig:
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
     seed: int = 0
     log_every: int = 10
-    eval_every: int = 0  # 0 = only at the end
+    eval_every: int = 0  # steps between validations; 0 = only at the end
+    eval_epochs: float = 0.0  # > 0: validate every this many epochs (the launcher derives eval_every, as steps)
     save_every: int = 500
     keep: int = 3
-    best_metric: str = ""  # e.g. "val/accuracy"; empty = the stage's default
+    # The validation metric that picks the `best` export, e.g. "val/accuracy" (higher is better) or "val/loss"
+    # (lower); empty = the stage's default (tasks.best_metric).
+    best_metric: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,15 +103,15 @@ def _parse(value: str, annotation: Any) -> Any:
         return _parse(value, next(a for a in args if a is not type(None)))
     if origin is Literal:
         if value not in args:
-            raise ValueError(f"{value!r} is not one of {', '.join(map(str, args))}")
+            raise UserError(f"{value!r} is not one of {', '.join(map(str, args))}")
         return value
     if annotation is bool:
         if value.lower() not in ("true", "false", "1", "0"):
-            raise ValueError(f"{value!r} is not a boolean")
+            raise UserError(f"{value!r} is not a boolean")
         return value.lower() in ("true", "1")
     if annotation in (int, float, str):
         return annotation(value)
-    raise ValueError(f"cannot set a field of type {annotation}")
+    raise UserError(f"cannot set a field of type {annotation}")
 
 
 def override(config: Any, *assignments: str) -> Any:
@@ -120,21 +124,21 @@ def override(config: Any, *assignments: str) -> Any:
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
         if not sep:
-            raise ValueError(f"override {assignment!r} is not key=value")
+            raise UserError(f"override {assignment!r} is not key=value")
         fields = key.split(".")
         node, target = config, changes
         for depth, field in enumerate(fields, start=1):
             hints = typing.get_type_hints(type(node)) if dataclasses.is_dataclass(node) else {}
             if field not in hints:
-                raise ValueError(f"unknown config key {key!r} (fields of {type(node).__name__}: "
-                                 f"{', '.join(hints) or 'none'})")
+                raise UserError(f"unknown config key {key!r} (fields of {type(node).__name__}: "
+                                f"{', '.join(hints) or 'none'})")
             if depth < len(fields):
                 node, target = getattr(node, field), target.setdefault(field, {})
                 continue
             try:
                 target[field] = _parse(value, hints[field])
             except ValueError as error:
-                raise ValueError(f"{key}: {error}") from None
+                raise UserError(f"{key}: {error}") from None
     return _apply(config, changes)
 
 

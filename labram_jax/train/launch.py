@@ -1,4 +1,4 @@
-"""The command line every recipe in experiments/ shares.
+"""The command line every recipe shares: experiments/*.py and `labram train`.
 
     python experiments/finetune_tuab.py --workdir runs/tuab --data /data/tuab --set train.steps=20 model.depth=2
 
@@ -6,8 +6,9 @@ Multi-host: pass --coordinator HOST:PORT --num-processes N --process-id I (or se
 JAX_NUM_PROCESSES, JAX_PROCESS_ID), or --distributed auto where JAX detects the cluster itself (TPU pods,
 SLURM). A single host needs none of them.
 
-Exit status: 0 done, 2 a bad config, 75 stopped by SIGTERM or SIGINT after saving a checkpoint (rerun the same
-command to resume), 1 any other failure (a full disk during a checkpoint save among them).
+Exit status: 0 done, 2 bad input (a config field, the data: one line on stderr), 75 stopped by SIGTERM or SIGINT
+after saving a checkpoint (rerun the same command to resume), 1 a full disk during a checkpoint save; a bug raises
+with its traceback.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from labram_jax.data.shards import read_manifest
+from labram_jax.errors import UserError
 from labram_jax.train.config import Experiment, override
 
 
@@ -39,22 +42,57 @@ def _split_folders(data: list[str], exp: Experiment) -> Experiment:
 def _windows(folders: tuple[str, ...]) -> int:
     total = 0
     for folder in folders:
-        manifest = Path(folder) / "manifest.json"
-        if not manifest.exists():
-            raise ValueError(f"{folder}: no manifest.json; give train.steps instead of train.epochs")
-        total += json.loads(manifest.read_text())["windows"]
+        manifest = read_manifest(folder)
+        if manifest is None:
+            raise UserError(f"{folder}: no manifest.json to count epochs by; give train.steps (and train.eval_every) "
+                            "instead of train.epochs (and train.eval_epochs)")
+        total += manifest["windows"]
     return total
 
 
 def resolve_epochs(exp: Experiment) -> Experiment:
-    """Recipes state the original's epochs; steps follow from the training windows and the global batch."""
+    """Recipes state the original's epochs; steps (training, warmup, between evaluations) follow from the training
+    windows in the data manifests and the global batch."""
     t = exp.train
-    if t.epochs <= 0:
+    if t.epochs <= 0 and t.eval_epochs <= 0:
         return exp
     steps_per_epoch = max(_windows(exp.data.train) // t.batch_size, 1)
-    return exp.replace(train=dataclasses.replace(t, steps=int(t.epochs * steps_per_epoch),
-                                                 warmup_steps=int(t.warmup_epochs * steps_per_epoch), epochs=0.0,
-                                                 warmup_epochs=0.0))
+    changes: dict = {"eval_epochs": 0.0}
+    if t.epochs > 0:
+        changes |= {"steps": int(t.epochs * steps_per_epoch), "warmup_steps": int(t.warmup_epochs * steps_per_epoch),
+                    "epochs": 0.0, "warmup_epochs": 0.0}
+    if t.eval_epochs > 0:
+        changes["eval_every"] = max(int(t.eval_epochs * steps_per_epoch), 1)
+    return exp.replace(train=dataclasses.replace(t, **changes))
+
+
+def _window_patches(folder: str, manifest: dict) -> int:
+    """The longest window of a folder in patches (seconds), as its manifest's preprocessing states it."""
+    params = manifest.get("preprocessing", {})
+    window = params.get("window_s", params.get("window"))
+    if isinstance(window, int):
+        return window
+    if isinstance(window, str) and window.startswith("auto"):  # labram prep's rule, applied per channel set
+        from data_prep.prep import default_window
+
+        return max(default_window(len(names.split())) for names in manifest["channel_sets"])
+    raise UserError(f"{folder}/manifest.json: preprocessing states no window length (window_s or window); "
+                    "set data.max_patches")
+
+
+def window_shape(exp: Experiment, keep: set[str]) -> Experiment:
+    """max_channels and max_patches from the data: the largest window of every split's manifest, except the
+    fields in `keep` (set by the user), so that a build with other windows than the recipe's trains as it is."""
+    manifests = [(folder, read_manifest(folder)) for folder in (*exp.data.train, *exp.data.val, *exp.data.test)]
+    manifests = [(folder, m) for folder, m in manifests if m is not None]
+    if not manifests:
+        return exp
+    shape = {}
+    if "data.max_channels" not in keep:
+        shape["max_channels"] = max(len(names.split()) for _, m in manifests for names in m["channel_sets"])
+    if "data.max_patches" not in keep:
+        shape["max_patches"] = max(_window_patches(folder, m) for folder, m in manifests)
+    return exp.replace(data=dataclasses.replace(exp.data, **shape))
 
 
 def _initialize_distributed(args: argparse.Namespace) -> None:
@@ -72,48 +110,82 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
             process_id=int(args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID", 0)))
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--workdir", required=True, help="checkpoints, logs and exports go here; a rerun resumes")
-    p.add_argument("--data", action="append", default=[], help="a dataset folder (repeatable)")
+def parser(description: str, p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The recipes' flags, on a parser of their own or on `p` (`labram train`'s)."""
+    p = p or argparse.ArgumentParser(description=description)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="checkpoints, logs and exports go here; a rerun resumes")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="a dataset folder: a builder's output (train/, val/, test/) or shards to train on "
+                        "(repeatable)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="typed overrides, e.g. train.steps=20 model.depth=2")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run each, then mean and std")
+                   help="typed overrides, e.g. train.steps=20 model.depth=2; train.steps replaces the recipe's "
+                        "epochs, with the warmup's share of them")
+    p.add_argument("--seeds", default="", metavar="S,S,...",
+                   help="comma-separated seeds: one run each, then mean and std (default: one run, train.seed)")
     p.add_argument("--aot", action="store_true", help="compile the train step ahead of time with abstract "
                                                       "shapes, print memory and FLOPs, and exit")
-    p.add_argument("--simulate-devices", type=int, default=0, help="CPU devices to simulate (for --aot)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument("--distributed", choices=("off", "auto"), default="off")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or progress lines on stderr "
-                                                        "(metrics.jsonl and TensorBoard are written as always)")
+    p.add_argument("--simulate-devices", type=int, default=0, metavar="N",
+                   help="CPU devices to simulate, for --aot (default: 0, the real devices)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, for multi-host runs (default: $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in a multi-host run (default: $JAX_NUM_PROCESSES, else 1)")
+    p.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID, else 0)")
+    p.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: JAX finds the cluster itself (TPU pods, SLURM) (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or progress lines on stderr (default: shown; metrics.jsonl and "
+                        "TensorBoard are written either way)")
     return p
 
 
+def _explicit_steps(exp: Experiment, assignments: list[str]) -> Experiment:
+    """--set train.steps=N runs N steps where the recipe counts epochs; the warmup keeps its share of them."""
+    keys = {assignment.partition("=")[0] for assignment in assignments}
+    t = exp.train
+    if "train.steps" not in keys or "train.epochs" in keys or t.epochs <= 0:
+        return exp
+    warmup = t.warmup_steps if "train.warmup_steps" in keys else round(t.steps * t.warmup_epochs / t.epochs)
+    return exp.replace(train=dataclasses.replace(t, epochs=0.0, warmup_epochs=0.0, warmup_steps=warmup))
+
+
 def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int:
-    args = parser(recipe.__doc__ or "").parse_args(argv)
-    try:
-        exp = override(recipe(), *args.set)
+    return run(recipe, parser(recipe.__doc__ or "").parse_args(argv))
+
+
+def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
+    """One recipe with the parsed flags of `parser`: train (or compile ahead of time) and print the summary."""
+    try:  # every input is checked here, before JAX starts or anything is built
+        exp = _explicit_steps(override(recipe(), *args.set), args.set)
         if args.data:
             exp = _split_folders(args.data, exp)
-    except ValueError as error:
+        seeds = _seeds(args.seeds)
+        if not args.aot:
+            if not exp.data.train:
+                raise UserError("no training data: give --data DIR (a builder's output with train/, or a folder of "
+                                "shards)")
+            exp = resolve_epochs(window_shape(exp, {a.partition("=")[0] for a in args.set}))
+    except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed(args)
     from labram_jax import preemption  # after the device count and distributed setup, as the rest
-    from labram_jax.train import aot, seeds, trainer
+    from labram_jax.train import aot, seeds as seed_runs, trainer
     from labram_jax.train.checkpoints import DiskFull
 
-    if args.aot:
-        aot.report(exp)
-        return 0
-    exp = resolve_epochs(exp)
     try:
-        if args.seeds:
-            seeds.run([int(s) for s in args.seeds.split(",")], exp, Path(args.workdir), progress=not args.quiet)
+        if args.aot:
+            aot.report(exp)
+            return 0
+        if seeds:
+            seed_runs.run(seeds, exp, Path(args.workdir), progress=not args.quiet)
             return 0
         summary = trainer.Trainer(exp, args.workdir).train(progress=not args.quiet)
+    except UserError as error:  # found only once the data is read (a window larger than the loader's shape, ...)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
     except preemption.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
         return preemption.EXIT_CODE
@@ -122,3 +194,10 @@ def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int
         return 1
     print(json.dumps({k: v for k, v in summary.items() if "/" in k}, indent=1))
     return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")] if text else []
+    except ValueError:
+        raise UserError(f"--seeds {text!r} is not a comma-separated list of integers") from None

@@ -30,7 +30,15 @@ class Tracker(Protocol):
 
 
 class JsonlTracker:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, resumed_from: int | None = None):
+        """resumed_from: the step a resumed run restarts after; the rows of later steps (written by the run before
+        it, after its last checkpoint) are dropped, so that every step's rows appear once."""
+        if resumed_from is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines(keepends=True)
+                    if (row := _row(line)) is not None and row.get("step", 0) <= resumed_from]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
         self.file = open(path, "a", buffering=1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -41,11 +49,22 @@ class JsonlTracker:
         self.file.close()
 
 
+def _row(line: str) -> dict | None:
+    """A metrics.jsonl row; None for the last line of a run killed while writing it (cut short)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and line.endswith("\n") else None
+
+
 class TensorBoardTracker:
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, resumed_from: int | None = None):
+        """resumed_from: as JsonlTracker's. Event files cannot be edited, so a new one starts with TensorBoard's
+        purge marker: readers drop the events of steps after `resumed_from` written before it."""
         from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
 
-        self.writer = SummaryWriter(str(directory))
+        self.writer = SummaryWriter(str(directory), purge_step=None if resumed_from is None else resumed_from + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
@@ -57,18 +76,24 @@ class TensorBoardTracker:
 
 
 class MetricLogger:
-    def __init__(self, workdir: str | os.PathLike, trackers: list[Tracker] | None = None):
+    def __init__(self, workdir: str | os.PathLike, trackers: list[Tracker] | None = None,
+                 resumed_from: int | None = None):
+        """resumed_from: the checkpoint step a resumed run starts from; the default trackers forget the rows
+        logged after it."""
         self.trackers: list[Tracker] = []
         if jax.process_index() == 0:
             workdir = Path(workdir)
             workdir.mkdir(parents=True, exist_ok=True)
-            self.trackers = trackers if trackers is not None else [JsonlTracker(workdir / "metrics.jsonl"),
-                                                                   TensorBoardTracker(workdir / "tensorboard")]
+            self.trackers = trackers if trackers is not None else [
+                JsonlTracker(workdir / "metrics.jsonl", resumed_from),
+                TensorBoardTracker(workdir / "tensorboard", resumed_from)]
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for tracker in self.trackers:
             tracker.write(step, metrics)
 
     def close(self) -> None:
-        for tracker in self.trackers:
+        """Close every tracker; a second call does nothing."""
+        trackers, self.trackers = self.trackers, []
+        for tracker in trackers:
             tracker.close()

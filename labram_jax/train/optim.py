@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from labram_jax.convert.state_dict import torch_key
+from labram_jax.errors import UserError
 
 Task = Literal["classify", "pretrain", "tokenizer"]
 
@@ -54,7 +55,7 @@ class OptimConfig:
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
     """utils.cosine_scheduler per iteration; steps past total_steps stay at `final`."""
     if not 0 <= warmup_steps <= total_steps:
-        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
+        raise UserError(f"need 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps})")
     decay_steps = total_steps - warmup_steps
 
     def schedule(step: jax.Array | int) -> jax.Array:
@@ -146,6 +147,23 @@ def _clip_by_global_norm_like_torch(max_norm: float) -> optax.GradientTransforma
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
+def skip_unless(finite: jax.Array, new: Any, old: Any) -> Any:
+    """The optimizer state after a step that is skipped unless `finite`: Adam's moments and count stay as they
+    were (torch's GradScaler skips optimizer.step()), while the lr and weight-decay schedules' counts move on, as
+    the original sets each iteration's lr from the iteration (lr_schedule[it]) whether or not it stepped."""
+    # A state holding nothing but a count is a schedule's: optax.scale_by_learning_rate's ScaleByScheduleState
+    # and add_decayed_weights' WeightDecaySchedule (not exported by optax).
+    def schedule(part: Any) -> bool:
+        return getattr(part, "_fields", None) == ("count",)
+
+    def pick(new_part: Any, old_part: Any) -> Any:
+        if schedule(new_part):
+            return new_part
+        return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new_part, old_part)
+
+    return jax.tree.map(pick, new, old, is_leaf=schedule)
+
+
 def make_optimizer(params: nnx.State, cfg: OptimConfig, task: Task, depth: int) -> optax.GradientTransformation:
     """Clip all gradients together, then AdamW per parameter group as the original builds them.
 
@@ -153,7 +171,7 @@ def make_optimizer(params: nnx.State, cfg: OptimConfig, task: Task, depth: int) 
     """
     layer_decay = cfg.layer_decay is not None and cfg.layer_decay < 1.0
     if layer_decay and task != "classify":
-        raise ValueError(f"layer decay is only defined for fine-tuning (the original's {task} uses none)")
+        raise UserError(f"layer decay is only defined for fine-tuning (the original's {task} uses none)")
     lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd = cosine_schedule(cfg.weight_decay, wd_end, cfg.total_steps, 0)

@@ -17,6 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
+from labram_jax.convert.pth import replace_atomically
+from labram_jax.errors import UserError
+
 KEYS = ("kind", "labels", "logits")
 
 
@@ -24,10 +27,8 @@ def save(path: str | os.PathLike, kind: str, labels: np.ndarray, logits: np.ndar
     """Write the outputs atomically (a run stopped mid-write leaves the previous file or none)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        np.savez(file, kind=np.asarray(kind), labels=np.asarray(labels), logits=np.asarray(logits))
-    os.replace(tmp, path)
+    replace_atomically(path, lambda file: np.savez(file, kind=np.asarray(kind), labels=np.asarray(labels),
+                                                   logits=np.asarray(logits)))
     return path
 
 
@@ -35,8 +36,8 @@ def load(path: str | os.PathLike) -> dict[str, np.ndarray | str]:
     with np.load(path) as npz:
         missing = [k for k in KEYS if k not in npz.files]
         if missing:
-            raise ValueError(f"{path}: no {', '.join(missing)} (an evaluation outputs file holds {', '.join(KEYS)})")
+            raise UserError(f"{path}: no {', '.join(missing)} (an evaluation outputs file holds {', '.join(KEYS)})")
         out = {k: npz[k] for k in KEYS}
     if len(out["labels"]) != len(out["logits"]):
-        raise ValueError(f"{path}: {len(out['labels'])} labels but {len(out['logits'])} rows of logits")
+        raise UserError(f"{path}: {len(out['labels'])} labels but {len(out['logits'])} rows of logits")
     return out | {"kind": str(out["kind"])}

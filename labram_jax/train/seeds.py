@@ -5,12 +5,15 @@ import dataclasses
 import json
 from pathlib import Path
 
+from labram_jax.errors import UserError
 from labram_jax.train.config import Experiment
 from labram_jax.train.metrics import mean_std
 from labram_jax.train.trainer import Trainer
 
 
 def run(seeds: list[int], exp: Experiment, workdir: Path, progress: bool = True) -> dict[str, tuple[float, float]]:
+    if not exp.data.test:  # known now, not after every seed has trained
+        raise UserError("--seeds needs a test split to report on (a test/ folder beside train/)")
     runs = []
     for seed in seeds:
         summary = Trainer(exp.replace(train=dataclasses.replace(exp.train, seed=seed)),
@@ -18,8 +21,6 @@ def run(seeds: list[int], exp: Experiment, workdir: Path, progress: bool = True)
         # The paper reports the test metrics of the best validation checkpoint when there is one.
         prefix = "best_test/" if any(k.startswith("best_test/") for k in summary) else "test/"
         runs.append({k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)})
-    if not runs[0]:
-        raise ValueError("--seeds needs a test split to report on (a test/ folder beside train/)")
     result = mean_std(runs)
     (workdir / "seeds.json").write_text(json.dumps({"seeds": seeds, "runs": runs, "mean_std": result}, indent=1))
     for name, (mean, std) in result.items():

@@ -6,17 +6,24 @@ mask, label, target, valid); they run inside the trainer's jitted step.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from labram_jax.data.pipeline import window_source
+from labram_jax.data.records import decode
+from labram_jax.data.shards import read_manifest
+from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM, mem_loss
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train.config import Experiment
 from labram_jax.train.lora import LoRAParam
+from labram_jax.train.metrics import BINARY_KEYS, MULTICLASS_KEYS, REGRESSION_KEYS
 
 Batch = dict[str, jax.Array]
 
@@ -56,7 +63,6 @@ class Stage:
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (model, batch, rng, exp, frozen) -> loss, metrics
     outputs: Callable[..., dict[str, jax.Array]]  # (model, batch, exp, frozen) -> arrays gathered for evaluation
     default_metric: str = "val/loss"
-    higher_is_better: bool = False
 
 
 def codebook_stats(tokens: jax.Array, padding: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
@@ -129,9 +135,62 @@ STAGES = {
     "pretrain": Stage("pretrain", lambda exp, rngs: LaBraMForMEM(exp.model, rngs=rngs),
                       _pretrain_loss, _pretrain_outputs),
     "finetune": Stage("finetune", lambda exp, rngs: LaBraM(exp.model, rngs=rngs),
-                      _finetune_loss, _finetune_outputs, default_metric="val/accuracy", higher_is_better=True),
+                      _finetune_loss, _finetune_outputs, default_metric="val/accuracy"),
 }
 
 
 def trainable_filter(exp: Experiment) -> Any:
     return _finetune_trainable(exp) if exp.stage == "finetune" else nnx.Param
+
+
+# The metrics evaluate() reports per task kind; every one but the loss is better higher.
+TASK_METRICS = {"binary": BINARY_KEYS, "multiclass": MULTICLASS_KEYS, "regression": REGRESSION_KEYS}
+
+
+def best_metric(exp: Experiment) -> tuple[str, bool]:
+    """The validation metric that picks the best export (train.best_metric, else the stage's and task's default),
+    and whether higher is better, which the metric decides: lower for the loss, higher for the paper's scores."""
+    names = ("loss",) + (TASK_METRICS[exp.task_kind] if exp.stage == "finetune" else ())
+    default = "val/r2" if exp.stage == "finetune" and exp.task_kind == "regression" else STAGES[exp.stage].default_metric
+    metric = exp.train.best_metric or default
+    choices = [f"val/{name}" for name in names]
+    if metric not in choices:
+        raise UserError(f"train.best_metric {metric!r} is not one of {', '.join(choices)} (stage {exp.stage}"
+                        + (f", task_kind {exp.task_kind})" if exp.stage == "finetune" else ")"))
+    return metric, metric != "val/loss"
+
+
+def _label_counts(path: str) -> tuple[collections.Counter, int]:
+    """Labels (as the manifest writes them: str of the value) and windows of a shard folder or file: from its
+    manifest, or where there is none, from a pass over its records."""
+    manifest = read_manifest(path) if Path(path).is_dir() else None
+    if manifest is not None:
+        labels = sum((collections.Counter(d["labels"]) for d in manifest["datasets"].values()), collections.Counter())
+        return labels, manifest["windows"]
+    source = window_source(path)
+    records = [decode(source[i]) for i in range(len(source))]
+    return collections.Counter(str(w.label) for w in records if w.label is not None), len(records)
+
+
+def check_labels(exp: Experiment) -> None:
+    """Fine-tuning data and head that fit the task, or one line naming what does not: task_kind against
+    model.num_classes (binary: one logit; multiclass: at least 2; regression: one output), and every window of
+    every split labelled, with labels the head can take (binary: 0 or 1; multiclass: integers below num_classes)."""
+    kind, classes = exp.task_kind, exp.model.num_classes
+    if kind in ("binary", "regression") and classes != 1:
+        raise UserError(f"task_kind {kind} has {'one logit' if kind == 'binary' else 'one output'}: set "
+                        f"model.num_classes=1 (it is {classes})")
+    if kind == "multiclass" and classes < 2:
+        raise UserError(f"task_kind multiclass needs model.num_classes >= 2 (it is {classes})")
+    for split in ("train", "val", "test"):
+        for path in getattr(exp.data, split):
+            labels, windows = _label_counts(str(path))
+            missing = windows - sum(labels.values())
+            if missing:
+                raise UserError(f"{split} split {path}: {missing} of {windows} windows have no label")
+            allowed = {"binary": {"0", "1"}, "multiclass": {str(c) for c in range(classes)}}.get(kind)
+            bad = sorted(set(labels) - allowed, key=float) if allowed is not None else []
+            if bad:
+                rule = ("are not 0 or 1 (task_kind binary)" if kind == "binary"
+                        else f"are outside 0..{classes - 1} (model.num_classes={classes})")
+                raise UserError(f"{split} split {path}: labels {', '.join(bad)} {rule}")

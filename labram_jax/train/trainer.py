@@ -6,6 +6,7 @@ in pretraining, the frozen tokenizer. Every array is placed by the logical-axis 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,6 +29,7 @@ from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
+from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train import outputs as eval_outputs
@@ -36,9 +38,9 @@ from labram_jax.train.config import Experiment
 from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
-from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer
+from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
 from labram_jax.train.progress import Progress
-from labram_jax.train.tasks import STAGES, trainable_filter
+from labram_jax.train.tasks import STAGES, best_metric as best_metric_of, check_labels, trainable_filter
 
 State = dict[str, Any]
 # The models each stage can start from (`init`): fine-tuning keeps a pretraining model's student.
@@ -84,12 +86,12 @@ def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
     """Model variables by their logical axis names; every other leaf (optimizer counters, step, rng) replicated."""
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def place(leaf):
+    def place(path, leaf):
         # optax.masked leaves an empty MaskedNode inside some Variables: nothing to place there.
         if isinstance(leaf, nnx.Variable) and hasattr(leaf.get_value(), "shape"):
-            return sharding.variable_sharding(leaf, mesh)
+            return sharding.variable_sharding(leaf, mesh, jax.tree_util.keystr(path))
         return replicated
-    return jax.tree.map(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def strong_types(tree: Any) -> Any:
@@ -145,8 +147,8 @@ class Trainer:
         if exp.stage == "pretrain":
             tokenizer = build(self._tokenizer)
             if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
-                raise ValueError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
-                                 f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
+                raise UserError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
+                                f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
@@ -165,9 +167,9 @@ class Trainer:
         axes = (axes,) if isinstance(axes, str) else axes or ()
         self.batch_multiple = math.lcm(math.prod(self.mesh.shape[a] for a in axes), jax.process_count())
         if t.batch_size % (self.batch_multiple * t.grad_accum):
-            raise ValueError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
-                             f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
-                             f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
+            raise UserError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
+                            f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
+                            f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
         precision = t.matmul_precision
         if precision == "auto":
             precision = "highest" if self.exp.model.dtype == "float32" else "default"
@@ -193,9 +195,9 @@ class Trainer:
                               if not Path(exp.init).is_dir() else "")
         accepted = INIT_TASKS[exp.stage]
         if task_of(source) not in accepted:
-            raise ValueError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
-                             f"{' or '.join(accepted)} weights"
-                             + (" (a trained tokenizer goes in tokenizer_checkpoint)"
+            raise UserError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
+                            f"{' or '.join(accepted)} weights"
+                            + (" (a trained tokenizer goes in tokenizer_checkpoint)"
                                 if task_of(source) == "tokenizer" else ""))
         weights = state_dict(source)
         fresh: tuple[str, ...] = ()
@@ -211,12 +213,12 @@ class Trainer:
         if self.exp.tokenizer_checkpoint:
             tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
             if task_of(tokenizer) != "tokenizer":
-                raise ValueError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
-                                 f"{task_of(tokenizer)} model, not a tokenizer")
+                raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
+                                f"{task_of(tokenizer)} model, not a tokenizer")
             return tokenizer
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
             return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
-        raise ValueError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
+        raise UserError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
 
     # -- the pure step ------------------------------------------------------------------------------------------
     # Modules are merged where they run, with copy=True: fresh Variables at the current trace level, so the
@@ -256,7 +258,8 @@ class Trainer:
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         if exp.train.skip_nonfinite:
             keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
-            params, opt, rest = keep(params, state["params"]), keep(opt, state["opt"]), keep(rest, state["rest"])
+            params, rest = keep(params, state["params"]), keep(rest, state["rest"])
+            opt = skip_unless(finite, opt, state["opt"])
         new_state = dict(state, params=params, opt=opt, rest=rest, step=state["step"] + 1)
         metrics = {"loss": loss, "grad_norm": grad_norm, "finite": finite, "lr": self.schedule(state["step"]), **aux}
         return new_state, metrics
@@ -316,14 +319,24 @@ class Trainer:
         return merge_lora(model) if self.exp.train.mode == "lora" else model
 
     def export(self, name: str) -> Path:
-        """A parameters-only export (labram convert turns it into a .pth), replaced atomically."""
-        target = self.workdir / name
+        """A parameters-only export (labram convert turns it into a .pth) in workdir/name.
+
+        The fresh export is written beside the old one, which is moved aside to `.name.old` before the fresh one
+        takes its name and removed after, so a crash at any point leaves a complete export: at `name`, or
+        between the two renames at `.name.old`, which the next export first puts back.
+        """
+        target, fresh, old = (self.workdir / n for n in (name, f".{name}.new", f".{name}.old"))
         model = self.model()
         if jax.process_index() == 0:
-            fresh = save_model(model, self.workdir / f".{name}.new")
+            if old.exists() and not target.exists():
+                os.replace(old, target)
+            for leftover in (fresh, old):
+                shutil.rmtree(leftover, ignore_errors=True)
+            save_model(model, fresh)
             if target.exists():
-                shutil.rmtree(target)
+                os.replace(target, old)
             os.replace(fresh, target)
+            shutil.rmtree(old, ignore_errors=True)
         multihost_utils.sync_global_devices(f"export {name}")
         return target
 
@@ -332,26 +345,31 @@ class Trainer:
         """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
         finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step).
         progress=False: no progress bar or lines (labram_jax.train.progress)."""
-        with preemption.StopSignals("training") as signals:
-            return self._train(preemption.StopAgreement(signals), progress)
+        # The checkpoints and the logger close on every way out (NonFiniteLoss, any error), so that an
+        # asynchronous save in flight commits and the logs are flushed.
+        with preemption.StopSignals("training") as signals, contextlib.ExitStack() as closing:
+            return self._train(preemption.StopAgreement(signals), closing, progress)
 
-    def _train(self, stop: preemption.StopAgreement, progress: bool = True) -> dict[str, float]:
+    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
+               progress: bool = True) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
+        best_metric, higher = best_metric_of(exp)
+        if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
+            check_labels(exp)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        ckpt = Checkpoints(self.workdir, t.keep, identity={"stage": exp.stage})
-        logger = MetricLogger(self.workdir)
+        ckpt = closing.enter_context(contextlib.closing(Checkpoints(self.workdir, t.keep,
+                                                                    identity={"stage": exp.stage})))
         sources = {str(p): [p] for p in exp.data.train}
         iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
-        best_metric = t.best_metric or ({"regression": "val/r2"}.get(exp.task_kind, self.stage.default_metric)
-                                        if exp.stage == "finetune" else self.stage.default_metric)
-        higher = self.stage.higher_is_better and not best_metric.endswith("loss")
         meta: dict[str, Any] = {"best": None}
         resumed = ckpt.restore_latest(self.state, self.shardings)
         if resumed is not None:
             start, self.state, data_state, meta = resumed
-            if data_state is not None:
-                restore_state(iterator, data_state)
+            restore_state(iterator, data_state)
             print(f"resumed from step {start} in {ckpt.directory}")
+        # The logs lose what was written after the checkpoint resumed from, which the run writes again.
+        logger = closing.enter_context(contextlib.closing(
+            MetricLogger(self.workdir, resumed_from=None if resumed is None else start)))
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
@@ -417,7 +435,6 @@ class Trainer:
             if meta.get("best") is not None:
                 summary |= {f"best_{k}": v for k, v in self._best_test().items()}
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
-        logger.close()
         return summary
 
     def _preempted(self, step: int, ckpt: Checkpoints, logger: MetricLogger, data_state: Any,
@@ -446,8 +463,14 @@ class Trainer:
         current = self.state
         best = load_model(self.workdir / "best")
         params, fixed, rest = nnx.state(best, trainable_filter(self.exp), nnx.Param, ...)
-        self.state = dict(current, **jax.device_put({"params": params, "fixed": fixed, "rest": rest},
-                                                    {k: self.shardings[k] for k in ("params", "fixed", "rest")}))
+        # Every process loaded the whole export; each fills its own devices' shards (device_put cannot place
+        # host arrays on another host's devices).
+        self.state = dict(current, **jax.tree.map(
+            lambda placement, subtree: jax.tree.map(
+                lambda leaf: jax.make_array_from_callback(np.shape(leaf), placement,
+                                                          lambda index: np.asarray(leaf)[index]), subtree),
+            {k: self.shardings[k] for k in ("params", "fixed", "rest")},
+            {"params": params, "fixed": fixed, "rest": rest}))
         try:
             return self.evaluate("test", save_as="best_test")
         finally:
