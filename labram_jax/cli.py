@@ -6,6 +6,7 @@
     labram train RECIPE --workdir DIR [--data DIR] [--set KEY=VALUE ...]   a recipe by name or file, as experiments/
     labram embed CHECKPOINT RECORDING... --out FILE   embeddings per window (and per patch) of your recordings
     labram convert IN OUT              .pth / .safetensors / labram-jax export / braindecode directory
+    labram plot WORKDIR... --out DIR   PNGs of the runs' curves (and a fine-tuning run's ROC and confusion matrix)
 
 Exit status: 0 done, 2 a usage or input error, 75 stopped by SIGTERM or SIGINT (prep, build and train; rerun the
 same command to resume). `labram train` exits as experiments/*.py do (labram_jax/train/launch.py).
@@ -41,6 +42,7 @@ EXAMPLES = {
     "build": "labram build eegmat /data/eegmat/ eegmat/",
     "train": "labram train finetune_eegmat --workdir runs/eegmat --data eegmat/ --set init=labram-base.pth",
     "embed": "labram embed labram-base.pth recording.edf --out emb.npz --window 10",
+    "plot": "labram plot runs/eegmat runs/eegmat_lora --out plots/",
 }
 
 
@@ -106,6 +108,14 @@ def demo(args: argparse.Namespace) -> int:
 
     summary = run(args.out, args.data, steps=args.steps)
     return 0 if summary else 1
+
+
+def plot(args: argparse.Namespace) -> int:
+    from labram_jax import plots
+
+    written = plots.write([Path(w) for w in args.workdirs], Path(args.out))
+    print(f"wrote {len(written)} plots to {args.out}: {', '.join(p.name for p in written)}")
+    return 0
 
 
 def embed(args: argparse.Namespace) -> int:
@@ -234,6 +244,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, metavar="SECONDS", help="step between windows (default: the window)")
     p.add_argument("--notch", type=float, default=50.0, metavar="HZ", help="mains notch (default: 50; 0: none)")
     p.set_defaults(run=embed)
+
+    p = commands.add_parser("plot", help="PNGs of the curves of one or several training runs",
+                            description="From each WORKDIR's metrics.jsonl: loss, lr, grad norm, codebook usage "
+                                        "and perplexity, masked-token accuracy and the validation metrics against "
+                                        "steps, one line per run; from a fine-tuning run's test outputs "
+                                        "(outputs/test.npz, outputs/best_test.npz) the ROC curve and the "
+                                        "confusion matrix. Only the plots some run has data for.")
+    p.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="the workdirs of one or more training runs")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the PNGs (created if missing)")
+    p.set_defaults(run=plot)
 
     parser.epilog = "examples:\n" + "\n".join(f"  {EXAMPLES[name]}" for name in commands.choices
                                                if name in EXAMPLES)

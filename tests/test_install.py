@@ -75,6 +75,16 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(tmp_path):
     for stage in ("tokenizer", "pretrain", "finetune"):
         assert (cwd / "d" / stage / "export" / "labram.json").is_file()
         assert (cwd / "d" / stage / "metrics.jsonl").is_file()
+    # 7. plot: each stage's curves, and the fine-tuned model's ROC and confusion matrix on the held-out subject.
+    plots = cwd / "d" / "plots"
+    assert "7. plot: each stage's curves -> " in out
+    expected = {"tokenizer": {"loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "val_loss"},
+                "pretrain": {"loss", "lr", "grad_norm", "masked_accuracy", "val_loss"},
+                "finetune": {"loss", "lr", "grad_norm", "val_loss", "val_balanced_accuracy", "val_roc_auc",
+                             "roc_test", "confusion_test", "roc_best_test", "confusion_best_test"}}
+    for stage, names in expected.items():
+        folder = plots / stage
+        assert {p.stem for p in folder.glob("*.png")} >= names, stage
 
     assert "finetune_eegmat " in run([labram, "train", "--list"], cwd, env)
     # The recipe as it stands, on the demo's build of the sample, for 5 steps: the window shape (5 s, not the

@@ -135,6 +135,9 @@ def parser(description: str, p: argparse.ArgumentParser | None = None) -> argpar
                    help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID, else 0)")
     p.add_argument("--distributed", choices=("off", "auto"), default="off",
                    help="auto: JAX finds the cluster itself (TPU pods, SLURM) (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or progress lines on stderr (default: shown; metrics.jsonl and "
+                        "TensorBoard are written either way)")
     return p
 
 
@@ -177,9 +180,9 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
             aot.report(exp)
             return 0
         if seeds:
-            seed_runs.run(seeds, exp, Path(args.workdir))
+            seed_runs.run(seeds, exp, Path(args.workdir), progress=not args.quiet)
             return 0
-        summary = trainer.Trainer(exp, args.workdir).train()
+        summary = trainer.Trainer(exp, args.workdir).train(progress=not args.quiet)
     except UserError as error:  # found only once the data is read (a window larger than the loader's shape, ...)
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

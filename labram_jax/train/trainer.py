@@ -32,12 +32,14 @@ from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, r
 from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
+from labram_jax.train import outputs as eval_outputs
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
 from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
+from labram_jax.train.progress import Progress
 from labram_jax.train.tasks import STAGES, best_metric as best_metric_of, check_labels, trainable_filter
 
 State = dict[str, Any]
@@ -284,8 +286,9 @@ class Trainer:
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict[str, float]:
-        """The stage's metrics over a whole split, every process's share gathered first."""
+    def evaluate(self, split: str, save_as: str = "") -> dict[str, float]:
+        """The stage's metrics over a whole split, every process's share gathered first. save_as: fine-tuning
+        also writes the per-window labels and logits to outputs/SAVE_AS.npz (labram_jax.train.outputs)."""
         paths = getattr(self.exp.data, split)
         size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
         size = max(size - size % self.batch_multiple, self.batch_multiple)
@@ -300,6 +303,9 @@ class Trainer:
         if self.exp.stage == "finetune":
             labels = out["label"] if self.exp.task_kind != "regression" else out["target"]
             result |= paper_metrics.task_metrics(self.exp.task_kind, labels[valid], out["logits"][valid])
+            if save_as and jax.process_index() == 0:
+                eval_outputs.save(self.workdir / "outputs" / f"{save_as}.npz", self.exp.task_kind, labels[valid],
+                                  out["logits"][valid])
         return {f"{split}/{k}": v for k, v in result.items()}
 
     # -- exports ------------------------------------------------------------------------------------------------
@@ -336,15 +342,17 @@ class Trainer:
         return target
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
+    def train(self, progress: bool = True) -> dict[str, float]:
         """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
-        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step)."""
+        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step).
+        progress=False: no progress bar or lines (labram_jax.train.progress)."""
         # The checkpoints and the logger close on every way out (NonFiniteLoss, any error), so that an
         # asynchronous save in flight commits and the logs are flushed.
         with preemption.StopSignals("training") as signals, contextlib.ExitStack() as closing:
-            return self._train(preemption.StopAgreement(signals), closing)
+            return self._train(preemption.StopAgreement(signals), closing, progress)
 
-    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack) -> dict[str, float]:
+    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
+               progress: bool = True) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         best_metric, higher = best_metric_of(exp)
         if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
@@ -366,6 +374,8 @@ class Trainer:
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
         step = int(self.state["step"])
+        live = Progress(t.steps, step, t.batch_size, enabled=progress)
+        logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
@@ -384,6 +394,7 @@ class Trainer:
             self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
             in_flight = m
             step += 1
+            live.advance(step)
             if not t.skip_nonfinite:
                 unchecked.append((step, data_state, m))
             logs = step % t.log_every == 0 or step == t.steps
@@ -421,7 +432,7 @@ class Trainer:
         ckpt.close()
         self.export("export")
         if exp.data.test:
-            summary |= self.evaluate("test")
+            summary |= self.evaluate("test", save_as="test")
             if meta.get("best") is not None:
                 summary |= {f"best_{k}": v for k, v in self._best_test().items()}
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
@@ -462,7 +473,7 @@ class Trainer:
             {k: self.shardings[k] for k in ("params", "fixed", "rest")},
             {"params": params, "fixed": fixed, "rest": rest}))
         try:
-            return self.evaluate("test")
+            return self.evaluate("test", save_as="best_test")
         finally:
             self.state = current
 
