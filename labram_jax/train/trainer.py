@@ -35,7 +35,7 @@ from labram_jax.train import metrics as paper_metrics
 from labram_jax.train import outputs as eval_outputs
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
-from labram_jax.train.flops import step_flops as analytic_step_flops
+from labram_jax.train.flops import row_tokens, step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
@@ -380,7 +380,7 @@ class Trainer:
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
         analytic = analytic_step_flops(self.exp) / jax.device_count()  # per device, as XLA's count
-        tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
+        tokens_per_step = t.batch_size * row_tokens(exp)[0]  # patch tokens a step computes, padding included
         last_log, summary = time.perf_counter(), {}
         # Steps run ahead of the host: finiteness is read at log, eval and save steps (a per-step read would
         # stall the host until the step ends), and the host loads the next batch while one step is in flight.
