@@ -422,13 +422,13 @@ class Trainer:
             ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
             if stop():
                 check_finite(unchecked)  # never save a step whose loss or gradient was not finite
-                self._preempted(step, ckpt, logger, save_state(iterator), meta)
+                self._preempted(step, ckpt, save_state(iterator), meta)
         if exp.data.val:
             meta = self._validate(step, logger, best_metric, higher, meta, summary)
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, save_state(iterator), meta)
         if stop(final=True):  # a signal during the last step or the final validation: the rest can run later
-            self._preempted(step, ckpt, logger, save_state(iterator), meta)
+            self._preempted(step, ckpt, save_state(iterator), meta)
         ckpt.close()
         self.export("export")
         if exp.data.test:
@@ -438,12 +438,11 @@ class Trainer:
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
         return summary
 
-    def _preempted(self, step: int, ckpt: Checkpoints, logger: MetricLogger, data_state: Any,
-                   meta: dict) -> NoReturn:
+    def _preempted(self, step: int, ckpt: Checkpoints, data_state: Any, meta: dict) -> NoReturn:
+        """Save the step reached; train()'s exit closes the checkpoints (waiting for the commit) and the logs
+        before the caller reports it."""
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, data_state, meta)
-        ckpt.close()  # waits until the write has committed
-        logger.close()
         raise preemption.Preempted(f"stopped at step {step}: checkpoint {ckpt.directory / str(step)} saved; "
                                    "the same command resumes from it")
 
