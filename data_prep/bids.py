@@ -2,10 +2,11 @@
 
 Recordings: the EEG files of the raw data (`sub-*/[ses-*/]eeg/*_eeg.{edf,bdf,vhdr,set}`, found with
 mne_bids.find_matching_paths; `derivatives/` and `sourcedata/` are not raw data), each read with
-mne_bids.read_raw_bids, so channels.tsv and the other sidecars apply. Every window carries the recording's subject
-(`sub-XX`), session, task and run; the report lists them per recording. Every other file under the root is in
-the report as skipped, with why: a sidecar or another format (data_prep.discover), or a recording left out by the
-selection (`--task`, `--subjects`, `--sessions`).
+mne_bids.read_raw_bids, so channels.tsv and the other sidecars apply (channels it marks bad are kept all the same,
+as the engine keeps MNE's `bads` of any input; the quality checks drop flat ones). Every window carries the
+recording's subject (`sub-XX`), session, task and run; the report lists them per recording. Every other file under
+the root is in the report as skipped, with why: the sidecar of which recording, dataset metadata, a recording left
+out by the selection (`--task`, `--subjects`, `--sessions`), or data_prep.discover's reason.
 
 Labels (`--label-from`):
 - `participants:COLUMN`: the subject's value in participants.tsv labels all its windows;
@@ -13,7 +14,7 @@ Labels (`--label-from`):
   seconds (default: the 256-token rule) every `--stride` from its onset over its duration, and at least the one
   window starting at its onset for an event shorter than that (instantaneous markers); the event's value of
   COLUMN labels them. Events with no value (n/a), or whose window reaches past the recording, are left out with a
-  note in the report.
+  note in the report; a recording without an events.tsv, or whose events.tsv lacks COLUMN, is rejected.
 A column whose values are all numbers gives them as labels (int: a class index, else a regression target); any
 other column's values are classes, numbered in sorted order, and that map is in the manifest and the report.
 
