@@ -163,5 +163,7 @@ def _finish(plan: Plan, staging: Path, splits: list[str]) -> dict[str, Any]:
                            source=plan.source, subject_ids=sorted(stats.subjects))
     report = {"dataset": plan.dataset, "source": plan.source, "split_rule": plan.split_rule, "complete": True,
               "splits": counts, "totals": totals(entries), "recordings": entries}
+    if plan.details.get("label_from"):  # a BIDS build's: where its labels come from, and the classes' names
+        report["labels"] = {"from": plan.details["label_from"], "classes": plan.details["labels"]}
     write_json(staging / REPORT, report)
     return report

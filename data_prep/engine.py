@@ -86,7 +86,7 @@ class Prepared:
             yield Window(signal=signal, channel_rows=rows, channel_names=self.channel_names,
                          recording=item.recording, start=self.starts[i], dataset=item.dataset,
                          subject=item.subject, label=item.label if self.labels is None else self.labels[i],
-                         sfreq=self.sfreq)
+                         sfreq=self.sfreq, session=item.session, task=item.task, run=item.run)
 
 
 def entry(item: Item, status: str, reason: str = "", **fields: Any) -> dict[str, Any]:
@@ -94,6 +94,8 @@ def entry(item: Item, status: str, reason: str = "", **fields: Any) -> dict[str,
     line = {"path": item.path, "dataset": item.dataset, "recording": item.recording, "status": status}
     if item.split:
         line["split"] = item.split
+    if item.task:  # a BIDS recording (every BIDS EEG file names its task)
+        line.update(subject=item.subject, session=item.session, task=item.task, run=item.run)
     if reason:
         # Readers quote garbage header bytes in their messages; the report is read by people and by json.
         line["reason"] = "".join(c if c.isprintable() else "?" for c in " ".join(reason.split()))

@@ -72,6 +72,10 @@ class Item:
     split: str = ""  # "" writes into the output folder itself (labram prep), else out/<split>/ (a build)
     skip: str = ""  # listed as skipped with this reason, never read
     reject: str = ""  # listed as rejected with this reason, never read (a builder knows it cannot be used)
+    # BIDS entities (data_prep.bids), also in the recording id, which the journal's fingerprint covers
+    session: str = ""
+    task: str = ""
+    run: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from data_prep.bids import Selection, is_bids_root, plan_bids
+from data_prep.build import build
 from data_prep.discover import Source, discover
 from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fingerprint, journals, read_journal,
                               totals, write_folder, write_json)
@@ -102,8 +104,10 @@ def rebuild(out: str | os.PathLike, num_shards: int = 1) -> tuple[dict[str, Any]
     counted = totals(found.entries)
     report = {"complete": complete, "num_shards": num_shards, "shard_indices_complete": found.complete_indices,
               "totals": counted, "recordings": found.entries}
-    write_json(out / REPORT, report)
     first = found.headers[0]
+    if isinstance(first["labels"], dict):  # a BIDS dataset's: where they come from, and the classes' names
+        report["labels"] = first["labels"]
+    write_json(out / REPORT, report)
     job = first["params"]
     params = {**job["preprocessing"], "shard_windows": job["shard_windows"], "prefix": job["prefix"],
               "labels": first["labels"], "commands": [h["command"] for h in found.headers]}
@@ -137,8 +141,13 @@ def _positive(name: str, value: int) -> None:
 def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(), dataset: str | None = None,
         labels: str | os.PathLike | None = None, workers: int | None = None,
         shard_windows: int = DEFAULT_SHARD_WINDOWS, num_shards: int = 1, shard_index: int = 0,
-        prefix: str = "windows", command: str = "", progress: TextIO | None = None) -> dict[str, Any]:
+        prefix: str = "windows", command: str = "", progress: TextIO | None = None,
+        bids: Selection = Selection()) -> dict[str, Any]:
     """Preprocess `inputs` into shards in `out`, resuming what a previous run of the same job left there.
+
+    A single input holding dataset_description.json is a BIDS dataset (data_prep.bids), read with the `bids`
+    selection, labels and splits; with splits it is written as a build (out/{train,val,test}/, data_prep.build)
+    and the summary holds only `out` and that build's `report`.
 
     Progress and rejections go to `progress` (the CLI passes stderr unless --quiet). Returns a summary of this run
     (recordings, windows and hours written now, worker seconds per recording) with the rebuilt manifest and
@@ -152,8 +161,25 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
         raise PrepError(f"--shard-index must be 0..{num_shards - 1}, got {shard_index}")
     if not prefix or "/" in prefix or prefix.startswith("."):
         raise PrepError(f"--prefix must be a plain file name start, got {prefix!r}")
-    items = make_items(discover(inputs, dataset), read_labels(labels) if labels else None)
-    rule = Rule(params)
+    label_source: str | dict[str, Any] | None = os.fspath(labels) if labels else None
+    if len(inputs) == 1 and is_bids_root(inputs[0]):
+        if labels:
+            raise PrepError(f"--labels: {inputs[0]} is a BIDS dataset; its labels come from --label-from")
+        plan = plan_bids(inputs[0], params=params, dataset=dataset, selection=bids)
+        if plan.split_rule:
+            if num_shards != 1:
+                raise PrepError("--split-subjects writes a build into one OUT; it does not take --num-shards")
+            return {"out": str(out), "report": build(plan, out, workers=workers, shard_windows=shard_windows,
+                                                     progress=progress)}
+        items, rule = list(plan.items), plan.rule
+        if bids.label_from:
+            label_source = {"from": bids.label_from, "classes": plan.details["labels"]}
+    elif bids.given():
+        raise PrepError(f"--task, --subjects, --sessions, --label-from and --split-subjects need one BIDS "
+                        f"dataset as INPUT (a folder with dataset_description.json); got {', '.join(inputs)}")
+    else:
+        items = make_items(discover(inputs, dataset), read_labels(labels) if labels else None)
+        rule = Rule(params)
     # Recordings and skipped files are dealt out separately, so that every index reads as many recordings.
     read, skipped = [i for i in items if not i.skip], [i for i in items if i.skip]
     mine = sorted(read[shard_index::num_shards] + skipped[shard_index::num_shards],
@@ -164,7 +190,7 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
               "params": {"preprocessing": params.to_json(), "shard_windows": shard_windows, "prefix": prefix,
                          "num_shards": num_shards},
               "corpus": fingerprint(items), "shard_index": shard_index, "recordings": len(mine),
-              "labels": os.fspath(labels) if labels else None, "command": command}
+              "labels": label_source, "command": command}
     _check_folder(out, num_shards, header)
     tic = time.perf_counter()
     bar = Progress(progress, len(mine), 0)
