@@ -2,6 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# pytest processes: the suite is mostly single-threaded XLA compilation, so one per core (CI has 2).
+JOBS ?= 2
 
 .PHONY: demo test test-quick
 
@@ -20,7 +22,7 @@ demo: $(STAMP)
 	$(VENV)/bin/labram demo --out demo_out
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup --durations=20
 
 test-quick: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n $(JOBS) --dist loadgroup -m "not slow"

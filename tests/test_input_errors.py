@@ -263,6 +263,7 @@ def builds(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("builds")  # one worker builds the three datasets once
 @pytest.mark.parametrize("name,shape", [("tuab", (23, 10)), ("tuev", (23, 5)), ("eegmat", (20, 5))])
 def test_every_builders_output_trains_with_its_recipe(builds, recipes, tmp_path, capsys, name, shape):
     assert all((builds[name] / split / "manifest.json").is_file() for split in ("train", "val", "test"))

@@ -73,6 +73,7 @@ def lines(fig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
 def test_curves_are_the_logged_series(runs):
     workdirs = [runs[s] for s in ("tokenizer", "pretrain", "finetune")]
     figures = dict(plots.figures(workdirs))
@@ -95,6 +96,7 @@ def test_curves_are_the_logged_series(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
 @pytest.mark.parametrize("split", ["test", "best_test"])
 def test_outputs_reproduce_the_test_metrics(runs, split):
     """The trainer's final test evaluation (and that of the best checkpoint) writes the per-window outputs its
@@ -110,6 +112,7 @@ def test_outputs_reproduce_the_test_metrics(runs, split):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
 def test_roc_and_confusion_of_one_or_several_runs(runs, tmp_path):
     again = tmp_path / "finetune_again"
     shutil.copytree(runs["finetune"], again)
@@ -156,6 +159,7 @@ def test_multiclass_roc_is_one_vs_rest(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
 def test_labram_plot_writes_the_pngs(runs, tmp_path, capsys):
     out = tmp_path / "plots"
     workdirs = [str(runs[s]) for s in ("tokenizer", "pretrain", "finetune")]
