@@ -62,6 +62,7 @@ from labram_jax.configs import MAX_PATCHES
 from labram_jax.data.records import Window
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 # A LaBraM window of up to 256 tokens is <= 205 KB in float32, so 2000 windows make shards of at most ~400 MB
@@ -578,9 +579,7 @@ def rebuild(out: str | os.PathLike, num_shards: int = 1) -> tuple[dict[str, Any]
               "hours_rejected": round(sum(e["hours"] for e in entries if e["status"] == "rejected"), 6)}
     report = {"complete": complete, "num_shards": num_shards, "shard_indices_complete": complete_indices,
               "totals": totals, "recordings": entries}
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    os.replace(tmp, out / REPORT)
+    write_json(out / REPORT, report, ensure_ascii=False)
     job = first["params"]
     params = {**job["preprocessing"], "shard_windows": job["shard_windows"], "prefix": job["prefix"],
               "labels": first["labels"], "commands": commands}

@@ -27,7 +27,7 @@ from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
 from labram_jax.convert.braindecode import (DEFAULT_N_TIMES, WEIGHTS, TimeEmbeddingWarning, from_braindecode,
                                            to_braindecode)
 from labram_jax.convert.state_dict import Model
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 from labram_jax.preemption import EXIT_CODE, Preempted
 
 
@@ -79,7 +79,7 @@ def convert(args: argparse.Namespace) -> int:
             write_pth(out, {"model": state_dict(model)})
     for warning in caught:
         if issubclass(warning.category, TimeEmbeddingWarning):
-            print(f"labram convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+            print(f"labram convert: warning: {one_line(str(warning.message))}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     kind = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as error:  # bad input; anything else is a bug, and keeps its traceback
-        print(f"labram {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"labram {args.command}: {one_line(error)}", file=sys.stderr)
         return 2
     except Preempted as stop:  # SIGTERM or SIGINT: the work so far is saved, and a rerun resumes
         print(f"labram {args.command}: {stop}", file=sys.stderr)

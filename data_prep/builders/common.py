@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import json
 import multiprocessing
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +27,7 @@ import numpy as np
 
 from labram_jax.data.records import Window
 from labram_jax.data.shards import MANIFEST, SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
+from labram_jax.files import write_json
 from labram_jax.preemption import Preempted, StopSignals, ignore_in_worker
 
 SPLITS = ("train", "val", "test")
@@ -192,7 +192,5 @@ def write_splits(plan: Plan, out: str | os.PathLike, fn: WindowFn, *, workers: i
                            split_rule=plan.split_rule, source=plan.root, subject_ids=sorted(stats.subjects))
     report = {"dataset": plan.dataset, "source": plan.root, "split_rule": plan.split_rule, "splits": splits,
               "rejected": rejected, "notes": notes}
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    os.replace(tmp, out / REPORT)
+    write_json(out / REPORT, report)
     return report

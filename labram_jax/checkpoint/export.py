@@ -17,7 +17,8 @@ from flax import nnx
 
 from labram_jax.configs import TokenizerConfig, TransformerConfig
 from labram_jax.convert.state_dict import Model, build, task_of
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, key_mismatch, one_line
+from labram_jax.files import write_json
 
 FORMAT = "labram-jax/params"
 VERSION = 1
@@ -62,7 +63,7 @@ def save_model(model: Model, directory: str | os.PathLike) -> Path:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    (path / META).write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(path / META, meta)
 
 
 def _read_meta(path: Path) -> dict:
@@ -101,14 +102,9 @@ def _flat(tree: object) -> dict[str, tuple[tuple[int, ...], str]]:
 
 
 def _check_stored(stored: object, expected: object, path: Path, task: str) -> None:
-    have, want = _flat(stored), _flat(expected)
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in (
-        ("missing", [k for k in want if k not in have]),
-        ("unexpected", [k for k in have if k not in want]),
-        ("wrong shape or dtype", [f"{k} {have[k]} (expected {want[k]})" for k in want
-                                  if k in have and have[k] != want[k]])) if keys]
+    problems = key_mismatch(_flat(stored), _flat(expected), wrong="wrong shape or dtype")
     if problems:
-        raise UserError(f"{path}: stored arrays do not match the {task} model of its config: " + "; ".join(problems))
+        raise UserError(f"{path}: stored arrays do not match the {task} model of its config: {problems}")
 
 
 def load_model(directory: str | os.PathLike) -> Model:
@@ -125,7 +121,7 @@ def load_model(directory: str | os.PathLike) -> Model:
         try:
             stored = checkpointer.metadata(path / STATE).item_metadata
         except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types
-            raise UserError(f"{path}: no readable Orbax state: {' '.join(str(error).split())}") from None
+            raise UserError(f"{path}: no readable Orbax state: {one_line(error)}") from None
         _check_stored(stored, expected, path, meta["task"])
         restored = checkpointer.restore(path / STATE, target)
     nnx.replace_by_pure_dict(state, restored)

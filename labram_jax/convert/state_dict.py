@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from labram_jax import configs
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, key_mismatch
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP
 
@@ -86,15 +86,11 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
     names keys as `weights` spells them.
     """
     targets = {layout(torch_key(path)): (path, var) for path, var in _variables(model)}
-    missing = [k for k in targets if k not in weights and not k.startswith(allow_missing)]
-    unexpected = [k for k in weights if k not in targets]
-    misshaped = [f"{k} {tuple(np.shape(weights[k]))} (expected {_to_torch(p, np.asarray(v[...])).shape})"
-                 for k, (p, v) in targets.items()
-                 if k in weights and tuple(np.shape(weights[k])) != _to_torch(p, np.asarray(v[...])).shape]
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    problems = key_mismatch({k: tuple(np.shape(v)) for k, v in weights.items()},
+                            {k: _to_torch(p, np.asarray(v[...])).shape for k, (p, v) in targets.items()},
+                            allow_missing=allow_missing)
     if problems:
-        raise UserError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source} does not match {type(model).__name__}: {problems}")
     for key, (path, var) in targets.items():
         if key in weights:
             var[...] = _from_torch(path, np.asarray(weights[key])).astype(np.asarray(var[...]).dtype)

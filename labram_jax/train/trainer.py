@@ -30,6 +30,7 @@ from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train.checkpoints import Checkpoints
@@ -363,7 +364,7 @@ class Trainer:
         logger = closing.enter_context(contextlib.closing(
             MetricLogger(self.workdir, resumed_from=None if resumed is None else start)))
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
-            (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
+            write_json(self.workdir / "config.json", dataclasses.asdict(exp), default=str)
         step = int(self.state["step"])
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         peak = device_peak_flops()
