@@ -73,8 +73,3 @@ def step_flops(exp: Experiment) -> float:
         trained = tokenizer_flops(t, n, a, decode=True) - search
         per_window = TRAIN * trained + 2 * search  # distances, then the EMA's per-code sums
     return exp.train.batch_size * per_window
-
-
-def train_flops_per_token(exp: Experiment) -> float:
-    """Analytic training FLOPs per channel-patch (token) of the padded batch."""
-    return step_flops(exp) / (exp.train.batch_size * exp.data.max_channels * exp.data.max_patches)
