@@ -22,7 +22,7 @@ from flax import nnx
 
 from labram_jax.checkpoint import is_export, load_model, save_model
 from labram_jax.checkpoint.export import META
-from labram_jax.convert import from_pytorch, state_dict, task_of, write_pth, write_safetensors
+from labram_jax.convert import from_pytorch, kind_of, state_dict, write_pth, write_safetensors
 from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
 from labram_jax.convert.braindecode import (DEFAULT_N_TIMES, WEIGHTS, TimeEmbeddingWarning, from_braindecode,
                                            to_braindecode)
@@ -50,11 +50,11 @@ def _read_model(source: Path, args: argparse.Namespace) -> Model:
         else:
             raise CommandError(f"{source}: neither a labram-jax export ({META}) nor a braindecode Labram directory "
                                f"({BRAINDECODE_CONFIG} + {WEIGHTS})")
-        if args.task is not None and args.task != task_of(model):
-            raise CommandError(f"{source} holds a {task_of(model)} model, not {args.task}")
+        if args.kind is not None and args.kind != kind_of(model):
+            raise CommandError(f"{source} holds a {kind_of(model)} model, not {args.kind}")
         return model
     if source.is_file():
-        return from_pytorch(source, args.task or "classify", num_classes=args.num_classes)
+        return from_pytorch(source, args.kind or "classify", num_classes=args.num_classes)
     raise CommandError(f"{source}: no such file or directory")
 
 
@@ -82,9 +82,9 @@ def convert(args: argparse.Namespace) -> int:
             print(f"labram convert: warning: {one_line(str(warning.message))}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    kind = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
-            "braindecode": f"braindecode's Labram (n_times={n_times})"}[to]
-    print(f"wrote {task_of(model)} model ({_parameter_count(model):,} parameters) as {kind} to {out}")
+    written = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
+               "braindecode": f"braindecode's Labram (n_times={n_times})"}[to]
+    print(f"wrote {kind_of(model)} model ({_parameter_count(model):,} parameters) as {written} to {out}")
     return 0
 
 
@@ -138,8 +138,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--to", choices=("export", "pth", "safetensors", "braindecode"),
                    help="what to write: a labram-jax export directory, the original's .pth or the same state "
                         "dict as .safetensors, or a directory braindecode's Labram.from_pretrained loads")
-    p.add_argument("--task", choices=("classify", "pretrain", "tokenizer"),
-                   help="model kind in a .pth or .safetensors (default: classify)")
+    p.add_argument("--kind", choices=("classify", "pretrain", "tokenizer"),
+                   help="the model kind in a .pth or .safetensors (default: classify; a pretraining checkpoint "
+                        "read as classify keeps its student)")
     p.add_argument("--num-classes", type=int, help="head width when the .pth has another (or none)")
     p.add_argument("--n-times", type=int, metavar="SAMPLES",
                    help="with --to braindecode: the window braindecode's model takes, in samples at 200 Hz "

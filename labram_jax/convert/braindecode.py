@@ -24,7 +24,7 @@ import numpy as np
 from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, PATCH_SIZE, TransformerConfig
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Renames, build, infer_config, load_state_dict, rename, state_dict,
-                                           task_of)
+                                           kind_of)
 from labram_jax.errors import UserError, one_line
 from labram_jax.files import write_json
 from labram_jax.models.labram import LaBraM
@@ -109,7 +109,7 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
     `directory` must not exist or be empty. config.json is written last, so a directory that has one is whole.
     """
     if not isinstance(model, LaBraM):
-        raise UserError(f"braindecode's Labram is LaBraM's fine-tuning model: a {task_of(model)} model has no "
+        raise UserError(f"braindecode's Labram is LaBraM's fine-tuning model: a {kind_of(model)} model has no "
                          "counterpart there")
     if model.cfg.layer_norm_eps != 1e-6:
         raise UserError(f"layer_norm_eps {model.cfg.layer_norm_eps}: braindecode's Labram fixes 1e-6")
