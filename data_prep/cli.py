@@ -7,7 +7,10 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from data_prep.prep import DEFAULT_SHARD_WINDOWS, Params, run
+from data_prep.bids import Selection, parse_split_subjects
+from data_prep.engine import DEFAULT_SHARD_WINDOWS
+from data_prep.plan import Params
+from data_prep.prep import run
 from labram_jax.errors import UserError
 
 
@@ -26,6 +29,12 @@ def _prep_command(args: argparse.Namespace) -> str:
             words += [flag, str(value)]
     if args.num_shards is not None:
         words += ["--num-shards", str(args.num_shards), "--shard-index", str(args.shard_index)]
+    for flag, values in (("--task", args.task), ("--subjects", args.subjects), ("--sessions", args.sessions),
+                         ("--split-subjects", args.split_subjects)):
+        if values:
+            words += [flag, *values]
+    if args.label_from:
+        words += ["--label-from", args.label_from]
     return shlex.join(words)
 
 
@@ -33,10 +42,20 @@ def prep(args: argparse.Namespace) -> int:
     if (args.num_shards is None) != (args.shard_index is None):
         raise UsageError("--num-shards and --shard-index go together")
     params = Params(window=args.window, stride=args.stride, dtype=args.dtype, notch=args.notch or None)
+    bids = Selection(tasks=tuple(args.task or ()), subjects=tuple(args.subjects or ()),
+                     sessions=tuple(args.sessions or ()), label_from=args.label_from,
+                     split_subjects=parse_split_subjects(args.split_subjects or ()))
     summary = run(args.inputs, args.out, params=params, dataset=args.dataset, labels=args.labels,
                   workers=args.workers, shard_windows=args.shard_windows, num_shards=args.num_shards or 1,
                   shard_index=args.shard_index or 0, prefix=args.prefix, command=_prep_command(args),
-                  progress=sys.stderr)
+                  progress=None if args.quiet else sys.stderr, bids=bids)
+    if "splits" in summary["report"]:  # a BIDS dataset with --split-subjects, written as a build
+        report = summary["report"]
+        splits = ", ".join(f"{split}: {c['files']} recordings, {c['windows']} windows, {c['subjects']} subjects"
+                           for split, c in report["splits"].items())
+        print(f"{args.out}: {splits}; {report['totals']['rejected']} rejected, {report['totals']['skipped']} "
+              f"skipped; see {Path(args.out) / 'report.json'}")
+        return 0
     totals = summary["report"]["totals"]
     minutes = summary["seconds"] / 60
     print(f"this run: {summary['written']} written, {summary['rejected']} rejected, {summary['skipped']} skipped "
@@ -72,10 +91,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                     "knows, 0.1-75 Hz band-pass, notch, 200 Hz, µV) and write windows of 1-s patches\n"
                     "[channels, seconds, 200] to ArrayRecord shards in DIR, with manifest.json and report.json\n"
                     "(every input: written, rejected with its reason, or skipped).",
-        epilog="INPUT: files (any format MNE reads: .edf .bdf .gdf .vhdr .set .cnt .fif .mff .eeg ...), folders\n"
-               "(searched recursively; other files ignored) or glob patterns. A recording that cannot be read,\n"
-               "has no mappable channel, holds NaN/Inf, is flat, has an absurd amplitude or is shorter than a\n"
-               "window is rejected and the job goes on; exit status 0 once every input is accounted for.\n"
+        epilog="INPUT: files (any format MNE reads: .edf .bdf .gdf .vhdr .set .cnt .fif .mff .eeg ..., and .xdf),\n"
+               "folders (searched recursively; every other file is listed in the report as skipped) or glob\n"
+               "patterns. A recording that cannot be read, has no mappable channel, holds NaN/Inf, is flat, has\n"
+               "an absurd amplitude or is shorter than a window is rejected and the job goes on; exit status 0\n"
+               "once every input is accounted for.\n"
                "Rerunning the same command resumes an interrupted job, with identical output.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="EEG files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
@@ -103,6 +123,23 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                         "p %% K == --shard-index; runs may share --out")
     p.add_argument("--shard-index", type=_int_from(0), metavar="I", help="which of the K parts, 0..K-1")
     p.add_argument("--prefix", default="windows", help="shard file name prefix (default: windows)")
+    bids = p.add_argument_group("BIDS", "when INPUT is one BIDS dataset (a folder with dataset_description.json), "
+                                "read through mne-bids; every window records its subject, session, task and run")
+    bids.add_argument("--task", nargs="+", metavar="TASK", help="read only these tasks (default: all)")
+    bids.add_argument("--subjects", nargs="+", metavar="SUB", help="read only these subjects, e.g. sub-01 02 "
+                      "(default: all)")
+    bids.add_argument("--sessions", nargs="+", metavar="SES", help="read only these sessions (default: all)")
+    bids.add_argument("--label-from", metavar="SOURCE:COLUMN",
+                      help="participants:COLUMN labels every window of a subject with its participants.tsv value; "
+                           "events:COLUMN cuts windows inside each events.tsv event (--window s every --stride s "
+                           "from its onset, at least one) labelled with its value. Text values are classes "
+                           "numbered in sorted order (the map is in manifest.json and report.json) "
+                           "(default: no labels)")
+    bids.add_argument("--split-subjects", nargs="+", metavar="SPLIT=SUB[,SUB]",
+                      help="write OUT/{train,val,test}/ as labram build does: e.g. val=sub-03 test=sub-04; the "
+                           "other subjects train (default: one folder, no splits)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress line and no line per rejected recording on stderr (report.json has them)")
     p.set_defaults(run=prep)
 
 

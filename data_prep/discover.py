@@ -1,9 +1,10 @@
 """Turn `labram prep` inputs (files, folders, glob patterns) into a sorted list of recordings.
 
-A folder (or a glob match) is searched recursively for the extensions in `SCAN_EXTENSIONS`; everything else in it
-(sidecars such as .vmrk, .fdt, .json, .tsv, .txt) is ignored silently, and so are hidden names (`.x`, and macOS's
-`._x.edf` copies, which carry an EEG extension but no EEG). A file named explicitly is always tried, whatever its
-extension, so a wrong one is rejected in the report rather than ignored.
+A folder (or a glob match) is searched recursively for the extensions in `SCAN_EXTENSIONS`. Everything else in it
+is listed too, as skipped with the reason, so that the report accounts for every file: sidecars (.vmrk, .fdt, a
+BrainVision .eeg), other extensions (.json, .tsv, .txt), hidden files (`.x`, and macOS's `._x.edf` copies, which
+carry an EEG extension but no EEG) and hidden folders (one entry each, not searched). A file named explicitly is
+always tried, whatever its extension, so a wrong one is rejected in the report rather than ignored.
 
 Each recording gets an id, its path relative to the input that found it (POSIX separators), and a dataset name,
 by default the name of that input's folder; the list is sorted by (dataset, id) so the job's order, and with it
@@ -26,7 +27,7 @@ from labram_jax.errors import UserError
 # .dap/.cdt. Name such files explicitly to have them read.
 SCAN_EXTENSIONS: tuple[str, ...] = (
     ".edf", ".bdf", ".gdf", ".vhdr", ".ahdr", ".set", ".cnt", ".fif", ".fif.gz", ".mff", ".eeg", ".nxe", ".data",
-    ".cdt", ".dap", ".nedf", ".lay", ".mefd",
+    ".cdt", ".dap", ".nedf", ".lay", ".mefd", ".xdf", ".xdfz",
 )
 # Formats stored as a folder: a folder with one of these names is a recording, not a place to search.
 FOLDER_FORMATS: tuple[str, ...] = (".mff", ".mefd", ".ds")
@@ -45,7 +46,7 @@ class Source:
     path: str  # as found (relative paths stay relative), for reading and for the report
     recording: str  # id: path relative to the input that found it
     dataset: str
-    skip: str = ""  # why it is listed but not read (a BrainVision or EEGLAB data file named on its own)
+    skip: str = ""  # why it is listed but not read (a sidecar, another format, a hidden name)
 
     @property
     def stem(self) -> str:
@@ -104,18 +105,35 @@ class _Sidecars:
         return self.of(path.parent).get(path.name, "")
 
 
-def _scan(root: Path, sidecars: _Sidecars) -> list[Path]:
-    """Recordings under a folder, recursively; folder formats are taken whole."""
-    found = []
+def _not_read(path: Path, sidecars: _Sidecars) -> str:
+    """Why a folder scan does not read this file."""
+    if path.name.startswith("."):
+        return "hidden file"
+    return sidecars.owner(path) or (f"not a recording format read from a folder ({_suffixes(path.name)}); name "
+                                    "the file as an INPUT to have it tried")
+
+
+def _suffixes(name: str) -> str:
+    return "".join(Path(name).suffixes[-2:]) or "no extension"
+
+
+def _scan(root: Path, sidecars: _Sidecars) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Recordings under a folder, recursively (folder formats are taken whole), and what is not read, with why."""
+    found, skipped = [], []
     for folder, subfolders, files in os.walk(root):
         here = Path(folder)
+        skipped += [(here / d, "hidden folder, not searched") for d in sorted(subfolders) if d.startswith(".")]
         subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
         # A folder format is one recording: a scan takes .mff/.mefd whole and never searches inside any of them.
         found += [here / d for d in subfolders if _is_recording_name(d) and _extension(d) in FOLDER_FORMATS]
         subfolders[:] = [d for d in subfolders if _extension(d) not in FOLDER_FORMATS]
         owned = sidecars.of(here, files + subfolders)
-        found += [here / f for f in sorted(files) if _is_recording_name(f) and f not in owned]
-    return found
+        for f in sorted(files):
+            if _is_recording_name(f) and f not in owned:
+                found.append(here / f)
+            else:
+                skipped.append((here / f, _not_read(here / f, sidecars)))
+    return found, skipped
 
 
 def _glob_base(pattern: str) -> Path:
@@ -143,17 +161,18 @@ def _sources(item: str, dataset: str | None, sidecars: _Sidecars) -> Iterable[So
         name = dataset or _folder_name(base)
         for match in map(Path, matches):
             if match.is_dir() and _extension(match.name) not in FOLDER_FORMATS:
-                found = _scan(match, sidecars)
+                found, skipped = _scan(match, sidecars)
             elif _is_recording_name(match.name) and not sidecars.owner(match):
-                found = [match]
+                found, skipped = [match], []
             else:
-                found = []
-            for f in found:
-                yield Source(str(f), f.relative_to(base).as_posix(), name)
+                found, skipped = [], [(match, _not_read(match, sidecars))]
+            yield from (Source(str(f), f.relative_to(base).as_posix(), name) for f in found)
+            yield from (Source(str(f), f.relative_to(base).as_posix(), name, skip=why) for f, why in skipped)
     elif path.is_dir() and _extension(path.name) not in FOLDER_FORMATS:
         name = dataset or _folder_name(path)
-        for f in _scan(path, sidecars):
-            yield Source(str(f), f.relative_to(path).as_posix(), name)
+        found, skipped = _scan(path, sidecars)
+        yield from (Source(str(f), f.relative_to(path).as_posix(), name) for f in found)
+        yield from (Source(str(f), f.relative_to(path).as_posix(), name, skip=why) for f, why in skipped)
     elif path.exists():
         yield Source(str(path), path.name, dataset or _folder_name(path.parent),
                      skip=sidecars.owner(path) if path.is_file() else "")
@@ -162,7 +181,8 @@ def _sources(item: str, dataset: str | None, sidecars: _Sidecars) -> Iterable[So
 
 
 def discover(inputs: Sequence[str | os.PathLike], dataset: str | None = None) -> list[Source]:
-    """Every recording the inputs name, once, sorted by (dataset, id).
+    """Every recording the inputs name, once, and every other file found in their folders (skipped, with the
+    reason), sorted by (dataset, id).
 
     Raises DiscoveryError when an input does not exist or matches nothing, when the inputs hold no recording, and
     when two different files would get the same dataset and id (their windows could not be told apart).
@@ -175,10 +195,13 @@ def discover(inputs: Sequence[str | os.PathLike], dataset: str | None = None) ->
         for source in _sources(os.fspath(item), dataset, sidecars):
             key = os.path.realpath(source.path)
             kept = by_file.get(key)
-            # The same file reached twice (a folder and a file in it): keep one, the same one whatever the order.
-            if kept is None or (source.dataset, source.recording) < (kept.dataset, kept.recording):
+            # The same file reached twice (a folder and a file in it): keep one, the same one whatever the order,
+            # and one that is read over one that is not (a .txt in a folder, and named on its own).
+            if kept is None or (bool(source.skip), source.dataset, source.recording) < (
+                    bool(kept.skip), kept.dataset, kept.recording):
                 by_file[key] = source
-    if not by_file:
+    # Folders holding nothing but other files are a mistake; a file named on its own is always listed.
+    if not any(not s.skip for s in by_file.values()) and not any(Path(item).is_file() for item in inputs):
         raise DiscoveryError(f"no EEG recordings found in {', '.join(inputs) or 'no inputs'} (looked for "
                              f"{' '.join(SCAN_EXTENSIONS)})")
     sources = sorted(by_file.values(), key=lambda s: (s.dataset, s.recording, s.path))

@@ -11,20 +11,24 @@ from dataclasses import dataclass
 import mne
 import numpy as np
 
+from data_prep.xdf import read_xdf
 from labram_jax.channels import ResolvedChannels, resolve_channels
 from labram_jax.configs import MAX_PATCHES, PATCH_SIZE
 
 
-def _one_line(error: BaseException) -> str:
+def one_line(error: BaseException) -> str:
     return " ".join(str(error).split()) or type(error).__name__
 
 
 def read_recording(path: str | os.PathLike) -> mne.io.BaseRaw:
-    """Any recording MNE reads (EDF, BDF, BrainVision, EEGLAB, FIF, ...), loaded into memory."""
+    """Any recording MNE reads (EDF, BDF, BrainVision, EEGLAB, FIF, ...) or an XDF file's EEG stream, loaded into
+    memory, in volts."""
     try:
+        if os.fspath(path).lower().endswith((".xdf", ".xdfz")):
+            return read_xdf(path)
         return mne.io.read_raw(path, preload=True, verbose="error")
     except Exception as error:  # MNE raises many types (OSError, ValueError, RuntimeError, struct.error, ...)
-        raise ValueError(f"{os.fspath(path)}: cannot read as an EEG recording: {_one_line(error)}") from None
+        raise ValueError(f"{os.fspath(path)}: cannot read as an EEG recording: {one_line(error)}") from None
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def preprocess(raw: mne.io.BaseRaw, *, notch: float | None = 50.0, l_freq: float
     try:
         channels = resolve_channels(raw.ch_names, drop_unknown=True)
     except ValueError as error:
-        raise ValueError(f"{source}: {_one_line(error)}") from None
+        raise ValueError(f"{source}: {one_line(error)}") from None
     names = [raw.ch_names[i] for i in channels.kept]
     raw = raw.copy().pick(names).load_data(verbose="error")
     # Every kept channel is a scalp electrode by name; typing them all EEG makes filtering and the µV

@@ -1,9 +1,10 @@
 """TFDS builders of TUAB, TUEV and EEGMAT (`labram_tuab`, `labram_tuev`, `labram_eegmat`), array_record format.
 
-They plan and window exactly as `data_prep.builders` do (same plan and per-file functions), so an example here is a
-window there. Features: `x` float32 [N, A, 200] (µV), `input_chans` int32 [N + 1] (led by the cls row 0), `label`
-int64, `subject` and `recording` (text, read back as bytes), `start` float32 (s). Splits: train, validation, test.
-Files the builders would reject are logged and skipped; use `data_prep.builders` for a report.json.
+They run the builders' plans (`data_prep.builders`) through the corpus engine's per-recording step
+(`data_prep.engine.prepare`: reading, quality checks, preprocessing, windows), so an example here is a window
+there. Features: `x` float32 [N, A, 200] (µV), `input_chans` int32 [N + 1] (led by the cls row 0), `label` int64,
+`subject` and `recording` (text, read back as bytes), `start` float32 (s). Splits: train, validation, test.
+Files the builders reject are logged and left out; use `data_prep.builders` for a report.json.
 
     builder = LabramEegmat(data_dir=DATA_DIR)            # options: seconds, splits, notch, workers, ...
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=CORPUS_ROOT))
@@ -19,7 +20,6 @@ build with `tfds.data_source` never needs it. Without TensorFlow, `data_prep.bui
 from __future__ import annotations
 
 import abc
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -27,10 +27,11 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data_prep.builders.common import Plan, WindowFn, iter_file_windows
-from data_prep.builders.eegmat import eegmat_windows, plan_eegmat
-from data_prep.builders.tuab import plan_tuab, tuab_windows
-from data_prep.builders.tuev import plan_tuev, tuev_windows
+from data_prep.builders.eegmat import plan_eegmat
+from data_prep.builders.tuab import plan_tuab
+from data_prep.builders.tuev import plan_tuev
+from data_prep.engine import prepared
+from data_prep.plan import Plan
 from labram_jax.configs import PATCH_SIZE
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,6 @@ class _LabramBuilder(tfds.core.GeneratorBasedBuilder):
     def _plan(self, root: Path) -> Plan:
         """Files, splits, subjects and labels, from the corpus at `root`."""
 
-    @abc.abstractmethod
-    def _window_fn(self, plan: Plan) -> WindowFn:
-        """The per-file windowing function of the corpus."""
-
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict({
             # More than one unknown dimension needs an explicit encoding; raw bytes keep float32 exact.
@@ -79,20 +76,19 @@ class _LabramBuilder(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Iterator]:
         plan = self._plan(Path(dl_manager.manual_dir))
-        for rejected in plan.rejected:
-            log.warning("%s skipped: %s", rejected["recording"], rejected["reason"])
-        self.info.metadata.update(preprocessing=plan.params, split_rule=plan.split_rule)
-        fn = self._window_fn(plan)
-        return {TFDS_SPLIT[split]: self._generate_examples(plan, split, fn)
-                for split in TFDS_SPLIT if plan.jobs_of(split)}
+        for item in plan.of_split(""):
+            log.warning("%s left out: %s", item.recording, item.reject or item.skip)
+        self.info.metadata.update(preprocessing=plan.details, split_rule=plan.split_rule)
+        return {TFDS_SPLIT[split]: self._generate_examples(plan, split)
+                for split in TFDS_SPLIT if plan.of_split(split)}
 
-    def _generate_examples(self, plan: Plan, split: str, fn: WindowFn) -> Iterator[tuple[str, dict[str, Any]]]:
-        for job, output, error in iter_file_windows(fn, plan.jobs_of(split), self._workers):
-            if error is not None:
-                log.warning("%s skipped: %s", job.recording, error)
+    def _generate_examples(self, plan: Plan, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        for result in prepared([(item, plan.rule) for item in plan.of_split(split)], self._workers):
+            if result.windows is None:
+                log.warning("%s left out: %s", result.item.recording, result.entry.get("reason"))
                 continue
-            for index, window in enumerate(output.windows):
-                yield f"{job.recording}#{index:06d}", {
+            for index, window in enumerate(result.records()):
+                yield f"{window.recording}#{index:06d}", {
                     "x": np.asarray(window.signal, np.float32), "input_chans": window.input_chans,
                     "label": window.label, "subject": window.subject, "recording": window.recording,
                     "start": window.start}
@@ -114,9 +110,6 @@ class LabramTuab(_LabramBuilder):
     def _plan(self, root: Path) -> Plan:
         return plan_tuab(root, **self._options)
 
-    def _window_fn(self, plan: Plan) -> WindowFn:
-        return functools.partial(tuab_windows, notch=self._options["notch"])
-
 
 class LabramTuev(_LabramBuilder):
     """TUEV 6-class events (0 SPSW .. 5 BCKG), 5-s windows; see `data_prep.builders.tuev`. manual_dir: TUEV v2."""
@@ -133,9 +126,6 @@ class LabramTuev(_LabramBuilder):
 
     def _plan(self, root: Path) -> Plan:
         return plan_tuev(root, **self._options)
-
-    def _window_fn(self, plan: Plan) -> WindowFn:
-        return functools.partial(tuev_windows, notch=self._options["notch"])
 
 
 class LabramEegmat(_LabramBuilder):
@@ -154,7 +144,3 @@ class LabramEegmat(_LabramBuilder):
 
     def _plan(self, root: Path) -> Plan:
         return plan_eegmat(root, **self._options)
-
-    def _window_fn(self, plan: Plan) -> WindowFn:
-        options = {k: v for k, v in self._options.items() if k != "splits"}
-        return functools.partial(eegmat_windows, **options)

@@ -1,14 +1,9 @@
-"""LaBraM-Base fine-tuning on PhysioNet EEGMAT, rest vs mental arithmetic: the TUAB recipe (one logit, BCE) on
-the EEGMAT builder's 20-channel windows. The set is small (36 subjects), so the global batch is 64, not 512."""
-from labram_jax.train.config import Experiment
+"""The launcher of the finetune_eegmat recipe (labram_jax/recipes/finetune_eegmat.py); the same as `labram train finetune_eegmat`.
+
+    python experiments/finetune_eegmat.py --workdir W --data DIR [--set KEY=VALUE ...] [--seeds 0,1,2]
+"""
+from labram_jax.recipes.finetune_eegmat import config
 from labram_jax.train.launch import main
-
-import finetune_tuab
-
-
-def config() -> Experiment:
-    return finetune_tuab.config(channels=20, seconds=4, batch=64)
-
 
 if __name__ == "__main__":
     raise SystemExit(main(config))

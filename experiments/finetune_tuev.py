@@ -1,14 +1,9 @@
-"""LaBraM-Base fine-tuning on TUEV, six event types: the TUAB recipe with a 6-class head, label smoothing 0.1
-(timm's LabelSmoothingCrossEntropy, the original's default) and 23 channels x 5 s windows."""
-from labram_jax.train.config import Experiment
+"""The launcher of the finetune_tuev recipe (labram_jax/recipes/finetune_tuev.py); the same as `labram train finetune_tuev`.
+
+    python experiments/finetune_tuev.py --workdir W --data DIR [--set KEY=VALUE ...] [--seeds 0,1,2]
+"""
+from labram_jax.recipes.finetune_tuev import config
 from labram_jax.train.launch import main
-
-import finetune_tuab
-
-
-def config() -> Experiment:
-    return finetune_tuab.config(num_classes=6, task_kind="multiclass", seconds=5)
-
 
 if __name__ == "__main__":
     raise SystemExit(main(config))

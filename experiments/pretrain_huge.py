@@ -1,24 +1,9 @@
-"""LaBraM-Huge (369M) masked EEG modeling: the base recipe with the huge model, FSDP over the mesh.
+"""The launcher of the pretrain_huge recipe (labram_jax/recipes/pretrain_huge.py); the same as `labram train pretrain_huge`.
 
-Check it for a pod without one: `python experiments/pretrain_huge.py --workdir /tmp/aot --aot
---simulate-devices 64 --set mesh.data=8 mesh.fsdp=8` compiles the step and prints per-device memory and FLOPs.
+    python experiments/pretrain_huge.py --workdir W --data DIR [--set KEY=VALUE ...] [--seeds 0,1,2]
 """
-import dataclasses
-
-from labram_jax import configs
-from labram_jax.train.config import Experiment, MeshConfig
+from labram_jax.recipes.pretrain_huge import config
 from labram_jax.train.launch import main
-
-import pretrain_base
-
-
-def config() -> Experiment:
-    # Parameters and optimizer state sharded over fsdp; each block recomputed in the backward pass ("dots" saves
-    # nothing here: LaBraM's linear layers are exactly the matmuls it keeps; "block" cut temporaries from 5.1 to
-    # 1.8 GiB per device at 4 blocks on 64 devices, for 1.34 vs 1.06 TFLOP per step).
-    exp = pretrain_base.config(configs.huge())
-    return exp.replace(mesh=MeshConfig(data=-1, fsdp=8), train=dataclasses.replace(exp.train, remat="block"))
-
 
 if __name__ == "__main__":
     raise SystemExit(main(config))

@@ -1,14 +1,9 @@
-"""LaBraM-Large (46M) masked EEG modeling: the base recipe with the large model."""
-from labram_jax import configs
-from labram_jax.train.config import Experiment
+"""The launcher of the pretrain_large recipe (labram_jax/recipes/pretrain_large.py); the same as `labram train pretrain_large`.
+
+    python experiments/pretrain_large.py --workdir W --data DIR [--set KEY=VALUE ...] [--seeds 0,1,2]
+"""
+from labram_jax.recipes.pretrain_large import config
 from labram_jax.train.launch import main
-
-import pretrain_base
-
-
-def config() -> Experiment:
-    return pretrain_base.config(configs.large())
-
 
 if __name__ == "__main__":
     raise SystemExit(main(config))

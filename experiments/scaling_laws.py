@@ -14,11 +14,9 @@ import dataclasses
 import sys
 from pathlib import Path
 
-import pretrain_base
-import train_tokenizer
-
 from labram_jax import demo
 from labram_jax.errors import UserError
+from labram_jax.recipes import pretrain_base, train_tokenizer
 from labram_jax.scaling.grid import GridConfig
 from labram_jax.train import launch
 from labram_jax.train.config import MeshConfig, override

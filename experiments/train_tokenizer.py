@@ -1,24 +1,9 @@
-"""VQ-NSP tokenizer training (run_vqnsp_training.py with the README's flags).
+"""The launcher of the train_tokenizer recipe (labram_jax/recipes/train_tokenizer.py); the same as `labram train train_tokenizer`.
 
-8192 x 64 codebook with k-means init and EMA 0.99; AdamW betas (0.9, 0.99), weight decay 1e-4; 100 epochs with 10
-of warmup. The original scales its base lr 5e-5 by global batch / 128 (8 GPUs x 128 -> 4e-4); so do we.
+    python experiments/train_tokenizer.py --workdir W --data DIR [--set KEY=VALUE ...] [--seeds 0,1,2]
 """
-from labram_jax import configs
-from labram_jax.train.config import DataConfig, Experiment, TrainConfig
+from labram_jax.recipes.train_tokenizer import config
 from labram_jax.train.launch import main
-
-BATCH = 1024
-
-
-def config() -> Experiment:
-    return Experiment(
-        stage="tokenizer",
-        tokenizer=configs.tokenizer_base(),
-        data=DataConfig(max_channels=64, max_patches=4),  # <= 256 tokens a window, as the original
-        train=TrainConfig(epochs=100, warmup_epochs=10, batch_size=BATCH, lr=5e-5 * BATCH / 128, min_lr=1e-5,
-                          weight_decay=1e-4, b1=0.9, b2=0.99, eps=1e-8),
-    )
-
 
 if __name__ == "__main__":
     raise SystemExit(main(config))

@@ -2,7 +2,8 @@
 
 prep (EEGMAT builder: filters, 200 Hz, µV, 5 s windows, subject split) -> train the VQ-NSP tokenizer -> pretrain
 LaBraM by masked EEG modeling against its codes -> fine-tune rest vs mental arithmetic from the pretrained
-weights -> evaluate on a held-out subject with the paper's metrics -> convert the fine-tuned model to PyTorch.
+weights -> evaluate on a held-out subject with the paper's metrics -> convert the fine-tuned model to PyTorch ->
+plot each stage's curves (and the fine-tuned model's ROC curve and confusion matrix on the held-out subject).
 The sample is 4 subjects, so models are small (the paper's recipes are in experiments/); every stage runs through
 the same trainer, checkpoints and exports as a pod-scale run.
 """
@@ -17,7 +18,8 @@ import numpy as np
 from labram_jax import configs
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig
 
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "eegmat"
+# Package data, so that an installed labram-jax has it; sample_data/ in a clone is a link to it.
+SAMPLE = Path(__file__).resolve().parent / "sample_data" / "eegmat"
 SPLITS = {"train": [0, 1], "val": [2], "test": [3]}
 SECONDS, CHANNELS = 5, 20
 
@@ -56,6 +58,7 @@ def _first_last(workdir: Path, key: str) -> tuple[float, float]:
 
 def run(out: str | Path = "demo_out", data: str | Path = SAMPLE, steps: int = 150) -> dict[str, float]:
     from data_prep.builders import build_eegmat
+    from labram_jax import plots
     from labram_jax.checkpoint import load_model
     from labram_jax.convert import from_pytorch, to_pytorch
     from labram_jax.train.trainer import Trainer
@@ -88,6 +91,11 @@ def run(out: str | Path = "demo_out", data: str | Path = SAMPLE, steps: int = 15
     back = from_pytorch(pth, "classify")
     print(f"6. convert: {best} -> {pth} ({back.cfg.depth} blocks, {back.cfg.embed_dim} wide; the original "
           "loads it with NeuralTransformer.load_state_dict(strict=True))")
+    print(f"7. plot: each stage's curves -> {out / 'plots'}/")
+    for stage in ("tokenizer", "pretrain", "finetune"):
+        written = plots.write([out / stage], out / "plots" / stage)
+        print(f"   {out / 'plots' / stage}/: {', '.join(p.stem for p in written)}")
     print(f"done in {time.perf_counter() - tic:.0f} s. Outputs: {out}/ (data/, tokenizer/, pretrain/, finetune/ "
-          f"with metrics.jsonl, tensorboard/, checkpoints/, export/; finetune/best/; {pth.name})")
+          f"with metrics.jsonl, tensorboard/, checkpoints/, export/; finetune/best/ and outputs/; plots/; "
+          f"{pth.name})")
     return summary

@@ -2,6 +2,7 @@
 EEGMAT TFDS builder without TensorFlow."""
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -73,7 +74,8 @@ def eegmat_build(tmp_path_factory):
 
 def test_eegmat_windows_labels_channels(eegmat_build):
     out, report = eegmat_build
-    assert report["rejected"] == []
+    assert report["totals"]["written"] == 8 and report["totals"]["rejected"] == 0 and report["complete"]
+    assert sorted(os.listdir(out)) == ["report.json", "test", "train", "val"]  # no staging or journal is left
     by_split = {split: read_split(out / split) for split in ("train", "val", "test")}
     assert {split: sorted({w.subject for w in ws}) for split, ws in by_split.items()} == {
         "train": ["Subject00", "Subject01"], "val": ["Subject02"], "test": ["Subject03"]}
@@ -103,11 +105,15 @@ def test_eegmat_manifest(eegmat_build):
 
 def test_eegmat_default_split(tmp_path):
     plan = plan_eegmat(EEGMAT)
-    assert {job.split for job in plan.jobs} == {"train"} and len(plan.jobs) == 8  # 00-03 are all train subjects
+    assert {item.split for item in plan.items} == {"train"} and len(plan.items) == 8  # 00-03: all train subjects
     (tmp_path / "Subject40_1.edf").write_bytes(b"")
     (tmp_path / "readme.edf").write_bytes(b"")
     plan = plan_eegmat(tmp_path)
-    assert plan.jobs == [] and {r["recording"]: r["reason"] for r in plan.rejected} == {
+    assert {i.recording: (i.split, i.reject) for i in plan.items} == {
+        "readme.edf": ("", "not an EEGMAT file name (SubjectNN_1/2.edf)"),
+        "Subject40_1.edf": ("", "subject 40 is in no split")}
+    report = build_eegmat(tmp_path, tmp_path / "out")  # refused files are in the report, and nothing is written
+    assert {e["recording"]: e["reason"] for e in report["recordings"] if e["status"] == "rejected"} == {
         "readme.edf": "not an EEGMAT file name (SubjectNN_1/2.edf)", "Subject40_1.edf": "subject 40 is in no split"}
     with pytest.raises(ValueError, match="both"):
         plan_eegmat(EEGMAT, splits={"train": [0, 1], "val": [1]})
@@ -168,11 +174,13 @@ def expected_tuab_val(root: Path, seed: int) -> set[str]:
 
 def test_tuab_build(tuab_tree, tmp_path):
     report = build_tuab(tuab_tree, tmp_path, seed=7, workers=2)
-    assert [r["recording"] for r in report["rejected"]] == ["train/normal/01_tcp_ar/aaaaaabg_s001_t000.edf"]
-    reason = report["rejected"][0]["reason"]
+    rejected = {e["recording"]: e["reason"] for e in report["recordings"] if e["status"] == "rejected"}
+    assert sorted(rejected) == ["eval/normal/01_tcp_ar/aaaaaaeb_s001_t000.edf",
+                                "train/normal/01_tcp_ar/aaaaaabg_s001_t000.edf"]
+    reason = rejected["train/normal/01_tcp_ar/aaaaaabg_s001_t000.edf"]
     assert "22 channels" in reason and "missing: EEG T2-REF" in reason and "\n" not in reason
-    assert report["notes"] == [{"recording": "eval/normal/01_tcp_ar/aaaaaaeb_s001_t000.edf",
-                                "note": "8 s: shorter than one 10-s window"}]
+    assert rejected["eval/normal/01_tcp_ar/aaaaaaeb_s001_t000.edf"] == ("8.0 s after preprocessing, shorter than "
+                                                                        "one 10-s window")
     splits = {split: read_split(tmp_path / split) for split in ("train", "val", "test")}
     val = expected_tuab_val(tuab_tree, 7)
     for split, windows in splits.items():
@@ -199,12 +207,12 @@ def test_tuab_build(tuab_tree, tmp_path):
 
 def test_tuab_split_deterministic(tuab_tree):
     def val_subjects(seed):
-        return {job.subject for job in plan_tuab(tuab_tree, seed=seed).jobs if job.split == "val"}
+        return {item.subject for item in plan_tuab(tuab_tree, seed=seed).items if item.split == "val"}
 
     assert val_subjects(3) == val_subjects(3) == expected_tuab_val(tuab_tree, 3)
     assert len({frozenset(val_subjects(seed)) for seed in range(10)}) > 1  # the seed does choose the split
     plan = plan_tuab(tuab_tree / "edf", seed=3)  # the release folder or its edf folder
-    assert {job.subject for job in plan.jobs if job.split == "test"} == {"aaaaaacb", "aaaaaadb", "aaaaaaeb"}
+    assert {item.subject for item in plan.items if item.split == "test"} == {"aaaaaacb", "aaaaaadb", "aaaaaaeb"}
 
 
 # ---------------------------------------------------------------------------------------------------- TUEV
@@ -265,16 +273,15 @@ def original_event_windows(edf: Path, rec: Path) -> list[tuple[np.ndarray, int]]
 def test_tuev_event_windows(tuev_tree, tmp_path):
     root, subjects = tuev_tree
     report = build_tuev(root, tmp_path)
-    reasons = {r["recording"]: r["reason"] for r in report["rejected"]}
+    reasons = {e["recording"]: e["reason"] for e in report["recordings"] if e["status"] == "rejected"}
     assert sorted(reasons) == ["train/aaaaaazb/aaaaaazb_00000001.edf", "train/aaaaaazc/aaaaaazc_00000001.edf"]
     assert "22 channels" in reasons["train/aaaaaazb/aaaaaazb_00000001.edf"]
     assert "missing: EEG FP1-REF" in reasons["train/aaaaaazb/aaaaaazb_00000001.edf"]
     assert reasons["train/aaaaaazc/aaaaaazc_00000001.edf"] == "no aaaaaazc_00000001.rec beside it"
     first = f"train/{subjects[0]}/{subjects[0]}_00000001.edf"
-    assert [n["note"] for n in report["notes"]] == [
+    assert {e["recording"]: e["notes"] for e in report["recordings"] if "notes" in e} == {first: [
         ".rec row 7 dropped: event 3-5 s spans 400 samples, not the 200 that fit a 5-s window",
-        ".rec row 8 dropped: code 7 is not one of 1..6"]
-    assert {n["recording"] for n in report["notes"]} == {first}
+        ".rec row 8 dropped: code 7 is not one of 1..6"]}
     windows = read_split(tmp_path / "train") + read_split(tmp_path / "val")
     ours = [w for w in windows if w.recording == first]
     expected = original_event_windows(root / "edf" / first, (root / "edf" / first).with_suffix(".rec"))

@@ -16,6 +16,10 @@ EXPERIMENTS = {
                            train=TRAIN),
     "tokenizer": Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(), data=DATA, train=TRAIN),
 }
+# Packed rows of 40 patch tokens and 3 window slots: the step runs over 43 tokens a row, not the grid's 33.
+PACKED = DataConfig(max_channels=8, max_patches=4, pack_tokens=40, pack_windows=3)
+EXPERIMENTS |= {f"{stage} packed": dataclasses.replace(EXPERIMENTS[stage], data=PACKED)
+                for stage in ("pretrain", "tokenizer")}
 
 
 @pytest.mark.parametrize("stage", sorted(EXPERIMENTS))
@@ -31,7 +35,7 @@ def test_analytic_flops_against_xla(stage, tmp_path):
 def test_flops_scale_with_the_config():
     exp = EXPERIMENTS["pretrain"]
     deeper = exp.replace(model=exp.model.replace(depth=4))
-    block = flops.transformer_flops(deeper.model, 8, 4) - flops.transformer_flops(exp.model, 8, 4)
+    block = flops.transformer_flops(deeper.model, 32) - flops.transformer_flops(exp.model, 32)
     d, length = exp.model.embed_dim, 8 * 4 + 1
     assert block == 2 * length * (2 * (4 * d * d + 2 * d * exp.model.mlp_dim) + 4 * length * d)
     # two more blocks in each of the student's two passes, trained (3x), per window; the tokenizer is unchanged

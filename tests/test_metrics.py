@@ -9,8 +9,8 @@ from scipy.stats import pearsonr
 from sklearn import metrics as skm
 
 from labram_jax.train.metrics import (
-    BINARY_KEYS, MULTICLASS_KEYS, REGRESSION_KEYS, binary_metrics, mean_std, multiclass_metrics,
-    regression_metrics, task_metrics)
+    BINARY_KEYS, MULTICLASS_KEYS, REGRESSION_KEYS, binary_metrics, confusion_matrix, mean_std, multiclass_metrics,
+    regression_metrics, roc_curve, task_metrics)
 
 # Loose enough for a future sklearn that sums in another order, far tighter than any real metric difference.
 TOL = 1e-12
@@ -53,6 +53,26 @@ def test_binary_matches_sklearn_on_random_cases() -> None:
         _assert_close(binary_metrics(y, logits), _sk_binary(y, expit(logits)))
         prob = np.round(expit(logits), 2)
         _assert_close(binary_metrics(y, prob, from_logits=False), _sk_binary(y, prob))
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_roc_curve_and_confusion_matrix_match_sklearn_on_random_cases() -> None:
+    """The curve `labram plot` draws is the one roc_auc integrates: sklearn's points, ties and one class included."""
+    rng = np.random.default_rng(3)
+    for _ in range(150):
+        y, logits = _binary_case(rng)
+        fpr, tpr, _ = skm.roc_curve(y, expit(logits))
+        ours = roc_curve(y, logits)
+        np.testing.assert_allclose(ours[0], fpr, rtol=0, atol=TOL, equal_nan=True)
+        np.testing.assert_allclose(ours[1], tpr, rtol=0, atol=TOL, equal_nan=True)
+        np.testing.assert_array_equal(confusion_matrix("binary", y, logits),
+                                      skm.confusion_matrix(y, (expit(logits) >= 0.5).astype(int), labels=[0, 1]))
+    y = rng.integers(0, 4, 50)
+    logits = rng.normal(size=(50, 4))
+    np.testing.assert_array_equal(confusion_matrix("multiclass", y, logits),
+                                  skm.confusion_matrix(y, logits.argmax(1), labels=[0, 1, 2, 3]))
+    with pytest.raises(ValueError, match="regression"):
+        confusion_matrix("regression", y, logits)
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")

@@ -300,7 +300,7 @@ def test_prep_stopped_by_sigterm_resumes_to_identical_shards(tmp_path):
     sent = time.monotonic()
     assert job.finish(timeout=GRACE_S) == EXIT_CODE, job.stderr
     took = time.monotonic() - sent
-    stopped = re.search(r"labram prep: stopped by SIGTERM: (\d+) of 10 recordings are done and journaled", job.stderr)
+    stopped = re.search(r"labram prep: stopped by SIGTERM: (\d+) of 14 inputs are done and journaled", job.stderr)
     assert stopped, job.stderr
     print(f"prep: SIGTERM after {closed} shards, exited {took:.2f} s later with {stopped[1]} recordings done")
     assert took < GRACE_S and "rejected" not in job.stderr  # no worker was taken for a crash
@@ -320,7 +320,7 @@ def test_build_stopped_by_sigterm_builds_again_identically(tmp_path):
 
     out = tmp_path / "b"
     job = labram("build", "eegmat", str(EEGMAT), str(out), "--workers", "2", cwd=tmp_path)
-    job.wait_for(lambda: any(out.glob("train/*.tmp")))  # the first file's windows are being written
+    job.wait_for(lambda: any(out.glob(".staging/train/*.tmp")))  # the first file's windows are being written
     job.signal(signal.SIGTERM, group=True)
     assert job.finish(timeout=GRACE_S) == EXIT_CODE, job.stderr
     assert re.search(r"labram build: stopped by SIGTERM after \d of 8 files; .* is incomplete", job.stderr)

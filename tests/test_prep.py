@@ -1,11 +1,12 @@
-"""`labram prep` on real recordings (bundled eegmat EDF at 500 Hz, EEGLAB .set at 128 Hz, BrainVision at 200 Hz)
-and on broken ones, written next to the good ones in the same job."""
+"""`labram prep` on real recordings (bundled eegmat EDF at 500 Hz, EEGLAB .set at 128 Hz, BrainVision at 200 Hz, and
+an XDF file written here from the EDF's samples) and on broken ones, written next to the good ones in the same job."""
 import io
 import json
 import os
 import re
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -19,8 +20,12 @@ from scipy.signal import welch
 
 import labram_jax
 from data_prep import checks, preprocess, read_recording, windows
-from data_prep.discover import DiscoveryError, Source, discover
-from data_prep.prep import Params, Prepared, Progress, Task, _entry, default_window, ordered_map, run
+from data_prep.discover import DiscoveryError, discover
+from data_prep.engine import entry
+from data_prep.plan import Item, Params, default_window
+from data_prep.pool import ordered_map
+from data_prep.prep import run
+from data_prep.progress import Progress
 from labram_jax.channels import resolve_channels
 from labram_jax.cli import main
 from labram_jax.data.records import decode
@@ -62,6 +67,63 @@ def export_edf(path, data_volts, names, sfreq):
     path.parent.mkdir(parents=True, exist_ok=True)
     mne.export.export_raw(path, raw, fmt="edf", overwrite=True, verbose="error")
     return path
+
+
+def xdf_chunk(tag: int, content: bytes, stream: int | None = None) -> bytes:
+    body = struct.pack("<H", tag) + (b"" if stream is None else struct.pack("<I", stream)) + content
+    return b"\x04" + struct.pack("<I", len(body)) + body
+
+
+def write_xdf(path, data_uv, names, rate, marker_type="Markers"):
+    """A minimal XDF 1.0 file (pyxdf only reads them): the file header, a marker stream and an EEG stream (float32
+    µV, each channel described by label and unit), the EEG samples in chunks of 1000 with a time stamp on each
+    chunk's first sample only (readers deduce the rest from the nominal rate), and both footers."""
+    xml = "<?xml version='1.0'?><info>{}</info>".format
+    channels = "".join(f"<channel><label>{n}</label><unit>microvolts</unit><type>EEG</type></channel>"
+                       for n in names)
+    eeg = xml(f"<name>amplifier</name><type>EEG</type><channel_count>{len(names)}</channel_count><nominal_srate>"
+              f"{rate:g}</nominal_srate><channel_format>float32</channel_format><desc><channels>{channels}"
+              "</channels></desc>")
+    markers = xml(f"<name>events</name><type>{marker_type}</type><channel_count>1</channel_count><nominal_srate>0"
+                  "</nominal_srate><channel_format>string</channel_format>")
+    out = [b"XDF:", xdf_chunk(1, xml("<version>1.0</version>").encode()), xdf_chunk(2, markers.encode(), 1),
+           xdf_chunk(2, eeg.encode(), 2), xdf_chunk(3, b"\x01\x01\x08" + struct.pack("<d", 1.0) + b"\x01\x04rest", 1)]
+    samples = np.asarray(data_uv, "<f4").T
+    for start in range(0, len(samples), 1000):
+        block = samples[start:start + 1000]
+        body = [b"\x04" + struct.pack("<I", len(block))]
+        for i, row in enumerate(block):
+            body += [b"\x08" + struct.pack("<d", start / rate) if i == 0 else b"\x00", row.tobytes()]
+        out.append(xdf_chunk(3, b"".join(body), 2))
+    for stream, count in ((1, 1), (2, len(samples))):
+        out.append(xdf_chunk(6, xml(f"<sample_count>{count}</sample_count>").encode(), stream))
+    path.write_bytes(b"".join(out))
+    return path
+
+
+def xdf_of(edf, path):
+    """An XDF file holding the samples of a real EDF recording."""
+    raw = read_recording(edf)
+    return write_xdf(path, raw.get_data(units="uV"), raw.ch_names, raw.info["sfreq"])
+
+
+def test_xdf_reads_the_eeg_stream(good, tmp_path):
+    edf = read_recording(SUBJECT00_2)
+    raw = read_recording(xdf_of(SUBJECT00_2, tmp_path / "Subject00_2.xdf"))
+    assert raw.ch_names == edf.ch_names and raw.info["sfreq"] == 500.0 and raw.n_times == edf.n_times
+    np.testing.assert_allclose(raw.get_data(), edf.get_data(), rtol=1e-6, atol=1e-12)  # volts, as MNE reads
+    run([str(tmp_path / "Subject00_2.xdf")], tmp_path / "out", workers=1, progress=None)
+    ours, theirs = records(tmp_path / "out"), by_recording(good[2])["Subject00_2.edf"]
+    assert len(ours) == len(theirs) == 5 and ours[0].channel_names == EEGMAT_CHANNELS
+    np.testing.assert_allclose(np.stack([w.signal for w in ours]), np.stack([w.signal for w in theirs]),
+                               atol=1e-3)
+    damaged = tmp_path / "damaged.xdf"
+    damaged.write_bytes((tmp_path / "Subject00_2.xdf").read_bytes()[:300_000])  # cut inside a samples chunk
+    with pytest.raises(ValueError, match=r"damaged\.xdf: cannot read as an EEG recording: damaged XDF file: "):
+        read_recording(damaged)
+    write_xdf(tmp_path / "two.xdf", np.zeros((2, 10)), ["Cz", "Pz"], 100.0, marker_type="eeg")
+    with pytest.raises(ValueError, match=r"2 streams of type EEG .*labram reads files with one"):
+        read_recording(tmp_path / "two.xdf")
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +202,13 @@ def test_manifest_and_report(good):
 
     report = json.loads((out / "report.json").read_text())
     assert report["complete"] and report["totals"]["written"] == 3 and report["totals"]["windows"] == 35
-    entries = {Path(e["path"]).name: e for e in report["recordings"]}
+    entries = {Path(e["path"]).name: e for e in report["recordings"] if e["status"] != "skipped"}
     assert list(entries) == ["eeglab_data.set", "testbva.vhdr", "Subject00_2.edf"]
+    skipped = [e for e in report["recordings"] if e["status"] == "skipped"]
+    assert {Path(e["path"]).name: e["reason"].split(";")[0] for e in skipped} == {
+        "README.md": "not a recording format read from a folder (.md)", "eeglab_data.fdt": "data file of "
+        "eeglab_data.set (EEGLAB)", "testbva.dat": "data file of testbva.vhdr (BrainVision)",
+        "testbva.vmrk": "marker file of testbva.vhdr (BrainVision)"}
     assert entries["Subject00_2.edf"] == {
         "path": str(SUBJECT00_2), "dataset": "eegmat", "recording": "Subject00_2.edf", "status": "written",
         "windows": 5, "hours": pytest.approx(62 / 3600, abs=1e-6), "channels_kept": list(EEGMAT_CHANNELS),
@@ -216,6 +283,12 @@ def bad_corpus(root):
     export_edf(bad / "tooshort.edf", rng.normal(0, 20e-6, (3, 750)), names, 250.0)
     (bad / "readme.txt").write_text("not a recording")
     (bad / "participants.json").write_text("{}")
+    xdf = xdf_of(SUBJECT00_2, bad / "session.xdf")
+    (bad / "cut.xdf").write_bytes(xdf.read_bytes()[:300_000])  # a copy cut short inside a samples chunk
+    (bad / "junk.xdf").write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    (bad / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (bad / ".git").mkdir()
+    (bad / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
     return bad
 
 
@@ -224,14 +297,18 @@ def test_bad_inputs_are_rejected_and_the_rest_written(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["prep", str(bad), str(FIXTURES / "testbva.dat"), "--out", str(out), "--workers", "2"]) == 0
     captured = capsys.readouterr()
-    assert "this run: 2 written, 10 rejected, 1 skipped of 13 recordings" in captured.out
-    assert captured.err.count("rejected ") == 10
+    assert "this run: 3 written, 12 rejected, 5 skipped of 20 recordings" in captured.out
+    assert captured.err.count("rejected ") == 12
     report = json.loads((out / "report.json").read_text())
     entries = {Path(e["path"]).name: e for e in report["recordings"]}
+    # Every input is accounted for: each name in the folder (a hidden folder as one), and the file named alone.
+    assert set(entries) == set(os.listdir(bad)) | {"testbva.dat"} and len(report["recordings"]) == 20
     expected = {
         "absurd.edf": r"^absurd amplitude: median channel std \S+ µV > 1000 µV",
+        "cut.xdf": r"^cannot read as an EEG recording: damaged XDF file: found likely XDF file corruption",
         "flat.edf": r"^flat: every channel's std is below 0.5 µV",
         "header.edf": r"^cannot read as an EEG recording: invalid literal for int\(\)",
+        "junk.xdf": r"^cannot read as an EEG recording: Invalid XDF file",
         "nan_raw.fif": r"^non-finite samples \(NaN/Inf\): 10 in Cz$",
         "nomap.edf": r"^no channel could be mapped to the LaBraM 10-20 vocabulary",
         "notes.edf": r"^cannot read as an EEG recording: ",
@@ -241,26 +318,35 @@ def test_bad_inputs_are_rejected_and_the_rest_written(tmp_path, capsys):
         "truncated.edf": r"^truncated: the header announces 62 data records \(1314956 bytes\), the file holds "
                          r"657478 bytes \(30 whole records\)$",
     }
-    assert set(entries) == set(expected) | {"good.edf", "flatchannel.edf", "testbva.dat"}  # no .txt or .json
+    skipped = {
+        ".DS_Store": "hidden file", ".git": "hidden folder, not searched",
+        "readme.txt": "not a recording format read from a folder (.txt); name the file as an INPUT to have it tried",
+        "participants.json": "not a recording format read from a folder (.json); name the file as an INPUT to have "
+                             "it tried",
+    }
     for name, reason in expected.items():
         assert entries[name]["status"] == "rejected" and entries[name]["windows"] == 0, name
         assert "\n" not in entries[name]["reason"]
         assert re.search(reason, entries[name]["reason"]), (name, entries[name]["reason"])
+    for name, reason in skipped.items():
+        assert (entries[name]["status"], entries[name]["reason"]) == ("skipped", reason), name
     assert entries["nomap.edf"]["channels_dropped"] == []  # nothing resolved, so nothing was known to drop
     assert entries["absurd.edf"]["hours"] == pytest.approx(20 / 3600, abs=1e-6)
     assert entries["testbva.dat"]["status"] == "skipped"
     assert entries["testbva.dat"]["reason"].startswith("data file of testbva.vhdr (BrainVision)")
     assert entries["good.edf"]["status"] == "written" and entries["good.edf"]["windows"] == 5
+    assert entries["session.xdf"]["status"] == "written" and entries["session.xdf"]["windows"] == 5
+    assert entries["session.xdf"]["channels_kept"] == list(EEGMAT_CHANNELS)
     flat = entries["flatchannel.edf"]
     assert (flat["status"], flat["channels_kept"], flat["channels_flat"]) == ("written", ["FP1", "O2"], ["CZ"])
     found = records(out)
-    assert {w.recording for w in found} == {"good.edf", "flatchannel.edf"}
+    assert {w.recording for w in found} == {"good.edf", "flatchannel.edf", "session.xdf"}
     assert all(w.channel_names == ("FP1", "O2") for w in found if w.recording == "flatchannel.edf")
     # Hours of the rejected recordings that could be read (absurd, flat, nan, nomap, tooshort, short).
-    assert report["totals"] == {"inputs": 13, "written": 2, "rejected": 10, "skipped": 1, "windows": 6,
-                                "hours_written": pytest.approx((62 + 20) / 3600, abs=1e-5),
+    assert report["totals"] == {"inputs": 20, "written": 3, "rejected": 12, "skipped": 5, "windows": 11,
+                                "hours_written": pytest.approx((2 * 62 + 20) / 3600, abs=1e-5),
                                 "hours_rejected": pytest.approx((4 * 20 + 3 + 0.5) / 3600, abs=1e-5)}
-    assert json.loads((out / "manifest.json").read_text())["rejected"] == 10
+    assert json.loads((out / "manifest.json").read_text())["rejected"] == 12
 
 
 def test_workers_give_identical_output(good, tmp_path):
@@ -277,12 +363,13 @@ def test_num_shards_partition_the_recordings(good, tmp_path):
                 progress=None)
     assert not first["report"]["complete"] and first["report"]["shard_indices_complete"] == [0]
     # Sorted positions 0 and 2 go to index 0, position 1 to index 1.
-    assert [e["recording"] for e in first["report"]["recordings"]] == ["eeglab_data.set", "Subject00_2.edf"]
+    read = lambda report: [e["recording"] for e in report["recordings"] if e["status"] != "skipped"]  # noqa: E731
+    assert read(first["report"]) == ["eeglab_data.set", "Subject00_2.edf"]
     second = run([str(FIXTURES), str(SUBJECT00_2)], out, labels=labels, workers=1, num_shards=2, shard_index=1,
                  progress=None)
     report = second["report"]
     assert report["complete"] and report["shard_indices_complete"] == [0, 1] and second["written"] == 1
-    assert [e["recording"] for e in report["recordings"]] == ["eeglab_data.set", "testbva.vhdr", "Subject00_2.edf"]
+    assert read(report) == ["eeglab_data.set", "testbva.vhdr", "Subject00_2.edf"] and report["totals"]["skipped"] == 4
     names = [p.name for p in shard_paths(out)]
     assert names == ["windows-00000-of-00002-00000.array_record", "windows-00001-of-00002-00000.array_record"]
     parts = [raw_records(shard) for shard in shard_paths(out)]
@@ -349,12 +436,21 @@ def test_discover(tmp_path):
                  "nk.eeg", "rec.mff/signal1.bin", "eeglab.set", "eeglab.fdt"):
         (a / name).write_bytes(b"")
     (a / "bv.vhdr").write_text("[Common Infos]\nDataFile=bv.eeg\nMarkerFile=bv.vmrk\n")
-    ids = [s.recording for s in discover([str(a)])]
+    ids = [s.recording for s in discover([str(a)]) if not s.skip]
     assert ids == ["bv.vhdr", "eeglab.set", "nk.eeg", "rec.mff", "sub/y.BDF", "x.edf"]
+    assert {s.recording: s.skip for s in discover([str(a)]) if s.skip} == {
+        ".hidden.edf": "hidden file", "._x.edf": "hidden file",
+        "bv.eeg": "data file of bv.vhdr (BrainVision); name the .vhdr to read the recording",
+        "bv.vmrk": "marker file of bv.vhdr (BrainVision); name the .vhdr to read the recording",
+        "eeglab.fdt": "data file of eeglab.set (EEGLAB); name the .set to read the recording",
+        "meta.json": "not a recording format read from a folder (.json); name the file as an INPUT to have it tried",
+        "notes.txt": "not a recording format read from a folder (.txt); name the file as an INPUT to have it tried"}
     assert {s.dataset for s in discover([str(a)])} == {"a"}
     assert [(s.recording, s.dataset) for s in discover([str(a / "*.edf")])] == [("x.edf", "a")]
     assert [(s.recording, s.dataset) for s in discover([str(a / "s*")])] == [("sub/y.BDF", "a")]  # a folder
-    assert [s.recording for s in discover([str(a / "x.edf"), str(a)], dataset="d")] == [
+    (named,) = [s for s in discover([str(a), str(a / "notes.txt")]) if s.recording == "notes.txt"]
+    assert not named.skip  # in the folder and named on its own: tried
+    assert [s.recording for s in discover([str(a / "x.edf"), str(a)], dataset="d") if not s.skip] == [
         "bv.vhdr", "eeglab.set", "nk.eeg", "rec.mff", "sub/y.BDF", "x.edf"]
     (skipped,) = discover([str(a / "bv.eeg")])
     assert skipped.skip.startswith("data file of bv.vhdr (BrainVision)")
@@ -431,15 +527,32 @@ class _Terminal(io.StringIO):
 
 def test_progress_line():
     terminal = _Terminal()
-    bar = Progress(terminal, total=2, done=0)
-    source = Source("x.edf", "x.edf", "d")
-    bar.update(Prepared(Task(source, Params()), _entry(source, "written", hours=1.5, windows=3)))
-    bar.update(Prepared(Task(source, Params()), _entry(source, "rejected", "flat")))
+    bar = Progress(terminal, total=3, done=0, job="build")
+    bar.resumed(1)  # one done by an earlier run: not counted in this run's pace
+    item = Item("x.edf", "x.edf", "d")
+    bar.update(entry(item, "written", hours=1.5, windows=3))
+    assert re.search(r"build 2/3 recordings \| 1.50 h of EEG written \| \S+ h/min \| 0 rejected \| ETA \d+m\d\ds$",
+                     bar.line())
+    bar.update(entry(item, "rejected", "flat"))
     bar.close()
     text = terminal.getvalue()
     assert "\r\033[K" in text and "rejected x.edf: flat" in text
-    assert "prep 2/2 recordings | 1.50 h of EEG written |" in text and text.endswith("1 rejected\n")
+    assert "build 3/3 recordings | 1.50 h of EEG written |" in text and text.endswith("1 rejected | ETA 0m00s\n")
     plain = io.StringIO()
     bar = Progress(plain, total=1, done=0)
-    bar.update(Prepared(Task(source, Params()), _entry(source, "written", hours=1.0, windows=3)))
+    assert bar.line().endswith("ETA ?")  # nothing done yet in this run
+    bar.update(entry(item, "written", hours=1.0, windows=3))
     assert plain.getvalue() == ""  # not a terminal: a plain line every 30 s, none for a fast job
+    quiet = Progress(None, total=1, done=0)
+    quiet.update(entry(item, "rejected", "flat"))  # --quiet: nothing is written anywhere
+    quiet.close()
+
+
+def test_quiet_prints_no_progress(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "notes.edf").write_text("not EEG\n")
+    assert main(["prep", str(tmp_path / "bad"), "--out", str(tmp_path / "loud"), "--workers", "1"]) == 0
+    assert "prep 1/1 recordings" in capsys.readouterr().err
+    assert main(["prep", str(tmp_path / "bad"), "--out", str(tmp_path / "quiet"), "--workers", "1", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -18,18 +18,18 @@ mains), resampled to 200 Hz, µV.
 """
 from __future__ import annotations
 
-import functools
 import os
 import re
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TextIO
 
 import numpy as np
 
-from data_prep.builders.common import (DEFAULT_SHARD_SIZE, SPLITS, FileWindows, Job, Plan, check_dtype,
-                                       make_windows, write_splits)
-from data_prep.preprocess import preprocess, read_recording, windows
-from labram_jax.channels import resolve_channels
+from data_prep.build import build
+from data_prep.engine import DEFAULT_SHARD_WINDOWS
+from data_prep.plan import SPLITS, Item, Params, Plan, Rule
+from data_prep.preprocess import windows
+from labram_jax.errors import UserError
 
 DATASET = "eegmat"
 SCALP = ("FP1", "FP2", "F3", "F4", "F7", "F8", "T3", "T4", "C3", "C4", "T5", "T6", "P3", "P4", "O1", "O2",
@@ -44,24 +44,6 @@ def eegmat_channels(include_a2: bool = True) -> tuple[str, ...]:
     return SCALP + ("A2",) if include_a2 else SCALP
 
 
-def eegmat_windows(job: Job, *, seconds: int = 5, stride: int | None = None, include_a2: bool = True,
-                   notch: float | None = 50.0, dtype: str = "float32") -> FileWindows:
-    """The windows of one EEGMAT file, on exactly the `eegmat_channels(include_a2)` channels in that order."""
-    raw = read_recording(job.path)
-    wanted = eegmat_channels(include_a2)
-    resolved = resolve_channels(raw.ch_names, drop_unknown=True)
-    file_name = {name: raw.ch_names[i] for name, i in zip(resolved.names, resolved.kept)}
-    missing = [name for name in wanted if name not in file_name]
-    if missing:
-        raise ValueError(f"missing channels {', '.join(missing)}")
-    raw.reorder_channels([file_name[name] for name in wanted])
-    recording = preprocess(raw, notch=notch, source=job.recording)
-    cut = windows(recording.signal, seconds, stride)
-    starts = np.arange(len(cut)) * float(seconds if stride is None else stride)
-    notes = () if len(cut) else (f"{recording.duration:g} s: shorter than one {seconds}-s window",)
-    return FileWindows(make_windows(job, cut, recording.channels, starts, dataset=DATASET, dtype=dtype), notes)
-
-
 def plan_eegmat(root: str | os.PathLike, *, splits: Mapping[str, Sequence[int]] | None = None, seconds: int = 5,
                 stride: int | None = None, include_a2: bool = True, notch: float | None = 50.0,
                 dtype: str = "float32") -> Plan:
@@ -69,34 +51,35 @@ def plan_eegmat(root: str | os.PathLike, *, splits: Mapping[str, Sequence[int]] 
     splits = DEFAULT_SPLITS if splits is None else splits
     unknown = set(splits) - set(SPLITS)
     if unknown:
-        raise ValueError(f"split names must be among {SPLITS}, got {sorted(unknown)}")
+        raise UserError(f"split names must be among {SPLITS}, got {sorted(unknown)}")
     split_of: dict[int, str] = {}
     for split, subjects in splits.items():
         for subject in subjects:
             if split_of.setdefault(int(subject), split) != split:
-                raise ValueError(f"subject {subject} is in both {split_of[int(subject)]} and {split}")
-    dtype = check_dtype(dtype)
+                raise UserError(f"subject {subject} is in both {split_of[int(subject)]} and {split}")
+    params = Params(window=seconds, stride=stride, dtype=dtype, notch=notch)
     windows(np.zeros((1, 0), np.float32), seconds, stride)  # rejects a bad seconds/stride before any file is read
     root = Path(root).resolve()
     files = sorted(root.glob("*.edf"))
     if not files:
         raise FileNotFoundError(f"no EEGMAT recordings (SubjectNN_1.edf, SubjectNN_2.edf) in {root}")
-    jobs, rejected = [], []
+    items = []
     for path in files:
         match = FILE_NAME.match(path.name)
         if not match:
-            rejected.append({"recording": path.name, "reason": "not an EEGMAT file name (SubjectNN_1/2.edf)"})
+            items.append(Item(str(path), path.name, DATASET, reject="not an EEGMAT file name (SubjectNN_1/2.edf)"))
         elif int(match[1]) not in split_of:
-            rejected.append({"recording": path.name, "reason": f"subject {match[1]} is in no split"})
+            items.append(Item(str(path), path.name, DATASET, reject=f"subject {match[1]} is in no split"))
         else:
-            jobs.append(Job(path=str(path), recording=path.name, subject=f"Subject{match[1]}",
-                            split=split_of[int(match[1])], label=LABELS[match[2]]))
+            items.append(Item(str(path), path.name, DATASET, label=LABELS[match[2]], subject=f"Subject{match[1]}",
+                              split=split_of[int(match[1])]))
     rule = "by subject: " + "; ".join(f"{split}: {_ranges(sorted(int(s) for s in subjects))}"
                                       for split, subjects in splits.items())
-    params = {"l_freq": 0.1, "h_freq": 75.0, "notch": notch, "sfreq": 200.0, "unit": "uV", "dtype": dtype,
-              "window_s": seconds, "stride_s": seconds if stride is None else stride,
-              "channels": list(eegmat_channels(include_a2)), "labels": {"0": "rest (_1)", "1": "task (_2)"}}
-    return Plan(dataset=DATASET, root=str(root), jobs=jobs, rejected=rejected, split_rule=rule, params=params)
+    details = {"l_freq": 0.1, "h_freq": 75.0, "notch": notch, "sfreq": 200.0, "unit": "uV", "dtype": dtype,
+               "window_s": seconds, "stride_s": seconds if stride is None else stride,
+               "channels": list(eegmat_channels(include_a2)), "labels": {"0": "rest (_1)", "1": "task (_2)"}}
+    return Plan(tuple(items), Rule(params, channels=eegmat_channels(include_a2)), dataset=DATASET,
+                source=str(root), split_rule=rule, details=details)
 
 
 def _ranges(numbers: list[int]) -> str:
@@ -113,14 +96,12 @@ def _ranges(numbers: list[int]) -> str:
 def build_eegmat(root: str | os.PathLike, out: str | os.PathLike, *, seconds: int = 5, stride: int | None = None,
                  splits: Mapping[str, Sequence[int]] | None = None, include_a2: bool = True,
                  notch: float | None = 50.0, dtype: str = "float32", workers: int = 1,
-                 shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Write EEGMAT to out/<split>/ (ArrayRecord shards + manifest.json) and out/report.json.
+                 shard_size: int = DEFAULT_SHARD_WINDOWS, progress: TextIO | None = None) -> dict:
+    """Write EEGMAT to out/<split>/ (ArrayRecord shards + manifest.json) and out/report.json (data_prep.build).
 
     `root`: the folder of SubjectNN_{1,2}.edf files. `splits`: split name -> subject numbers, default
-    `DEFAULT_SPLITS`. Returns the report (per-split counts, rejected files).
+    `DEFAULT_SPLITS`. Returns the report (per-split counts, every file's status).
     """
     plan = plan_eegmat(root, splits=splits, seconds=seconds, stride=stride, include_a2=include_a2, notch=notch,
                        dtype=dtype)
-    fn = functools.partial(eegmat_windows, seconds=seconds, stride=stride, include_a2=include_a2, notch=notch,
-                           dtype=plan.params["dtype"])
-    return write_splits(plan, out, fn, workers=workers, shard_size=shard_size)
+    return build(plan, out, workers=workers, shard_windows=shard_size, progress=progress)

@@ -17,17 +17,19 @@ in val for the other. test = the official edf/eval set.
 """
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
+from typing import TextIO
 
 import mne
 import numpy as np
 
-from data_prep.builders.common import (DEFAULT_SHARD_SIZE, FileWindows, Job, Plan, check_dtype, make_windows,
-                                       write_splits)
-from data_prep.preprocess import preprocess, read_recording, windows
+from data_prep.build import build
+from data_prep.engine import DEFAULT_SHARD_WINDOWS
+from data_prep.plan import Item, Params, Plan, Rule
+from data_prep.preprocess import read_recording
 from labram_jax.channels import TUH_CHANNELS
+from labram_jax.errors import UserError
 
 DATASET = "tuab"
 WINDOW_SECONDS = 10
@@ -82,13 +84,10 @@ def tuh_params(notch: float | None, dtype: str) -> dict:
             "channels": list(TUH_CHANNELS)}
 
 
-def tuab_windows(job: Job, *, notch: float | None = 50.0, dtype: str = "float32") -> FileWindows:
-    """The 10-s windows of one TUAB file."""
-    recording = preprocess(read_tuh(job.path), notch=notch, l_freq=L_FREQ, h_freq=H_FREQ, source=job.recording)
-    cut = windows(recording.signal, WINDOW_SECONDS)
-    starts = np.arange(len(cut)) * float(WINDOW_SECONDS)
-    notes = () if len(cut) else (f"{recording.duration:g} s: shorter than one {WINDOW_SECONDS}-s window",)
-    return FileWindows(make_windows(job, cut, recording.channels, starts, dataset=DATASET, dtype=dtype), notes)
+def tuh_rule(notch: float | None, dtype: str, window: int) -> Rule:
+    """The original's TUH files: its montage rule, its filters, the 23 channels in TUH order."""
+    return Rule(Params(window=window, dtype=dtype, notch=notch, l_freq=L_FREQ, h_freq=H_FREQ), reader=read_tuh,
+                channels=TUH_CHANNELS)
 
 
 def subject_of(path: Path) -> str:
@@ -99,11 +98,11 @@ def plan_tuab(root: str | os.PathLike, *, seed: int = 12345, val_fraction: float
               notch: float | None = 50.0, dtype: str = "float32") -> Plan:
     """Which TUAB file goes to which split, with its subject and label."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    dtype = check_dtype(dtype)
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rule = tuh_rule(notch, dtype, WINDOW_SECONDS)
     edf = tuh_root(root)
     rng = np.random.RandomState(seed)
-    jobs = []
+    items = []
     for part in ("train", "eval"):
         for name, label in CLASSES.items():
             files = sorted((edf / part / name / montage).glob("*.edf"))
@@ -114,28 +113,29 @@ def plan_tuab(root: str | os.PathLike, *, seed: int = 12345, val_fraction: float
                 split_of = {s: "train" for s in subjects[:n_train]} | {s: "val" for s in subjects[n_train:]}
             else:
                 split_of = {s: "test" for s in subjects}
-            jobs += [Job(path=str(path), recording=path.relative_to(edf).as_posix(), subject=subject_of(path),
-                         split=split_of[subject_of(path)], label=label) for path in files]
-    if not jobs:
+            items += [Item(str(path), path.relative_to(edf).as_posix(), DATASET, label=label,
+                           subject=subject_of(path), split=split_of[subject_of(path)]) for path in files]
+    if not items:
         raise FileNotFoundError(f"no TUAB recordings under {edf}: expected {{train,eval}}/{{abnormal,normal}}/"
                                 f"{montage}/*.edf")
-    rule = (f"train/val: per class, the sorted subjects (file name before the first '_') of edf/train/<class>/"
-            f"{montage} shuffled by np.random.RandomState({seed}) (abnormal first, then normal); first "
-            f"int(n * {1 - val_fraction:g}) train, the rest val. The original shuffles unseeded, so its split is not "
-            f"reproducible. test: edf/eval.")
-    params = tuh_params(notch, dtype) | {"window_s": WINDOW_SECONDS, "stride_s": WINDOW_SECONDS, "montage": montage,
-                                         "labels": {"0": "normal", "1": "abnormal"}, "seed": seed,
-                                         "val_fraction": val_fraction}
-    return Plan(dataset=DATASET, root=str(edf), jobs=jobs, rejected=[], split_rule=rule, params=params)
+    split_rule = (f"train/val: per class, the sorted subjects (file name before the first '_') of edf/train/<class>/"
+                  f"{montage} shuffled by np.random.RandomState({seed}) (abnormal first, then normal); first "
+                  f"int(n * {1 - val_fraction:g}) train, the rest val. The original shuffles unseeded, so its split "
+                  "is not reproducible. test: edf/eval.")
+    details = tuh_params(notch, dtype) | {"window_s": WINDOW_SECONDS, "stride_s": WINDOW_SECONDS,
+                                          "montage": montage, "labels": {"0": "normal", "1": "abnormal"},
+                                          "seed": seed, "val_fraction": val_fraction}
+    return Plan(tuple(items), rule, dataset=DATASET, source=str(edf), split_rule=split_rule, details=details)
 
 
 def build_tuab(root: str | os.PathLike, out: str | os.PathLike, *, seed: int = 12345, val_fraction: float = 0.2,
                montage: str = "01_tcp_ar", notch: float | None = 50.0, dtype: str = "float32", workers: int = 1,
-               shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Write TUAB to out/{train,val,test}/ (ArrayRecord shards + manifest.json) and out/report.json.
+               shard_size: int = DEFAULT_SHARD_WINDOWS, progress: TextIO | None = None) -> dict:
+    """Write TUAB to out/{train,val,test}/ (ArrayRecord shards + manifest.json) and out/report.json
+    (data_prep.build).
 
-    `root`: the TUAB v3 release folder or its `edf` folder. Returns the report (per-split counts, rejected files).
+    `root`: the TUAB v3 release folder or its `edf` folder. Returns the report (per-split counts, every file's
+    status).
     """
     plan = plan_tuab(root, seed=seed, val_fraction=val_fraction, montage=montage, notch=notch, dtype=dtype)
-    fn = functools.partial(tuab_windows, notch=notch, dtype=plan.params["dtype"])
-    return write_splits(plan, out, fn, workers=workers, shard_size=shard_size)
+    return build(plan, out, workers=workers, shard_windows=shard_size, progress=progress)

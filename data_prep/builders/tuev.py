@@ -26,19 +26,21 @@ original crashes without them); such files are rejected in report.json and their
 """
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import warnings
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
-from data_prep.builders.common import (DEFAULT_SHARD_SIZE, FileWindows, Job, Plan, check_dtype, make_windows,
-                                       one_line, write_splits)
-from data_prep.builders.tuab import (H_FREQ, L_FREQ, read_tuh, read_tuh_header, subject_of, tuh_montage_problem,
-                                     tuh_params, tuh_root)
-from data_prep.preprocess import preprocess
+from data_prep.build import build
+from data_prep.builders.tuab import read_tuh_header, subject_of, tuh_montage_problem, tuh_params, tuh_root, tuh_rule
+from data_prep.engine import DEFAULT_SHARD_WINDOWS
+from data_prep.plan import Events, Item, Plan
+from data_prep.preprocess import Recording, one_line
 from labram_jax.configs import PATCH_SIZE
+from labram_jax.errors import UserError
 
 DATASET = "tuev"
 CLASSES = ("SPSW", "GPED", "PLED", "EYEM", "ARTF", "BCKG")  # .rec codes 1..6
@@ -80,12 +82,10 @@ def event_window(signal: np.ndarray, t_start: float, t_end: float, sfreq: float 
     return signal[:, np.arange(low, high) % n], int(start) - PAD
 
 
-def tuev_windows(job: Job, *, notch: float | None = 50.0, dtype: str = "float32") -> FileWindows:
-    """One 5-s window per usable event row of the file's .rec."""
-    events = read_rec(rec_path(job.path))
-    recording = preprocess(read_tuh(job.path), notch=notch, l_freq=L_FREQ, h_freq=H_FREQ, source=job.recording)
+def tuev_events(recording: Recording, item: Item) -> Events:
+    """One 5-s window per usable event row of the recording's .rec."""
     cut, starts, labels, notes = [], [], [], []
-    for row, (_, t_start, t_end, code) in enumerate(events, start=1):
+    for row, (_, t_start, t_end, code) in enumerate(read_rec(rec_path(item.path)), start=1):
         try:
             if code not in range(1, len(CLASSES) + 1):
                 raise ValueError(f"code {code:g} is not one of 1..{len(CLASSES)}")
@@ -96,8 +96,9 @@ def tuev_windows(job: Job, *, notch: float | None = 50.0, dtype: str = "float32"
         cut.append(signal.reshape(signal.shape[0], WINDOW_SECONDS, PATCH_SIZE))
         starts.append(start / recording.sfreq)
         labels.append(int(code) - 1)
-    return FileWindows(make_windows(job, cut, recording.channels, starts, dataset=DATASET, dtype=dtype,
-                                    labels=labels), tuple(notes))
+    shape = (0, len(recording.channels.names), WINDOW_SECONDS, PATCH_SIZE)
+    return Events(np.stack(cut) if cut else np.zeros(shape, np.float32), tuple(starts), tuple(labels),
+                  tuple(notes))
 
 
 def _file_problem(path: Path) -> str | None:
@@ -124,8 +125,8 @@ def plan_tuev(root: str | os.PathLike, *, seed: int = 4523, val_fraction: float 
               dtype: str = "float32") -> Plan:
     """Which TUEV file goes to which split; files the original would skip are rejected here."""
     if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    dtype = check_dtype(dtype)
+        raise UserError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    rule = dataclasses.replace(tuh_rule(notch, dtype, WINDOW_SECONDS), events=tuev_events)
     edf = tuh_root(root)
     usable: dict[str, list[Path]] = {}
     rejected = []
@@ -134,35 +135,36 @@ def plan_tuev(root: str | os.PathLike, *, seed: int = 4523, val_fraction: float 
         for path in sorted((edf / part).rglob("*.edf")):
             problem = _file_problem(path)
             if problem:
-                rejected.append({"recording": path.relative_to(edf).as_posix(), "reason": problem})
+                rejected.append(Item(str(path), path.relative_to(edf).as_posix(), DATASET, reject=problem))
             else:
                 usable[part].append(path)
     if not usable["train"] and not usable["eval"] and not rejected:
         raise FileNotFoundError(f"no TUEV recordings under {edf}: expected {{train,eval}}/<subject>/*.edf + .rec")
     val = set(split_subjects([subject_of(p) for p in usable["train"]], seed=seed, val_fraction=val_fraction))
-    jobs = [Job(path=str(p), recording=p.relative_to(edf).as_posix(), subject=subject_of(p),
-                split="val" if subject_of(p) in val else "train") for p in usable["train"]]
-    jobs += [Job(path=str(p), recording=p.relative_to(edf).as_posix(), subject=subject_of(p), split="test")
-             for p in usable["eval"]]
-    rule = (f"val: np.random.RandomState({seed}).choice(sorted train subjects, int(n * {val_fraction:g}), "
-            "replace=False) over the n subjects (file name before the first '_') of edf/train with a usable file, "
-            "as the original's np.random.seed + np.random.choice (whose subject order came from a set); train: the "
-            "other train subjects; test: edf/eval.")
-    params = tuh_params(notch, dtype) | {"window_s": WINDOW_SECONDS, "event_padding_s": PAD / PATCH_SIZE,
-                                         "padding": "circular (signal tiled 3x)",
-                                         "labels": dict(enumerate(CLASSES)), "seed": seed,
-                                         "val_fraction": val_fraction}
-    return Plan(dataset=DATASET, root=str(edf), jobs=jobs, rejected=rejected, split_rule=rule, params=params)
+    items = [Item(str(p), p.relative_to(edf).as_posix(), DATASET, subject=subject_of(p),
+                  split="val" if subject_of(p) in val else "train") for p in usable["train"]]
+    items += [Item(str(p), p.relative_to(edf).as_posix(), DATASET, subject=subject_of(p), split="test")
+              for p in usable["eval"]]
+    split_rule = (f"val: np.random.RandomState({seed}).choice(sorted train subjects, int(n * {val_fraction:g}), "
+                  "replace=False) over the n subjects (file name before the first '_') of edf/train with a usable "
+                  "file, as the original's np.random.seed + np.random.choice (whose subject order came from a set); "
+                  "train: the other train subjects; test: edf/eval.")
+    details = tuh_params(notch, dtype) | {"window_s": WINDOW_SECONDS, "event_padding_s": PAD / PATCH_SIZE,
+                                          "padding": "circular (signal tiled 3x)",
+                                          "labels": dict(enumerate(CLASSES)), "seed": seed,
+                                          "val_fraction": val_fraction}
+    return Plan(tuple(rejected + items), rule, dataset=DATASET, source=str(edf), split_rule=split_rule,
+                details=details)
 
 
 def build_tuev(root: str | os.PathLike, out: str | os.PathLike, *, seed: int = 4523, val_fraction: float = 0.2,
                notch: float | None = 50.0, dtype: str = "float32", workers: int = 1,
-               shard_size: int = DEFAULT_SHARD_SIZE) -> dict:
-    """Write TUEV to out/{train,val,test}/ (ArrayRecord shards + manifest.json) and out/report.json.
+               shard_size: int = DEFAULT_SHARD_WINDOWS, progress: TextIO | None = None) -> dict:
+    """Write TUEV to out/{train,val,test}/ (ArrayRecord shards + manifest.json) and out/report.json
+    (data_prep.build).
 
     `root`: the TUEV v2 release folder or its `edf` folder, holding {train,eval}/<subject>/*.edf with their .rec.
-    Returns the report (per-split counts, rejected files, dropped events).
+    Returns the report (per-split counts, every file's status, dropped events as `notes`).
     """
     plan = plan_tuev(root, seed=seed, val_fraction=val_fraction, notch=notch, dtype=dtype)
-    fn = functools.partial(tuev_windows, notch=notch, dtype=plan.params["dtype"])
-    return write_splits(plan, out, fn, workers=workers, shard_size=shard_size)
+    return build(plan, out, workers=workers, shard_windows=shard_size, progress=progress)

@@ -1,4 +1,4 @@
-"""grain pipelines that turn window shards into fixed-shape, padded batches for a jitted step.
+"""grain pipelines that turn window shards into fixed-shape batches for a jitted step: padded or packed.
 
 Every batch has the same shapes whatever windows it holds (channels padded to `max_channels`, patches to
 `max_patches`), so the train step compiles once. The whole pipeline stays a random-access `MapDataset` up to the
@@ -15,6 +15,20 @@ Batch fields (B = global batch size / process count):
   target          float32 [B]             the label as a float, NaN when missing
   dataset         int32   [B]             index of the source (order of the `sources` dict)
   valid           bool    [B]             False for the rows that pad the last batch of a finite pass
+
+Packing (`pack_tokens` > 0, for pretraining and tokenizer training on mixtures): instead of padding every window
+to the grid, windows are packed into rows of `pack_tokens` patch tokens with up to `pack_windows` windows each
+(first-fit decreasing over `pack_buffer` consecutive windows of the shuffled stream), and a batch is
+`batch_size / process_count` such rows. labram_jax.models.packing describes how the models read them:
+  x               float32 [B, T, 200]     the windows' patches one after another, each window channel-major
+  segments        int32   [B, T]          window slot of each token (0 .. W-1), -1 for padding
+  mask            bool    [B, T]          True for a real patch
+  token_channels  int32   [B, T]          pos_embed row of each token; 0 for padding
+  token_times     int32   [B, T]          patch index of each token within its window; 0 for padding
+  label, target, dataset, valid           [B, W], per window slot as above; valid is False for an empty slot
+Each process packs its own share of the windows, so rows hold different numbers of windows on different
+processes; the stream is endless (num_epochs=None), so every process always has a next batch. With `workers`,
+each worker packs its own slice of the process's stream, so packed batches depend on the worker count.
 
 Resuming: `state = save_state(it)` is plain JSON; `restore_state(iter(same_pipeline), state)` continues with exactly
 the batches the first iterator would have produced. grain ties the state to the number of worker processes, so
@@ -56,11 +70,18 @@ class LoaderConfig:
     read_threads: int = 4
     prefetch: int = 8  # batches buffered per reader
     weights: Mapping[str, float] | None = None  # mixture proportions per source; None concatenates
+    pack_tokens: int = 0  # > 0: pack windows into rows of this many patch tokens; batch_size then counts rows
+    pack_windows: int = 4  # window slots (cls tokens) per packed row
+    pack_buffer: int = 256  # windows packed together: first-fit decreasing looks this far ahead
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= 16:
             # 16: the number of rows in the model's time embedding
             raise UserError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= 16, got {self}")
+        if self.pack_tokens < 0 or (self.pack_tokens and (self.pack_windows < 1 or self.pack_buffer < 1)):
+            raise UserError(f"need pack_tokens >= 0 and, when packing, pack_windows >= 1 and pack_buffer >= 1; "
+                             f"got pack_tokens={self.pack_tokens}, pack_windows={self.pack_windows}, "
+                             f"pack_buffer={self.pack_buffer}")
 
 
 def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources.ArrayRecordDataSource:
@@ -113,14 +134,124 @@ class _Example:
             x[:n, :a] = window.signal / np.float32(100)  # the model's input unit is 100 µV
             rows[:n] = window.channel_rows
             mask[:n, :a] = True
-            if window.label is not None:
-                target = float(window.label)
-                label = window.label if isinstance(window.label, int) else -1
+            label, target = _labels(window)
         return {"x": x, "input_chans": np.concatenate([[0], rows]).astype(np.int32), "mask": mask,
                 "token_channels": np.where(mask, rows[:, None], 0).reshape(-1),
                 "token_times": np.where(mask, np.arange(a_max, dtype=np.int32), 0).reshape(-1),
                 "label": np.int32(label), "target": np.float32(target), "dataset": np.int32(max(source, 0)),
                 "valid": np.bool_(source >= 0)}
+
+
+def _labels(window: Any) -> tuple[int, float]:
+    """(integer label or -1, the label as a float or NaN)."""
+    if window.label is None:
+        return -1, np.nan
+    return (window.label if isinstance(window.label, int) else -1), float(window.label)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tokens:
+    """Decodes one tagged record into its patch tokens, unpadded, for packing."""
+
+    pack_tokens: int
+
+    def __call__(self, item: tuple[int, bytes]) -> dict[str, Any]:
+        source, record = item
+        window = decode(record)
+        n, a, _ = window.signal.shape
+        if n * a > self.pack_tokens or a > 16:
+            raise UserError(f"window of {window.recording!r} at {window.start:g} s has {n} channels x {a} patches, "
+                             f"more than the loader's pack_tokens={self.pack_tokens} tokens or 16 patches")
+        label, target = _labels(window)
+        return {"x": (window.signal / np.float32(100)).reshape(n * a, PATCH).astype(np.float32),
+                "token_channels": np.repeat(window.channel_rows.astype(np.int32), a),
+                "token_times": np.tile(np.arange(a, dtype=np.int32), n),
+                "label": label, "target": target, "dataset": source}
+
+
+def first_fit_decreasing(sizes: Sequence[int], capacity: int, max_items: int) -> list[list[int]]:
+    """Bins of item indices: items by decreasing size (ties in stream order), each into the first bin with room
+    for it and fewer than max_items items."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        target = next((b for b, free in enumerate(room) if free >= sizes[i] and len(bins[b]) < max_items), None)
+        if target is None:
+            bins.append([])
+            room.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(i)
+        room[target] -= sizes[i]
+    return bins
+
+
+def _packed_row(windows: Sequence[dict[str, Any]], tokens: int, slots: int) -> dict[str, np.ndarray]:
+    x = np.zeros((tokens, PATCH), np.float32)
+    segments = np.full(tokens, -1, np.int32)
+    channels, times = np.zeros(tokens, np.int32), np.zeros(tokens, np.int32)
+    label, target = np.full(slots, -1, np.int32), np.full(slots, np.nan, np.float32)
+    dataset, valid = np.zeros(slots, np.int32), np.zeros(slots, bool)
+    start = 0
+    for slot, window in enumerate(windows):
+        span = slice(start, start + len(window["x"]))
+        x[span], segments[span] = window["x"], slot
+        channels[span], times[span] = window["token_channels"], window["token_times"]
+        label[slot], target[slot], dataset[slot], valid[slot] = (window["label"], window["target"],
+                                                                 window["dataset"], True)
+        start = span.stop
+    return {"x": x, "segments": segments, "mask": segments >= 0, "token_channels": channels, "token_times": times,
+            "label": label, "target": target, "dataset": dataset, "valid": valid}
+
+
+class _PackIterator(grain.DatasetIterator):
+    """Rows of packed windows. Its state is the parent's position at the start of the current chunk of
+    pack_buffer windows, the chunk's number and the next row: a restore re-reads and re-packs that chunk."""
+
+    def __init__(self, parent: grain.DatasetIterator, cfg: LoaderConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+        self._start, self._chunk, self._next = parent.get_state(), 0, 0
+        self._rows: list[dict[str, np.ndarray]] | None = None
+
+    def _pack(self) -> list[dict[str, np.ndarray]]:
+        cfg = self._cfg
+        windows = []
+        for window in self._parent:
+            windows.append(window)
+            if len(windows) == cfg.pack_buffer:
+                break
+        if not windows:
+            raise StopIteration
+        bins = first_fit_decreasing([len(w["x"]) for w in windows], cfg.pack_tokens, cfg.pack_windows)
+        # Decreasing sizes fill the first bins with the largest windows: shuffle the rows so batches mix sizes.
+        order = np.random.default_rng([cfg.seed, self._chunk]).permutation(len(bins))
+        return [_packed_row([windows[i] for i in bins[b]], cfg.pack_tokens, cfg.pack_windows) for b in order]
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._rows is None:
+            self._rows = self._pack()
+        while self._next == len(self._rows):
+            self._start, self._chunk, self._next = self._parent.get_state(), self._chunk + 1, 0
+            self._rows = self._pack()
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._start, "chunk": self._chunk, "row": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._start, self._chunk, self._next = state["parent"], state["chunk"], state["row"]
+        self._rows = None
+
+
+class _Packed(grain.IterDataset):
+    def __init__(self, parent: grain.IterDataset, cfg: LoaderConfig):
+        super().__init__(parent)
+        self._cfg = cfg
+
+    def __iter__(self) -> _PackIterator:
+        return _PackIterator(self._parent.__iter__(), self._cfg)
 
 
 def _records(sources: Sources, cfg: LoaderConfig) -> grain.MapDataset:
@@ -153,6 +284,9 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
     if cfg.batch_size % process_count:
         raise UserError(f"batch_size {cfg.batch_size} is not divisible by the {process_count} processes")
     ds = _records(sources, cfg)
+    if cfg.pack_tokens and len(ds) < sys.maxsize:
+        raise UserError(f"pack_tokens needs an endless stream (num_epochs=None), got num_epochs={cfg.num_epochs}: "
+                         "packed processes hold different numbers of rows, so a finite pass could not end together")
     if len(ds) < sys.maxsize:
         # Every process must produce the same number of batches or a collective step would hang: cut a finite pass
         # to whole global batches, or pad it with empty (valid=False) rows.
@@ -161,10 +295,16 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
             ds = ds[:whole * cfg.batch_size]
         elif rest:
             ds = grain.MapDataset.concatenate([ds, grain.MapDataset.source([_FILLER] * (cfg.batch_size - rest))])
-    ds = ds[process_index::process_count].map(_Example(cfg.max_channels, cfg.max_patches))
-    # Batching before to_iter_dataset keeps a batch's content independent of the number of workers.
-    ds = ds.batch(cfg.batch_size // process_count, drop_remainder=True)
-    it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch))
+    ds = ds[process_index::process_count]
+    read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
+    if cfg.pack_tokens:
+        it = _Packed(ds.map(_Tokens(cfg.pack_tokens)).to_iter_dataset(read), cfg)
+        it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
+    else:
+        # Batching before to_iter_dataset keeps a batch's content independent of the number of workers.
+        ds = ds.map(_Example(cfg.max_channels, cfg.max_patches)).batch(cfg.batch_size // process_count,
+                                                                       drop_remainder=True)
+        it = ds.to_iter_dataset(read)
     if cfg.workers:
         # grain's workers read an absl flag, which raises outside absl.app.run unless the flags count as parsed.
         if not flags.FLAGS.is_parsed():
@@ -176,7 +316,7 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
 def eval_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | None = None,
                  process_count: int | None = None) -> grain.IterDataset:
     """One pass in storage order over every window exactly once; the last batch is padded with valid=False rows."""
-    cfg = dataclasses.replace(cfg, shuffle=False, num_epochs=1, drop_remainder=False, weights=None)
+    cfg = dataclasses.replace(cfg, shuffle=False, num_epochs=1, drop_remainder=False, weights=None, pack_tokens=0)
     return make_dataset(sources, cfg, process_index=process_index, process_count=process_count)
 
 

@@ -17,6 +17,7 @@ from labram_jax.errors import UserError
 
 MAGIC = b"LBRW1"  # LaBraM window, format 1
 _LEN = struct.Struct("<I")
+_BIDS_ENTITIES = ("session", "task", "run")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,10 @@ class Window:
     subject: str = ""
     label: float | int | None = None  # class index (int) or regression target (float); None when unlabelled
     sfreq: float = 200.0
+    # BIDS entities of the recording (data_prep.bids); "" elsewhere
+    session: str = ""
+    task: str = ""
+    run: str = ""
 
     @property
     def input_chans(self) -> np.ndarray:
@@ -52,6 +57,8 @@ def encode(window: Window) -> bytes:
               "channel_names": list(window.channel_names), "recording": window.recording,
               "start": float(window.start), "dataset": window.dataset, "subject": window.subject,
               "label": window.label, "sfreq": float(window.sfreq)}
+    # Only when set: records without them stay byte-identical to those written before the fields existed.
+    header.update({name: getattr(window, name) for name in _BIDS_ENTITIES if getattr(window, name)})
     head = json.dumps(header, separators=(",", ":")).encode()
     return b"".join([MAGIC, _LEN.pack(len(head)), head, signal.astype(signal.dtype.newbyteorder("<")).tobytes(),
                      rows.tobytes()])
@@ -70,4 +77,5 @@ def decode(record: bytes) -> Window:
     rows = np.frombuffer(record, "<i2", shape[0], offset + count * dtype.itemsize)
     return Window(signal=signal, channel_rows=rows, channel_names=tuple(header["channel_names"]),
                   recording=header["recording"], start=header["start"], dataset=header["dataset"],
-                  subject=header["subject"], label=header["label"], sfreq=header["sfreq"])
+                  subject=header["subject"], label=header["label"], sfreq=header["sfreq"],
+                  **{name: header.get(name, "") for name in _BIDS_ENTITIES})

@@ -14,6 +14,7 @@ from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, TransformerConfig
 from labram_jax.errors import UserError
 from labram_jax.models.layers import (FINETUNE_INIT, PRETRAIN_INIT, Block, InitScheme, PatchEmbed, TemporalConv,
                                       dropout, layer_norm, linear, param, scaled, torch_default_uniform)
+from labram_jax.models.packing import Packing
 
 
 class Transformer(nnx.Module):
@@ -49,14 +50,26 @@ class Transformer(nnx.Module):
         cls = self.cls_token[...] + self.pos_embed[0][cls_row][:, None]
         return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches + patch_pos + time], axis=1)
 
-    def run_blocks(self, x: jax.Array, padding: jax.Array | None, rng: jax.Array | None) -> jax.Array:
-        """The blocks over [B, 1+L, D]; padding [B, L] (True = real patch) hides padded tokens as keys."""
-        keys = None if padding is None else jnp.pad(padding, ((0, 0), (1, 0)), constant_values=True)
+    def embed_packed(self, patches: jax.Array, packing: Packing, cls_rows: jax.Array) -> jax.Array:
+        """embed for a packed row: [B, W+T, D], window w's cls (pos_embed row cls_rows [B, W], no time embedding,
+        as alone) in slot w, then the tokens with their own channel and time rows."""
+        pos = self.pos_embed[0]
+        cls = self.cls_token[...] + pos[cls_rows]
+        return jnp.concatenate([cls, patches + pos[packing.channels] + self.time_embed[0][packing.times]], axis=1)
+
+    def run_blocks(self, x: jax.Array, padding: jax.Array | None, rng: jax.Array | None,
+                   packing: Packing | None = None) -> jax.Array:
+        """The blocks over [B, 1+L, D]; padding [B, L] (True = real patch) hides padded tokens as keys. With
+        packing, over [B, W+T, D] and each token attends only within its window."""
+        if packing is not None:
+            mask = packing.attention_mask()
+        else:
+            mask = None if padding is None else jnp.pad(padding, ((0, 0), (1, 0)), constant_values=True)[:, None, None]
         if rng is not None:
             drop_rng, rng = jax.random.split(rng)
             x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
         for i, block in enumerate(self.blocks):
-            x = _remat(block, self.cfg.remat)(x, keys, None if rng is None else jax.random.fold_in(rng, i))
+            x = _remat(block, self.cfg.remat)(x, mask, None if rng is None else jax.random.fold_in(rng, i))
         return x
 
     def patch_tokens(self, x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
@@ -68,6 +81,11 @@ class Transformer(nnx.Module):
         padding = None if padding is None else jnp.asarray(padding, bool).reshape(b, n * a)
         return self.patch_embed(x.astype(self.cfg.dtype), padding), input_chans, padding
 
+    def packed_patches(self, x: jax.Array, packing: Packing) -> jax.Array:
+        """Checked packed rows x [B, T, 200 or code_dim] -> patch embeddings [B, T, D]."""
+        _check_packed(x, packing)
+        return self.patch_embed(x.astype(self.cfg.dtype), packing=packing)
+
 
 def _remat(block: Block, policy: str):
     """The block's call, rematerialised in the backward pass as the config asks (saves activation memory)."""
@@ -75,7 +93,7 @@ def _remat(block: Block, policy: str):
         return block
     saveable = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}[policy]
     call = nnx.remat(Block.__call__, policy=saveable)
-    return lambda x, keys, rng: call(block, x, keys, rng)
+    return lambda x, mask, rng: call(block, x, mask, rng)
 
 
 def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None) -> None:
@@ -88,6 +106,15 @@ def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
         raise UserError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
     if padding is not None and tuple(padding.shape) != tuple(x.shape[:3]):
         raise UserError(f"mask must be [B, N, A] = {tuple(x.shape[:3])}; got shape {tuple(padding.shape)}")
+
+
+def _check_packed(x: jax.Array, packing: Packing) -> None:
+    if x.ndim != 3 or tuple(x.shape[:2]) != tuple(packing.segments.shape):
+        raise ValueError(f"packed x must be [B, T, features] with [B, T] = the segments' shape "
+                         f"{tuple(packing.segments.shape)}; got shape {x.shape}")
+    if packing.channels.shape != packing.segments.shape or packing.times.shape != packing.segments.shape:
+        raise ValueError(f"packing channels {packing.channels.shape} and times {packing.times.shape} must have the "
+                         f"segments' shape {packing.segments.shape}")
 
 
 def pool(tokens: jax.Array, padding: jax.Array | None) -> jax.Array:
@@ -116,32 +143,43 @@ class LaBraM(Transformer):
             else:
                 self.head = None
 
-    def tokens(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
+    def tokens(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+               rng: jax.Array | None = None, packing: Packing | None = None) -> jax.Array:
         """All tokens after the last block, before fc_norm: [B, 1 + N*A, D].
 
         mask [B, N, A] (True = real patch) marks padding in batches of mixed montages and lengths: padded patches
         take no part in GroupNorm statistics, attention or pooling, so real tokens come out as without padding.
+        With packing, x is packed rows [B, T, 200] (input_chans unused: each token has its row) and the result is
+        [B, W+T, D], the W cls tokens first; each window comes out as alone.
         """
+        if packing is not None:
+            cls_rows = jnp.zeros(packing.segments.shape[:1] + (packing.num_windows,), jnp.int32)  # input_chans[0]
+            h = self.embed_packed(self.packed_patches(x, packing), packing, cls_rows)
+            return self.run_blocks(h, None, rng, packing)
         patches, input_chans, padding = self.patch_tokens(x, input_chans, mask)
         h = self.embed(patches, input_chans, x.shape[2], input_chans[..., 0])
         return self.run_blocks(h, padding, rng)
 
-    def features(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
-                 rng: jax.Array | None = None) -> jax.Array:
-        """fc_norm(mean over patch tokens): [B, D], the input of the head."""
+    def features(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+                 rng: jax.Array | None = None, packing: Packing | None = None) -> jax.Array:
+        """fc_norm(mean over patch tokens): [B, D], the input of the head; with packing [B, W, D], per window."""
+        if packing is not None:
+            tokens = self.tokens(x, input_chans, rng=rng, packing=packing)[:, packing.num_windows:]
+            return self.fc_norm(packing.pool(tokens))
         padding = None if mask is None else jnp.asarray(mask, bool).reshape(x.shape[0], -1)
         return self.fc_norm(pool(self.tokens(x, input_chans, mask=mask, rng=rng)[:, 1:], padding))
 
-    def patch_features(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
-                       rng: jax.Array | None = None) -> jax.Array:
-        """fc_norm of every patch token: [B, N*A, D] (the original's return_patch_tokens)."""
-        return self.fc_norm(self.tokens(x, input_chans, mask=mask, rng=rng)[:, 1:])
+    def patch_features(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+                       rng: jax.Array | None = None, packing: Packing | None = None) -> jax.Array:
+        """fc_norm of every patch token: [B, N*A, D] (the original's return_patch_tokens); packed: [B, T, D]."""
+        skip = 1 if packing is None else packing.num_windows
+        return self.fc_norm(self.tokens(x, input_chans, mask=mask, rng=rng, packing=packing)[:, skip:])
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None,
-                 rng: jax.Array | None = None) -> jax.Array:
-        """Logits [B, num_classes] (features [B, D] when num_classes is 0). Pass rng to train with dropout."""
-        h = self.features(x, input_chans, mask=mask, rng=rng)
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+                 rng: jax.Array | None = None, packing: Packing | None = None) -> jax.Array:
+        """Logits [B, num_classes] (features [B, D] when num_classes is 0). Pass rng to train with dropout.
+        Packed rows give one row of logits per window slot: [B, W, num_classes]."""
+        h = self.features(x, input_chans, mask=mask, rng=rng, packing=packing)
         return self.head(h) if self.head is not None else h
 
 
@@ -155,17 +193,25 @@ class MaskedEEGModel(Transformer):
         # Unused by masked EEG modeling (the wrapper owns the lm_head it trains); kept so checkpoints round-trip.
         self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight)
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *, padding: jax.Array | None = None,
-                 rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, mask: jax.Array, *,
+                 padding: jax.Array | None = None, rng: jax.Array | None = None,
+                 packing: Packing | None = None) -> jax.Array:
         """norm of all tokens [B, 1 + N*A, D]; mask [B, N*A] is True where a patch is replaced by the mask token.
 
-        padding [B, N, A] (True = real patch), as LaBraM's `mask`, hides padded patches.
+        padding [B, N, A] (True = real patch), as LaBraM's `mask`, hides padded patches. With packing, x is packed
+        rows [B, T, 200], mask [B, T], and the result [B, W+T, D] (the W cls tokens first).
         """
-        patches, input_chans, padding = self.patch_tokens(x, input_chans, padding)
+        if packing is not None:
+            patches = self.packed_patches(x, packing)
+        else:
+            patches, input_chans, padding = self.patch_tokens(x, input_chans, padding)
         w = mask[..., None].astype(patches.dtype)
         # The mask token replaces the patch before the embeddings are added: masked patches keep channel and time.
         patches = patches * (1 - w) + self.mask_token[...] * w
         # Quirk of the original: the cls slot gets the first channel's row, pos_embed[input_chans[1]], not row 0.
+        if packing is not None:
+            return self.norm(self.run_blocks(self.embed_packed(patches, packing, packing.first_channel()), None,
+                                             rng, packing))
         h = self.embed(patches, input_chans, x.shape[2], input_chans[..., 1])
         return self.norm(self.run_blocks(h, padding, rng))
 
@@ -186,8 +232,9 @@ class LaBraMForMEM(nnx.Module):
                                                     kernel_init=torch_default_uniform(d),
                                                     bias_init=torch_default_uniform(d))])
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, mask: jax.Array, *, padding: jax.Array | None = None,
-                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, mask: jax.Array, *,
+                 padding: jax.Array | None = None, rng: jax.Array | None = None,
+                 packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
         """Logits of the masked patches [B, M, V] and, from the second pass with ~mask, of the others [B, L-M, V].
 
         Every row of `mask` must hold the same number M of True entries, as the original's random_masking makes;
@@ -196,12 +243,13 @@ class LaBraMForMEM(nnx.Module):
         from the pass that hid it: the first pass's where mask is True, the symmetric pass's elsewhere. That one
         array is both elements of the pair, and mem_loss scores the masked real patches of the first and the
         unmasked real patches of the second; the lm head then runs once per patch, as in the original, rather
-        than once per patch and pass.
+        than once per patch and pass. Packed rows (x [B, T, 200], mask [B, T]) give the same [B, T, V] form.
         """
         rngs = (None, None) if rng is None else jax.random.split(rng)
-        tokens = self.student(x, input_chans, mask, padding=padding, rng=rngs[0])[:, 1:]
-        tokens_sym = self.student(x, input_chans, ~mask, padding=padding, rng=rngs[1])[:, 1:]
-        if padding is not None:
+        skip = 1 if packing is None else packing.num_windows
+        tokens = self.student(x, input_chans, mask, padding=padding, rng=rngs[0], packing=packing)[:, skip:]
+        tokens_sym = self.student(x, input_chans, ~mask, padding=padding, rng=rngs[1], packing=packing)[:, skip:]
+        if padding is not None or packing is not None:
             logits = self.lm_head(jnp.where(mask[..., None], tokens, tokens_sym))
             return logits, logits
         num_masked = masked_count(mask)
@@ -223,20 +271,28 @@ def select(values: jax.Array, mask: jax.Array, count: int) -> jax.Array:
 
 
 def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: jax.Array,
-             padding: jax.Array | None = None) -> dict[str, jax.Array]:
+             padding: jax.Array | None = None, packing: Packing | None = None) -> dict[str, jax.Array]:
     """Cross-entropy on both passes, summed (engine_for_pretraining.py); tokens [B, N*A] from the tokenizer.
 
     Each term is a mean over all its scored patches of the batch, as the original's boolean selection gives.
-    With padding [B, N, A], x_rec/x_rec_sym are full [B, L, V] logits and padded patches are not scored.
+    With padding [B, N, A], x_rec/x_rec_sym are full [B, L, V] logits and padded patches are not scored. With
+    packing (full [B, T, V] logits), every term is one loss per window, [B, W], the window's loss alone;
+    packing.average gives the batch's.
     """
-    def ce(logits, labels, weights=None):
+    def nll(logits, labels):
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
-        if weights is None:
-            return nll.mean()
-        return (nll * weights).sum() / jnp.maximum(weights.sum(), 1)
+        return -jnp.take_along_axis(logp, labels[..., None], axis=-1)[..., 0]
 
-    if padding is None:
+    def ce(logits, labels, weights=None):
+        if weights is None:
+            return nll(logits, labels).mean()
+        return (nll(logits, labels) * weights).sum() / jnp.maximum(weights.sum(), 1)
+
+    if packing is not None:
+        real = packing.real
+        loss_rec = packing.window_mean(nll(x_rec, tokens), mask & real)
+        loss_rec_sym = packing.window_mean(nll(x_rec_sym, tokens), ~mask & real)
+    elif padding is None:
         loss_rec = ce(x_rec, select(tokens, mask, x_rec.shape[1]))
         loss_rec_sym = ce(x_rec_sym, select(tokens, ~mask, x_rec_sym.shape[1]))
     else:

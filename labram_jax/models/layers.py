@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from labram_jax.configs import TransformerConfig
+from labram_jax.models.packing import Packing
 
 Initializer = Callable[..., jax.Array]
 
@@ -129,16 +130,36 @@ class TemporalConv(nnx.Module):
         self.conv2, self.norm2 = conv(c, 3, 1), group_norm()
         self.conv3, self.norm3 = conv(c, 3, 1), group_norm()
 
-    def __call__(self, x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, padding: jax.Array | None = None, packing: Packing | None = None
+                 ) -> jax.Array:
         """x [B, N, A, 200] -> [B, N*A, D]; padding [B, N*A] (True = real patch) keeps padded patches out of the
-        GroupNorm statistics."""
-        b, n, a, t = x.shape
-        h = x.reshape(b, n * a, t, 1)  # NHWC: H = token, W = time
+        GroupNorm statistics. With packing, x is a packed row [B, T, 200] and the statistics are each window's."""
+        b, t = x.shape[0], x.shape[-1]
+        h = x.reshape(b, -1, t, 1)  # NHWC: H = token, W = time
         for conv, norm in ((self.conv1, self.norm1), (self.conv2, self.norm2), (self.conv3, self.norm3)):
             h = conv(h)
+            if packing is not None:
+                h = gelu(window_group_norm(norm, h, packing))
+                continue
             where = None if padding is None else jnp.broadcast_to(padding[:, :, None, None], h.shape)
             h = gelu(norm(h, mask=where))
-        return h.reshape(b, n * a, -1)  # [B, NA, T, C] -> (T C)
+        return h.reshape(b, h.shape[1], -1)  # [B, NA, T, C] -> (T C)
+
+
+def window_group_norm(norm: nnx.GroupNorm, h: jax.Array, packing: Packing) -> jax.Array:
+    """nnx.GroupNorm of h [B, T, S, C] with each window's statistics (its tokens x S x the group's channels), as the
+    original's per-sample statistics for that window alone; mean first, then the mean squared deviation."""
+    b, l, s, c = h.shape
+    g = h.astype(jnp.float32).reshape(b, l, s, norm.num_groups, c // norm.num_groups)
+    count = packing.sizes()[..., None] * (s * c // norm.num_groups)  # [B, W, 1]
+
+    def per_token_mean(values: jax.Array) -> jax.Array:  # [B, T, S, G, C/G] -> each token's window mean [B, T, G]
+        return packing.to_tokens(packing.window_sum(values).sum(axis=(2, 4)) / jnp.maximum(count, 1))
+
+    mean = per_token_mean(g)[:, :, None, :, None]
+    var = per_token_mean((g - mean) ** 2)[:, :, None, :, None]
+    scale = jnp.broadcast_to(jax.lax.rsqrt(var + norm.epsilon), g.shape).reshape(b, l, s, c) * norm.scale[...]
+    return ((g - mean).reshape(b, l, s, c) * scale + norm.bias[...]).astype(h.dtype)
 
 
 class PatchEmbed(nnx.Module):
@@ -150,8 +171,13 @@ class PatchEmbed(nnx.Module):
                              kernel_init=sharded(init, None, None, "code", "embed"),
                              bias_init=sharded(init, "embed"), dtype=cfg.dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
-        b, n, a, _ = x.shape  # [B, N, A, code_dim]; a per-token map, so padding needs no special care
+    def __call__(self, x: jax.Array, padding: jax.Array | None = None, packing: Packing | None = None
+                 ) -> jax.Array:
+        # x [B, N, A, code_dim], or a packed row [B, T, code_dim]; a per-token map, so padding and packing need no
+        # special care
+        if packing is not None:
+            return self.proj(x[:, :, None]).reshape(x.shape[0], x.shape[1], -1)
+        b, n, a, _ = x.shape
         return self.proj(x).reshape(b, n * a, -1)
 
 
@@ -168,9 +194,10 @@ class Attention(nnx.Module):
         self.k_norm = layer_norm(cfg.head_dim, cfg.layer_norm_eps, rngs, (None,)) if cfg.qk_norm else None
         self.proj = linear(d, d, ("qkv", "embed"), rngs, kernel_init=proj_init, dtype=cfg.dtype)
 
-    def __call__(self, x: jax.Array, keys: jax.Array | None = None,
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None,
                  rngs: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
-        """x [B, L, D]; keys [B, L] (True = attend to this token) hides padding."""
+        """x [B, L, D]; mask, boolean broadcastable to [B, 1 (heads), L (queries), L (keys)], True where a query may
+        attend to a key: [B, 1, 1, L] hides padding, [B, 1, L, L] keeps packed windows apart."""
         b, l, d = x.shape
         qkv = self.qkv(x)
         if self.q_bias is not None:
@@ -181,13 +208,12 @@ class Attention(nnx.Module):
             # LayerNorm computes in float32; back to v's dtype (as the original's type_as) for bf16 compute.
             q, k = self.q_norm(q).astype(v.dtype), self.k_norm(k).astype(v.dtype)
         attn_rng, proj_rng = rngs if rngs is not None else (None, None)
-        key_mask = None if keys is None else keys[:, None, None, :]  # [B, 1 (heads), 1 (queries), L]
         if self.attn_drop_rate > 0.0 and attn_rng is not None:
-            out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng, key_mask)
+            out = attention_with_dropout(q, k, v, self.attn_drop_rate, attn_rng, mask)
         elif self.attention == "cudnn":
-            out = fused_attention(q, k, v, self.attention, mask=key_mask)
+            out = fused_attention(q, k, v, self.attention, mask=mask)
         else:
-            out = softmax_attention(q, k, v, key_mask)
+            out = softmax_attention(q, k, v, mask)
         return dropout(self.proj(out.reshape(b, l, d)), self.drop_rate, proj_rng)
 
 
@@ -295,9 +321,10 @@ class Block(nnx.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def __call__(self, x: jax.Array, keys: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D]; mask: the attention mask (see Attention)."""
         rngs = jax.random.split(rng, 5) if rng is not None else [None] * 5
-        h = self.attn(self.norm1(x), keys, (rngs[0], rngs[1]))
+        h = self.attn(self.norm1(x), mask, (rngs[0], rngs[1]))
         if self.gamma_1 is not None:
             h = self.gamma_1[...] * h
         x = x + drop_path(h, self.drop_path_rate, rngs[2])

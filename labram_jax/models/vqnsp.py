@@ -13,6 +13,7 @@ from flax import nnx
 from labram_jax.configs import TokenizerConfig
 from labram_jax.models.labram import LaBraM
 from labram_jax.models.layers import FINETUNE_INIT, linear
+from labram_jax.models.packing import Packing
 
 
 class Codebook(nnx.Variable):
@@ -53,13 +54,15 @@ class NormEMAVectorQuantizer(nnx.Module):
         self.embedding = EmbeddingEMA(cfg, rngs)
 
     def __call__(self, z: jax.Array, *, padding: jax.Array | None = None, train: bool = False,
-                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+                 rng: jax.Array | None = None, packing: Packing | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """z [..., code_dim] -> (straight-through codes, commitment loss, token ids).
 
         In training the codebook moves by normalised EMA towards the mean of its assigned codes. The statistics are
         sums over the whole (global) batch: under jit on a mesh XLA all-reduces them, so every device holds the same
         codebook. padding [...] (True = real patch) keeps padded patches out of k-means, the EMA and the loss.
-        Unlike the original, an eval call changes no state (the original EMA-updates a usage statistic).
+        Unlike the original, an eval call changes no state (the original EMA-updates a usage statistic). With
+        packing (z [B, T, code_dim]), the loss is one per window, [B, W].
         """
         cfg = self.cfg
         z = l2norm(z.astype(jnp.float32))
@@ -83,7 +86,8 @@ class NormEMAVectorQuantizer(nnx.Module):
         z_q = codebook[ids].reshape(z.shape)
         if train:
             self._ema_update(flat, ids, weights)
-        loss = cfg.beta * masked_mean((jax.lax.stop_gradient(z_q) - z) ** 2, padding)
+        error = (jax.lax.stop_gradient(z_q) - z) ** 2
+        loss = cfg.beta * (masked_mean(error, padding) if packing is None else packing.window_mean(error))
         z_q = z + jax.lax.stop_gradient(z_q - z)
         return z_q, loss, ids.reshape(z.shape[:-1])
 
@@ -146,10 +150,16 @@ def masked_mean(x: jax.Array, padding: jax.Array | None) -> jax.Array:
     return (x * w).sum() / jnp.maximum(w.sum(), 1)
 
 
-def std_norm(x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
+def std_norm(x: jax.Array, padding: jax.Array | None = None, packing: Packing | None = None) -> jax.Array:
     """One mean and one unbiased std per sample over all its channels, patches and bins (torch.std default);
-    with padding [B, N, A] (True = real patch), over the real patches only."""
+    with padding [B, N, A] (True = real patch), over the real patches only; with packing (x [B, T, bins]), per
+    window."""
     axes = tuple(range(1, x.ndim))
+    if packing is not None:
+        count = packing.sizes() * x.shape[-1]
+        mean = packing.to_tokens(packing.window_sum(x).sum(-1) / jnp.maximum(count, 1))[..., None]
+        var = packing.to_tokens(packing.window_sum((x - mean) ** 2).sum(-1) / jnp.maximum(count - 1, 1))
+        return jnp.where(packing.real[..., None], (x - mean) / jnp.sqrt(var)[..., None], 0.0)
     if padding is None:
         return (x - x.mean(axes, keepdims=True)) / x.std(axes, ddof=1, keepdims=True)
     w = jnp.broadcast_to(jnp.asarray(padding, x.dtype)[..., None], x.shape)
@@ -159,19 +169,21 @@ def std_norm(x: jax.Array, padding: jax.Array | None = None) -> jax.Array:
     return jnp.where(w > 0, (x - mean) / std, 0.0)
 
 
-def fourier_targets(x: jax.Array, padding: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def fourier_targets(x: jax.Array, padding: jax.Array | None = None, packing: Packing | None = None
+                    ) -> tuple[jax.Array, jax.Array]:
     """std-normalised amplitude and phase of each patch's full 200-bin FFT, flattened to tokens [B, N*A, 200].
 
     The original's torch.fft.fft of a real signal is a real-to-complex transform mirrored by conjugate symmetry,
     so its DC and Nyquist bins have an imaginary part of exactly +0 and a phase of exactly 0 or pi. A complex FFT
     leaves a tiny residue there whose sign flips the phase to -pi, and since std_norm pools all bins of a sample
     that would shift every phase target; building the spectrum the same way reproduces the original.
+    With packing, x is packed rows [B, T, 200] and each window is normalised on its own.
     """
-    b, n, a, t = x.shape
+    b, t = x.shape[0], x.shape[-1]
     half = jnp.fft.rfft(x.astype(jnp.float32), axis=-1)
     spectrum = jnp.concatenate([half, jnp.conj(half[..., 1:t - t // 2][..., ::-1])], axis=-1)
-    return (std_norm(jnp.abs(spectrum), padding).reshape(b, n * a, t),
-            std_norm(jnp.angle(spectrum), padding).reshape(b, n * a, t))
+    return (std_norm(jnp.abs(spectrum), padding, packing).reshape(b, -1, t),
+            std_norm(jnp.angle(spectrum), padding, packing).reshape(b, -1, t))
 
 
 class VQNSP(nnx.Module):
@@ -185,37 +197,55 @@ class VQNSP(nnx.Module):
             self.decode_task_layer = TaskLayer(cfg.decoder.embed_dim, cfg.decoder_out_dim, rngs)
             self.decode_task_layer_angle = TaskLayer(cfg.decoder.embed_dim, cfg.decoder_out_dim, rngs)
 
-    def encode(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None, train: bool = False,
-               rng: jax.Array | None = None) -> dict[str, jax.Array]:
+    def encode(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+               train: bool = False, rng: jax.Array | None = None,
+               packing: Packing | None = None) -> dict[str, jax.Array]:
         """Quantize each patch of x [B, N, A, 200]: token ids [B, N*A] and their codes [B, N*A, code_dim].
 
-        mask [B, N, A] (True = real patch) marks padding, as for LaBraM.
+        mask [B, N, A] (True = real patch) marks padding, as for LaBraM; packed rows x [B, T, 200] give [B, T].
         """
-        to_quantizer = self.encode_task_layer(self.encoder.patch_features(x, input_chans, mask=mask))
-        padding = None if mask is None else jnp.asarray(mask, bool).reshape(to_quantizer.shape[:2])
-        quantize, emb_loss, tokens = self.quantize(to_quantizer, padding=padding, train=train, rng=rng)
+        to_quantizer = self.encode_task_layer(self.encoder.patch_features(x, input_chans, mask=mask,
+                                                                          packing=packing))
+        if packing is not None:
+            padding = packing.real
+        else:
+            padding = None if mask is None else jnp.asarray(mask, bool).reshape(to_quantizer.shape[:2])
+        quantize, emb_loss, tokens = self.quantize(to_quantizer, padding=padding, train=train, rng=rng,
+                                                   packing=packing)
         return {"tokens": tokens, "quantize": quantize, "emb_loss": emb_loss, "to_quantizer": to_quantizer}
 
-    def tokenize(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
-        """Token ids [B, N*A] (channel-major), the pretraining targets."""
-        return self.encode(x, input_chans, mask=mask)["tokens"]
+    def tokenize(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+                 packing: Packing | None = None) -> jax.Array:
+        """Token ids [B, N*A] (channel-major), the pretraining targets; packed rows give [B, T]."""
+        return self.encode(x, input_chans, mask=mask, packing=packing)["tokens"]
 
-    def decode(self, quantize: jax.Array, input_chans: jax.Array, num_patches: int, *,
-               mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    def decode(self, quantize: jax.Array, input_chans: jax.Array | None, num_patches: int, *,
+               mask: jax.Array | None = None, packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
+        if packing is not None:  # the codes of a packed row are already the decoder's tokens [B, T, code_dim]
+            feats = self.decoder.patch_features(quantize, None, packing=packing)
+            return self.decode_task_layer(feats), self.decode_task_layer_angle(feats)
         b, length, d = quantize.shape
         codes = quantize.reshape(b, length // num_patches, num_patches, d)  # the decoder's [B, N, A, code_dim]
         feats = self.decoder.patch_features(codes, input_chans, mask=mask)
         return self.decode_task_layer(feats), self.decode_task_layer_angle(feats)
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array, *, mask: jax.Array | None = None, train: bool = False,
-                 rng: jax.Array | None = None) -> dict[str, jax.Array]:
-        """The tokenizer's loss and its terms: commitment + MSE on amplitude + MSE on phase."""
-        amplitude, angle = fourier_targets(x, mask)
-        enc = self.encode(x, input_chans, mask=mask, train=train, rng=rng)
-        rec, rec_angle = self.decode(enc["quantize"], input_chans, x.shape[2], mask=mask)
-        padding = None if mask is None else jnp.asarray(mask, bool).reshape(rec.shape[:2])
-        rec_loss = masked_mean((rec - amplitude) ** 2, padding)
-        rec_angle_loss = masked_mean((rec_angle - angle) ** 2, padding)
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, *, mask: jax.Array | None = None,
+                 train: bool = False, rng: jax.Array | None = None,
+                 packing: Packing | None = None) -> dict[str, jax.Array]:
+        """The tokenizer's loss and its terms: commitment + MSE on amplitude + MSE on phase. With packing (x packed
+        rows [B, T, 200]) every term is one per window, [B, W], the window's alone; packing.average gives the
+        batch's."""
+        amplitude, angle = fourier_targets(x, mask, packing)
+        enc = self.encode(x, input_chans, mask=mask, train=train, rng=rng, packing=packing)
+        rec, rec_angle = self.decode(enc["quantize"], input_chans, x.shape[-2] if packing is None else 0,
+                                     mask=mask, packing=packing)
+        if packing is not None:
+            rec_loss = packing.window_mean((rec - amplitude) ** 2)
+            rec_angle_loss = packing.window_mean((rec_angle - angle) ** 2)
+        else:
+            padding = None if mask is None else jnp.asarray(mask, bool).reshape(rec.shape[:2])
+            rec_loss = masked_mean((rec - amplitude) ** 2, padding)
+            rec_angle_loss = masked_mean((rec_angle - angle) ** 2, padding)
         return {"loss": enc["emb_loss"] + rec_loss + rec_angle_loss, "emb_loss": enc["emb_loss"],
                 "rec_loss": rec_loss, "rec_angle_loss": rec_angle_loss, "tokens": enc["tokens"],
                 "rec": rec, "rec_angle": rec_angle}

@@ -1,7 +1,7 @@
 """Typed experiment configs and their `--set a.b=value` overrides.
 
 An experiment is a stage ("tokenizer", "pretrain" or "finetune"), a model, data, optimisation, mesh and
-checkpointing. Recipes in experiments/ are small functions returning one of these, as big_vision's configs are.
+checkpointing. Recipes (labram_jax/recipes/) are small functions returning one of these, as big_vision's configs are.
 """
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ class DataConfig:
     weights: tuple[float, ...] = ()  # mixture weight per train folder; empty = proportional to size
     max_channels: int = 64
     max_patches: int = 16
+    # > 0: training batches pack windows into rows of this many patch tokens (batch_size counts rows), with up to
+    # pack_windows windows per row, first-fit decreasing over pack_buffer windows; evaluation stays padded
+    pack_tokens: int = 0
+    pack_windows: int = 4
+    pack_buffer: int = 256
     workers: int = 0  # grain worker processes; keep fixed across a resume
     eval_batch_size: int = 0  # 0 = 1.5 x the training batch, as the original
 

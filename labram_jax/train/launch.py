@@ -1,4 +1,4 @@
-"""The command line every recipe in experiments/ shares.
+"""The command line every recipe shares: experiments/*.py and `labram train`.
 
     python experiments/finetune_tuab.py --workdir runs/tuab --data /data/tuab --set train.steps=20 model.depth=2
 
@@ -73,7 +73,7 @@ def _window_patches(folder: str, manifest: dict) -> int:
     if isinstance(window, int):
         return window
     if isinstance(window, str) and window.startswith("auto"):  # labram prep's rule, applied per channel set
-        from data_prep.prep import default_window
+        from data_prep.plan import default_window
 
         return max(default_window(len(names.split())) for names in manifest["channel_sets"])
     raise UserError(f"{folder}/manifest.json: preprocessing states no window length (window_s or window); "
@@ -110,27 +110,55 @@ def _initialize_distributed(args: argparse.Namespace) -> None:
             process_id=int(args.process_id if args.process_id is not None else os.environ.get("JAX_PROCESS_ID", 0)))
 
 
-def parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
-    p.add_argument("--workdir", required=True, help="checkpoints, logs and exports go here; a rerun resumes")
-    p.add_argument("--data", action="append", default=[], help="a dataset folder (repeatable)")
+def parser(description: str, p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """The recipes' flags, on a parser of their own or on `p` (`labram train`'s)."""
+    p = p or argparse.ArgumentParser(description=description)
+    p.add_argument("--workdir", required=True, metavar="DIR",
+                   help="checkpoints, logs and exports go here; a rerun resumes")
+    p.add_argument("--data", action="append", default=[], metavar="DIR",
+                   help="a dataset folder: a builder's output (train/, val/, test/) or shards to train on "
+                        "(repeatable)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="typed overrides, e.g. train.steps=20 model.depth=2")
-    p.add_argument("--seeds", default="", help="comma-separated seeds: one run each, then mean and std")
+                   help="typed overrides, e.g. train.steps=20 model.depth=2; train.steps replaces the recipe's "
+                        "epochs, with the warmup's share of them")
+    p.add_argument("--seeds", default="", metavar="S,S,...",
+                   help="comma-separated seeds: one run each, then mean and std (default: one run, train.seed)")
     p.add_argument("--aot", action="store_true", help="compile the train step ahead of time with abstract "
                                                       "shapes, print memory and FLOPs, and exit")
-    p.add_argument("--simulate-devices", type=int, default=0, help="CPU devices to simulate (for --aot)")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
-    p.add_argument("--num-processes", type=int)
-    p.add_argument("--process-id", type=int)
-    p.add_argument("--distributed", choices=("off", "auto"), default="off")
+    p.add_argument("--simulate-devices", type=int, default=0, metavar="N",
+                   help="CPU devices to simulate, for --aot (default: 0, the real devices)")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="process 0's address, for multi-host runs (default: $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=int, metavar="N",
+                   help="processes in a multi-host run (default: $JAX_NUM_PROCESSES, else 1)")
+    p.add_argument("--process-id", type=int, metavar="I",
+                   help="this process's index, 0..N-1 (default: $JAX_PROCESS_ID, else 0)")
+    p.add_argument("--distributed", choices=("off", "auto"), default="off",
+                   help="auto: JAX finds the cluster itself (TPU pods, SLURM) (default: off)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar or progress lines on stderr (default: shown; metrics.jsonl and "
+                        "TensorBoard are written either way)")
     return p
 
 
+def _explicit_steps(exp: Experiment, assignments: list[str]) -> Experiment:
+    """--set train.steps=N runs N steps where the recipe counts epochs; the warmup keeps its share of them."""
+    keys = {assignment.partition("=")[0] for assignment in assignments}
+    t = exp.train
+    if "train.steps" not in keys or "train.epochs" in keys or t.epochs <= 0:
+        return exp
+    warmup = t.warmup_steps if "train.warmup_steps" in keys else round(t.steps * t.warmup_epochs / t.epochs)
+    return exp.replace(train=dataclasses.replace(t, epochs=0.0, warmup_epochs=0.0, warmup_steps=warmup))
+
+
 def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int:
-    args = parser(recipe.__doc__ or "").parse_args(argv)
+    return run(recipe, parser(recipe.__doc__ or "").parse_args(argv))
+
+
+def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
+    """One recipe with the parsed flags of `parser`: train (or compile ahead of time) and print the summary."""
     try:  # every input is checked here, before JAX starts or anything is built
-        exp = override(recipe(), *args.set)
+        exp = _explicit_steps(override(recipe(), *args.set), args.set)
         if args.data:
             exp = _split_folders(args.data, exp)
         seeds = _seeds(args.seeds)
@@ -152,9 +180,9 @@ def main(recipe: Callable[[], Experiment], argv: list[str] | None = None) -> int
             aot.report(exp)
             return 0
         if seeds:
-            seed_runs.run(seeds, exp, Path(args.workdir))
+            seed_runs.run(seeds, exp, Path(args.workdir), progress=not args.quiet)
             return 0
-        summary = trainer.Trainer(exp, args.workdir).train()
+        summary = trainer.Trainer(exp, args.workdir).train(progress=not args.quiet)
     except UserError as error:  # found only once the data is read (a window larger than the loader's shape, ...)
         print(f"error: {one_line(error)}", file=sys.stderr)
         return 2

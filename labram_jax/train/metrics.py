@@ -54,15 +54,38 @@ def binary_metrics(y_true: npt.ArrayLike, logits_or_probs: npt.ArrayLike, *,
 
 def multiclass_metrics(y_true: npt.ArrayLike, logits: npt.ArrayLike) -> dict[str, float]:
     """accuracy, balanced_accuracy, cohen_kappa and f1_weighted of argmax(logits); logits (N, C), y_true in [0, C)."""
-    scores = np.asarray(logits, dtype=np.float64)
-    if scores.ndim != 2 or scores.shape[1] < 2:
-        raise ValueError(f"logits must have shape (N, C) with C >= 2, got {scores.shape}")
-    _check_finite(scores, "logits")
+    scores = _class_scores(logits)
     y = _labels(y_true, scores.shape[1])
     _check_lengths(y, scores)
     confusion = _confusion(y, np.argmax(scores, axis=1))
     return {"accuracy": _accuracy(confusion), "balanced_accuracy": _balanced_accuracy(confusion),
             "cohen_kappa": _cohen_kappa(confusion), "f1_weighted": _f1_weighted(confusion)}
+
+
+def roc_curve(y_true: npt.ArrayLike, logits_or_probs: npt.ArrayLike, *,
+              from_logits: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """The false and true positive rates of sklearn's `roc_curve` (drop_intermediate=True): the points whose area
+    is `roc_auc`, from (0, 0) to (1, 1). A rate is nan where y_true holds no negatives or no positives."""
+    y = _labels(y_true, 2)
+    score = _column(logits_or_probs, "logits_or_probs")
+    _check_lengths(y, score)
+    return _roc_points(*_cumulative_counts(y, _sigmoid(score) if from_logits else score))
+
+
+def confusion_matrix(kind: Literal["binary", "multiclass"], y_true: npt.ArrayLike,
+                     logits: npt.ArrayLike) -> np.ndarray:
+    """Counts [true class, predicted class] over all the task's classes, predicted as the metrics predict."""
+    if kind == "binary":
+        score = _column(logits, "logits")
+        classes, pred = 2, (_sigmoid(score) >= 0.5).astype(np.int64)
+    elif kind == "multiclass":
+        scores = _class_scores(logits)
+        classes, pred = scores.shape[1], np.argmax(scores, axis=1)
+    else:
+        raise ValueError(f"a confusion matrix needs a binary or multiclass task, not {kind!r}")
+    y = _labels(y_true, classes)
+    _check_lengths(y, pred)
+    return np.bincount(y * classes + pred, minlength=classes * classes).reshape(classes, classes)
 
 
 def regression_metrics(y_true: npt.ArrayLike, y_pred: npt.ArrayLike) -> dict[str, float]:
@@ -110,6 +133,14 @@ def _column(values: npt.ArrayLike, name: str) -> np.ndarray:
         raise ValueError(f"{name} is empty")
     _check_finite(array, name)
     return array
+
+
+def _class_scores(logits: npt.ArrayLike) -> np.ndarray:
+    scores = np.asarray(logits, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"logits must have shape (N, C) with C >= 2, got {scores.shape}")
+    _check_finite(scores, "logits")
+    return scores
 
 
 def _labels(y_true: npt.ArrayLike, num_classes: int) -> np.ndarray:
@@ -187,15 +218,20 @@ def _cumulative_counts(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarra
     return tps, fps
 
 
-def _roc_auc(tps: np.ndarray, fps: np.ndarray) -> float:
-    if tps[-1] == 0 or fps[-1] == 0:
-        return float("nan")
+def _roc_points(tps: np.ndarray, fps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(fpr, tpr) from the cumulative counts, with sklearn's first point (0, 0)."""
     # sklearn drops points collinear with their neighbours; that leaves the area as is but changes its rounding.
     if len(fps) > 2:
         corner = np.concatenate([[True], (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), [True]])
         tps, fps = tps[corner], fps[corner]
-    tpr = np.concatenate([[0.0], tps]) / tps[-1]
-    fpr = np.concatenate([[0.0], fps]) / fps[-1]
+    with np.errstate(invalid="ignore"):  # 0 / 0 where a class is absent: nan, as sklearn
+        return np.concatenate([[0.0], fps]) / fps[-1], np.concatenate([[0.0], tps]) / tps[-1]
+
+
+def _roc_auc(tps: np.ndarray, fps: np.ndarray) -> float:
+    if tps[-1] == 0 or fps[-1] == 0:
+        return float("nan")
+    fpr, tpr = _roc_points(tps, fps)
     return float(np.trapezoid(tpr, fpr))
 
 

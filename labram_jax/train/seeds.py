@@ -11,13 +11,13 @@ from labram_jax.train.metrics import mean_std
 from labram_jax.train.trainer import Trainer
 
 
-def run(seeds: list[int], exp: Experiment, workdir: Path) -> dict[str, tuple[float, float]]:
+def run(seeds: list[int], exp: Experiment, workdir: Path, progress: bool = True) -> dict[str, tuple[float, float]]:
     if not exp.data.test:  # known now, not after every seed has trained
         raise UserError("--seeds needs a test split to report on (a test/ folder beside train/)")
     runs = []
     for seed in seeds:
         summary = Trainer(exp.replace(train=dataclasses.replace(exp.train, seed=seed)),
-                          workdir / f"seed_{seed}").train()
+                          workdir / f"seed_{seed}").train(progress)
         # The paper reports the test metrics of the best validation checkpoint when there is one.
         prefix = "best_test/" if any(k.startswith("best_test/") for k in summary) else "test/"
         runs.append({k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)})

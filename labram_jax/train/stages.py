@@ -33,6 +33,7 @@ from labram_jax.convert.state_dict import ModelKind
 from labram_jax.data.shards import read_manifest
 from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM, mem_loss
+from labram_jax.models.packing import Packing
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train.config import Experiment
 from labram_jax.train.lora import LoRAParam
@@ -42,14 +43,28 @@ from labram_jax.train.metrics import BINARY_KEYS, MULTICLASS_KEYS, REGRESSION_KE
 Batch = dict[str, jax.Array]
 
 
-def random_mask(rng: jax.Array, padding: jax.Array, ratio: float) -> jax.Array:
-    """The original's random_masking per sample, over its real patches: keep int(L * (1 - ratio)) of the L real
-    patches with the smallest noise and mask the rest (so exactly L - int(L * (1 - ratio)) are masked)."""
-    real = padding.reshape(padding.shape[0], -1)
-    noise = jnp.where(real, jax.random.uniform(rng, real.shape), jnp.inf)  # padding ranks last
-    rank = jnp.argsort(jnp.argsort(noise, axis=1), axis=1)
-    keep = jnp.floor(real.sum(1, keepdims=True) * (1 - ratio)).astype(rank.dtype)
-    return real & (rank >= keep)
+def random_mask(rng: jax.Array, windows: jax.Array, ratio: float) -> jax.Array:
+    """The original's random_masking per window, over its real patches: keep int(L * (1 - ratio)) of the L real
+    patches with the smallest noise and mask the rest (so exactly L - int(L * (1 - ratio)) are masked).
+
+    windows: bool [B, ...] (True = real patch; one window per row, as a grid batch) or the int segment ids of
+    packed rows [B, T] (-1 = padding). Returns [B, L].
+    """
+    segments = windows.reshape(windows.shape[0], -1)
+    if segments.dtype == jnp.bool_:
+        segments = jnp.where(segments, 0, -1)
+    real = segments >= 0
+    window = jnp.where(real, segments, jnp.iinfo(jnp.int32).max)  # padding sorts last
+    # Sorted by window, and within a window by noise: a patch's place in its window's run is its noise rank.
+    by_noise = jnp.argsort(jax.random.uniform(rng, segments.shape), axis=1)
+    order = jnp.take_along_axis(by_noise, jnp.argsort(jnp.take_along_axis(window, by_noise, 1), axis=1,
+                                                      stable=True), 1)
+    run = jnp.take_along_axis(window, order, 1)
+    start = jax.vmap(lambda r: jnp.searchsorted(r, r, side="left"))(run)
+    length = jax.vmap(lambda r: jnp.searchsorted(r, r, side="right"))(run) - start
+    keep = jnp.floor(length * (1 - ratio)).astype(start.dtype)
+    masked = jnp.arange(run.shape[1]) - start >= keep
+    return real & jnp.take_along_axis(masked, jnp.argsort(order, axis=1), 1)
 
 
 def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: float) -> jax.Array:
@@ -120,7 +135,12 @@ def codebook_stats(tokens: jax.Array, padding: jax.Array, codebook_size: int) ->
 
 
 def _tokenizer_loss(model: VQNSP, batch: Batch, rng, exp: Experiment, frozen) -> tuple[jax.Array, dict]:
-    out = model(batch["x"], batch["input_chans"], mask=batch["mask"], train=True, rng=rng)
+    packing = Packing.of(batch)
+    if packing is None:
+        out = model(batch["x"], batch["input_chans"], mask=batch["mask"], train=True, rng=rng)
+    else:  # one loss per window, averaged over the batch's windows
+        out = model(batch["x"], None, packing=packing, train=True, rng=rng)
+        out |= {k: packing.average(out[k]) for k in ("loss", "emb_loss", "rec_loss", "rec_angle_loss")}
     stats = codebook_stats(out["tokens"], batch["mask"], exp.tokenizer.codebook_size)
     return out["loss"], {k: out[k] for k in ("emb_loss", "rec_loss", "rec_angle_loss")} | stats
 
@@ -131,15 +151,25 @@ def _tokenizer_outputs(model: VQNSP, batch: Batch, exp: Experiment, frozen) -> d
 
 
 def _pretrain_targets(tokenizer: VQNSP, batch: Batch) -> jax.Array:
+    packing = Packing.of(batch)
+    if packing is not None:
+        return jax.lax.stop_gradient(tokenizer.tokenize(batch["x"], None, packing=packing))
     return jax.lax.stop_gradient(tokenizer.tokenize(batch["x"], batch["input_chans"], mask=batch["mask"]))
 
 
 def _pretrain_loss(model: LaBraMForMEM, batch: Batch, rng, exp: Experiment, tokenizer) -> tuple[jax.Array, dict]:
     mask_rng, drop_rng = jax.random.split(rng)
-    mask = random_mask(mask_rng, batch["mask"], exp.train.mask_ratio)
+    packing = Packing.of(batch)
     tokens = _pretrain_targets(tokenizer, batch)
-    x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"], rng=drop_rng)
-    losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+    if packing is None:
+        mask = random_mask(mask_rng, batch["mask"], exp.train.mask_ratio)
+        x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"], rng=drop_rng)
+        losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+    else:  # each window masked and scored as alone, the batch's loss the mean over its windows
+        mask = random_mask(mask_rng, packing.segments, exp.train.mask_ratio)
+        x_rec, x_rec_sym = model(batch["x"], None, mask, packing=packing, rng=drop_rng)
+        losses = {k: packing.average(v) for k, v in mem_loss(x_rec, x_rec_sym, tokens, mask,
+                                                             packing=packing).items()}
     scored = (mask & batch["mask"].reshape(mask.shape)).astype(jnp.float32)
     accuracy = ((x_rec.argmax(-1) == tokens) * scored).sum() / jnp.maximum(scored.sum(), 1)
     return losses["loss"], {"loss_rec": losses["loss_rec"], "loss_rec_sym": losses["loss_rec_sym"],
@@ -156,6 +186,12 @@ def _pretrain_outputs(model: LaBraMForMEM, batch: Batch, exp: Experiment, tokeni
 
 
 def _finetune_loss(model: LaBraM, batch: Batch, rng, exp: Experiment, frozen) -> tuple[jax.Array, dict]:
+    packing = Packing.of(batch)
+    if packing is not None:  # one head output per window: the batch's windows as rows of labels
+        logits = model(batch["x"], None, packing=packing, rng=rng)
+        windows = {k: batch[k].reshape(-1) for k in ("label", "target", "valid")}
+        return classification_loss(logits.reshape(-1, logits.shape[-1]), windows, exp.task_kind,
+                                   exp.train.label_smoothing), {}
     logits = model(batch["x"], batch["input_chans"], mask=batch["mask"], rng=rng)
     return classification_loss(logits, batch, exp.task_kind, exp.train.label_smoothing), {}
 

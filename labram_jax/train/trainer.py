@@ -33,12 +33,14 @@ from labram_jax.errors import UserError
 from labram_jax.files import write_json
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
+from labram_jax.train import outputs as eval_outputs
 from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import Experiment
-from labram_jax.train.flops import step_flops as analytic_step_flops
+from labram_jax.train.flops import row_tokens, step_flops as analytic_step_flops
 from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
+from labram_jax.train.progress import Progress
 from labram_jax.train.stages import STAGES, check_labels
 
 State = dict[str, Any]
@@ -258,14 +260,16 @@ class Trainer:
         d = self.exp.data
         weights = dict(zip(map(str, d.train), d.weights)) if d.weights else None
         return LoaderConfig(batch_size=batch_size, max_channels=d.max_channels, max_patches=d.max_patches,
-                            seed=self.exp.train.seed, workers=d.workers, weights=weights)
+                            seed=self.exp.train.seed, workers=d.workers, weights=weights,
+                            pack_tokens=d.pack_tokens, pack_windows=d.pack_windows, pack_buffer=d.pack_buffer)
 
     def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
-    def evaluate(self, split: str) -> dict[str, float]:
-        """The stage's metrics over a whole split, every process's share gathered first."""
+    def evaluate(self, split: str, save_as: str = "") -> dict[str, float]:
+        """The stage's metrics over a whole split, every process's share gathered first. save_as: fine-tuning
+        also writes the per-window labels and logits to outputs/SAVE_AS.npz (labram_jax.train.outputs)."""
         paths = getattr(self.exp.data, split)
         size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
         size = max(size - size % self.batch_multiple, self.batch_multiple)
@@ -280,6 +284,9 @@ class Trainer:
         if self.exp.stage == "finetune":
             labels = out["label"] if self.exp.task_kind != "regression" else out["target"]
             result |= paper_metrics.task_metrics(self.exp.task_kind, labels[valid], out["logits"][valid])
+            if save_as and jax.process_index() == 0:
+                eval_outputs.save(self.workdir / "outputs" / f"{save_as}.npz", self.exp.task_kind, labels[valid],
+                                  out["logits"][valid])
         return {f"{split}/{k}": v for k, v in result.items()}
 
     # -- exports ------------------------------------------------------------------------------------------------
@@ -316,15 +323,17 @@ class Trainer:
         return target
 
     # -- the loop -----------------------------------------------------------------------------------------------
-    def train(self) -> dict[str, float]:
+    def train(self, progress: bool = True) -> dict[str, float]:
         """Train to train.steps, resuming from the latest checkpoint. On SIGTERM or SIGINT the step in flight
-        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step)."""
+        finishes, a checkpoint of it is written and preemption.Preempted raised (every process at the same step).
+        progress=False: no progress bar or lines (labram_jax.train.progress)."""
         # The checkpoints and the logger close on every way out (NonFiniteLoss, any error), so that an
         # asynchronous save in flight commits and the logs are flushed.
         with preemption.StopSignals("training") as signals, contextlib.ExitStack() as closing:
-            return self._train(preemption.StopAgreement(signals), closing)
+            return self._train(preemption.StopAgreement(signals), closing, progress)
 
-    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack) -> dict[str, float]:
+    def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
+               progress: bool = True) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
         best_metric, higher = self.stage.best_metric(exp)
         if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
@@ -346,11 +355,13 @@ class Trainer:
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             write_json(self.workdir / "config.json", dataclasses.asdict(exp), default=str)
         step = int(self.state["step"])
+        live = Progress(t.steps, step, t.batch_size, enabled=progress)
+        logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
         analytic = analytic_step_flops(self.exp) / jax.device_count()  # per device, as XLA's count
-        tokens_per_step = t.batch_size * exp.data.max_channels * exp.data.max_patches
+        tokens_per_step = t.batch_size * row_tokens(exp)[0]  # patch tokens a step computes, padding included
         last_log, summary = time.perf_counter(), {}
         # Steps run ahead of the host: finiteness is read at log, eval and save steps (a per-step read would
         # stall the host until the step ends), and the host loads the next batch while one step is in flight.
@@ -364,6 +375,7 @@ class Trainer:
             self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
             in_flight = m
             step += 1
+            live.advance(step)
             if not t.skip_nonfinite:
                 unchecked.append((step, data_state, m))
             logs = step % t.log_every == 0 or step == t.steps
@@ -391,28 +403,27 @@ class Trainer:
             ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
             if stop():
                 check_finite(unchecked)  # never save a step whose loss or gradient was not finite
-                self._preempted(step, ckpt, logger, save_state(iterator), meta)
+                self._preempted(step, ckpt, save_state(iterator), meta)
         if exp.data.val:
             meta = self._validate(step, logger, best_metric, higher, meta, summary)
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, save_state(iterator), meta)
         if stop(final=True):  # a signal during the last step or the final validation: the rest can run later
-            self._preempted(step, ckpt, logger, save_state(iterator), meta)
+            self._preempted(step, ckpt, save_state(iterator), meta)
         ckpt.close()
         self.export("export")
         if exp.data.test:
-            summary |= self.evaluate("test")
+            summary |= self.evaluate("test", save_as="test")
             if meta.get("best") is not None:
                 summary |= {f"best_{k}": v for k, v in self._best_test().items()}
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
         return summary
 
-    def _preempted(self, step: int, ckpt: Checkpoints, logger: MetricLogger, data_state: Any,
-                   meta: dict) -> NoReturn:
+    def _preempted(self, step: int, ckpt: Checkpoints, data_state: Any, meta: dict) -> NoReturn:
+        """Save the step reached; train()'s exit closes the checkpoints (waiting for the commit) and the logs
+        before the caller reports it."""
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, data_state, meta)
-        ckpt.close()  # waits until the write has committed
-        logger.close()
         raise preemption.Preempted(f"stopped at step {step}: checkpoint {ckpt.directory / str(step)} saved; "
                                    "the same command resumes from it")
 
@@ -442,7 +453,7 @@ class Trainer:
             {k: self.shardings[k] for k in ("params", "fixed", "rest")},
             {"params": params, "fixed": fixed, "rest": rest}))
         try:
-            return self.evaluate("test")
+            return self.evaluate("test", save_as="best_test")
         finally:
             self.state = current
 
@@ -455,6 +466,13 @@ class Trainer:
     def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
         b, d = self.exp.train.batch_size, self.exp.data
         n, a = d.max_channels, d.max_patches
+        if d.pack_tokens:  # labram_jax.data.pipeline's packed rows
+            t, w = d.pack_tokens, d.pack_windows
+            shapes = {"x": ((b, t, 200), jnp.float32), "segments": ((b, t), jnp.int32), "mask": ((b, t), jnp.bool_),
+                      "token_channels": ((b, t), jnp.int32), "token_times": ((b, t), jnp.int32),
+                      "label": ((b, w), jnp.int32), "target": ((b, w), jnp.float32),
+                      "dataset": ((b, w), jnp.int32), "valid": ((b, w), jnp.bool_)}
+            return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
         shapes = {"x": ((b, n, a, 200), jnp.float32), "input_chans": ((b, n + 1), jnp.int32),
                   "mask": ((b, n, a), jnp.bool_), "token_channels": ((b, n * a), jnp.int32),
                   "token_times": ((b, n * a), jnp.int32), "label": ((b,), jnp.int32), "target": ((b,), jnp.float32),
