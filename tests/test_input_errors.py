@@ -82,7 +82,7 @@ def test_bad_input_to_a_command_is_one_line(tmp_path, capsys):
 def test_a_bug_inside_a_recipe_keeps_its_traceback(tmp_path, monkeypatch):
     write_split(tmp_path / "data" / "train", windows(8))
 
-    def bug(self):
+    def bug(self, **kwargs):
         raise ValueError("a bug")
     monkeypatch.setattr(Trainer, "train", bug)
     with pytest.raises(ValueError, match="a bug"):
