@@ -25,13 +25,13 @@ from flax import nnx
 from labram_jax import __version__
 from labram_jax.checkpoint import is_export, load_model, save_model
 from labram_jax.checkpoint.export import META
-from labram_jax.convert import from_pytorch, state_dict, task_of, write_pth, write_safetensors
+from labram_jax.convert import from_pytorch, kind_of, state_dict, write_pth, write_safetensors
 from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
 from labram_jax.convert.braindecode import (DEFAULT_N_TIMES, WEIGHTS, TimeEmbeddingWarning, from_braindecode,
                                            to_braindecode)
 from labram_jax.convert.state_dict import Model
 from labram_jax.demo import SAMPLE
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 from labram_jax.preemption import EXIT_CODE, Preempted
 
 # One per subcommand, shown by `labram --help`.
@@ -65,11 +65,11 @@ def _read_model(source: Path, args: argparse.Namespace) -> Model:
         else:
             raise CommandError(f"{source}: neither a labram-jax export ({META}) nor a braindecode Labram directory "
                                f"({BRAINDECODE_CONFIG} + {WEIGHTS})")
-        if args.task is not None and args.task != task_of(model):
-            raise CommandError(f"{source} holds a {task_of(model)} model, not {args.task}")
+        if args.kind is not None and args.kind != kind_of(model):
+            raise CommandError(f"{source} holds a {kind_of(model)} model, not {args.kind}")
         return model
     if source.is_file():
-        return from_pytorch(source, args.task or "classify", num_classes=args.num_classes)
+        return from_pytorch(source, args.kind or "classify", num_classes=args.num_classes)
     raise CommandError(f"{source}: no such file or directory")
 
 
@@ -94,12 +94,12 @@ def convert(args: argparse.Namespace) -> int:
             write_pth(out, {"model": state_dict(model)})
     for warning in caught:
         if issubclass(warning.category, TimeEmbeddingWarning):
-            print(f"labram convert: warning: {' '.join(str(warning.message).split())}", file=sys.stderr)
+            print(f"labram convert: warning: {one_line(str(warning.message))}", file=sys.stderr)
         else:
             warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    kind = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
-            "braindecode": f"braindecode's Labram (n_times={n_times})"}[to]
-    print(f"wrote {task_of(model)} model ({_parameter_count(model):,} parameters) as {kind} to {out}")
+    written = {"export": "a labram-jax export", "pth": "a .pth", "safetensors": "a .safetensors",
+               "braindecode": f"braindecode's Labram (n_times={n_times})"}[to]
+    print(f"wrote {kind_of(model)} model ({_parameter_count(model):,} parameters) as {written} to {out}")
     return 0
 
 
@@ -186,8 +186,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="what to write: a labram-jax export directory, the original's .pth or the same state "
                         "dict as .safetensors, or a directory braindecode's Labram.from_pretrained loads "
                         "(default: from OUT's suffix)")
-    p.add_argument("--task", choices=("classify", "pretrain", "tokenizer"),
-                   help="model kind in a .pth or .safetensors (default: classify)")
+    p.add_argument("--kind", choices=("classify", "pretrain", "tokenizer"),
+                   help="the model kind in a .pth or .safetensors (default: classify; a pretraining checkpoint "
+                        "read as classify keeps its student)")
     p.add_argument("--num-classes", type=int, metavar="N",
                    help="head width when the .pth has another (or none) (default: the .pth's)")
     p.add_argument("--n-times", type=int, metavar="SAMPLES",
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as error:  # bad input; anything else is a bug, and keeps its traceback
-        print(f"labram {args.command}: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"labram {args.command}: {one_line(error)}", file=sys.stderr)
         return 2
     except Preempted as stop:  # SIGTERM or SIGINT: the work so far is saved, and a rerun resumes
         print(f"labram {args.command}: {stop}", file=sys.stderr)

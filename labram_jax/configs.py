@@ -3,11 +3,16 @@
 Defaults are the original's (github 935963004/LaBraM, c431221): the `labram_*` factories in modeling_finetune.py
 and modeling_pretrain.py with the README's fine-tuning flags, and `vqnsp_encoder_*` in modeling_vqnsp.py with the
 README's 8192 x 64 codebook. Variants are small functions returning a config, as big_vision does.
+
+A config is the architecture (what an export keeps) and, in RUNTIME_FIELDS, how it runs: compute dtype, attention
+implementation and rematerialisation, set where the model runs (the trainer from its run's config; `labram embed`
+and `labram convert` at the defaults: float32, the explicit attention, no remat). Matmul precision is not a config
+field at all: the trainer sets it around its step.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 from labram_jax.errors import UserError
 
@@ -41,6 +46,7 @@ class TransformerConfig:
     init_scale: float = 0.001
     # The pretraining vocabulary (lm_head width); the tokenizer's codebook size.
     vocab_size: int = 8192
+    # The runtime settings (RUNTIME_FIELDS), which an export does not keep.
     # None/'xla': the explicit softmax attention (layers.softmax_attention), anywhere; 'cudnn': cuDNN's fused kernel
     # through jax.nn.dot_product_attention, on NVIDIA GPUs.
     attention: Literal["xla", "cudnn"] | None = None
@@ -89,6 +95,32 @@ class TokenizerConfig:
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)
+
+
+RUNTIME_FIELDS = ("attention", "dtype", "remat")
+Config = TypeVar("Config", TransformerConfig, TokenizerConfig)
+
+
+def with_runtime(cfg: Config, **settings: Any) -> Config:
+    """`cfg`'s architecture with runtime `settings` (RUNTIME_FIELDS) on each of its Transformers."""
+    if unknown := set(settings) - set(RUNTIME_FIELDS):
+        raise UserError(f"not runtime settings: {', '.join(sorted(unknown))} (they are {', '.join(RUNTIME_FIELDS)})")
+    if isinstance(cfg, TokenizerConfig):
+        return cfg.replace(encoder=cfg.encoder.replace(**settings), decoder=cfg.decoder.replace(**settings))
+    return cfg.replace(**settings)
+
+
+def runtime_of(cfg: Config) -> dict[str, Any]:
+    """The runtime settings of `cfg` (a tokenizer's: its encoder's, which the trainer sets as its decoder's)."""
+    transformer = cfg.encoder if isinstance(cfg, TokenizerConfig) else cfg
+    return {name: getattr(transformer, name) for name in RUNTIME_FIELDS}
+
+
+def architecture(cfg: TransformerConfig | TokenizerConfig) -> dict[str, Any]:
+    """`cfg` as a dict without its runtime settings: what an export keeps."""
+    def strip(raw: dict[str, Any]) -> dict[str, Any]:
+        return {k: strip(v) if isinstance(v, dict) else v for k, v in raw.items() if k not in RUNTIME_FIELDS}
+    return strip(dataclasses.asdict(cfg))
 
 
 # The paper's three sizes (modeling_finetune.py factories; the pretraining factories match).

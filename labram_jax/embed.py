@@ -72,7 +72,9 @@ def embed(checkpoint: str | os.PathLike, recordings: list[str | os.PathLike], *,
             batch = x[start:start + batch_size]
             # Pad the last batch to the full size so every call reuses one compiled program.
             padded = np.concatenate([batch, np.zeros((batch_size - len(batch),) + batch.shape[1:], batch.dtype)])
-            p, t = features(state, jnp.asarray(padded), chans)
+            # Exact float32 matmuls on GPUs too (their default takes reduced-precision passes), as the trainer's.
+            with jax.default_matmul_precision("highest"):
+                p, t = features(state, jnp.asarray(padded), chans)
             pooled.append(np.asarray(p)[:len(batch)])
             if patches:
                 per_patch.append(np.asarray(t)[:len(batch)])

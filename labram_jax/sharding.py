@@ -89,16 +89,17 @@ def variable_sharding(var: nnx.Variable, mesh: Mesh, what: str = "a variable") -
     return NamedSharding(mesh, logical_to_mesh(names, np.shape(value), mesh, what=what))
 
 
-def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """A NamedSharding for every variable of a model's state, from its logical axis names."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, var: variable_sharding(var, mesh, jax.tree_util.keystr(path)), state,
-        is_leaf=lambda x: isinstance(x, nnx.Variable))
+def tree_shardings(tree: Any, mesh: Mesh) -> Any:
+    """A NamedSharding for every leaf of `tree`: model variables by their logical axis names, every other leaf
+    (optimizer counters, the step, the RNG key) replicated."""
+    replicated = NamedSharding(mesh, PartitionSpec())
 
-
-def shard_state(state: nnx.State, mesh: Mesh) -> nnx.State:
-    """Place a model's state on the mesh by the rule table."""
-    return jax.device_put(state, state_shardings(state, mesh))
+    def place(path, leaf):
+        # optax.masked leaves an empty MaskedNode inside some Variables: nothing to place there.
+        if isinstance(leaf, nnx.Variable) and hasattr(leaf.get_value(), "shape"):
+            return variable_sharding(leaf, mesh, jax.tree_util.keystr(path))
+        return replicated
+    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

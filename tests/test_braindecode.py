@@ -212,7 +212,7 @@ def test_cli_n_times_errors(tmp_path, capsys, argv, message):
 
 def test_non_classifier_has_no_braindecode_counterpart(tmp_path, capsys):
     tokenizer = FINETUNE.with_name("tokenizer.pth")
-    assert main(["convert", str(tokenizer), str(tmp_path / "bd"), "--task", "tokenizer", "--to", "braindecode"]) == 2
+    assert main(["convert", str(tokenizer), str(tmp_path / "bd"), "--kind", "tokenizer", "--to", "braindecode"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "tokenizer" in err and "braindecode" in err
 

@@ -26,7 +26,7 @@ SAMPLE = ROOT / "sample_data" / "eegmat"
                                        ("tokenizer", "tokenizer")])
 def test_convert_round_trip(tmp_path, capsys, name, task):
     original = REFERENCE / f"{name}.pth"
-    assert main(["convert", str(original), str(tmp_path / "export"), "--task", task]) == 0
+    assert main(["convert", str(original), str(tmp_path / "export"), "--kind", task]) == 0
     assert main(["convert", str(tmp_path / "export"), str(tmp_path / "back.pth")]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all(line.startswith(f"wrote {task} model (") for line in lines)
@@ -208,3 +208,25 @@ def test_every_option_has_help_with_units_and_defaults():
                 assert action.metavar, where
             if action.default not in (None, False, [], "", argparse.SUPPRESS):
                 assert "default" in formatter._expand_help(action), where
+
+
+def test_embed_runs_an_export_of_a_gpu_run_on_the_cpu(tmp_path, capsys):
+    """An export made under bf16, cuDNN attention and remat holds the architecture only: `labram embed` runs it in
+    float32 with the explicit attention, as it runs the same weights from a .pth."""
+    from labram_jax import configs
+    from labram_jax.checkpoint import save_model
+    from labram_jax.convert import from_pytorch, to_pytorch
+    from labram_jax.convert.state_dict import build, load_state_dict, state_dict
+
+    weights = from_pytorch(REFERENCE / "finetune.pth")
+    gpu = build(weights.cfg.replace(dtype="bfloat16", attention="cudnn", remat="block"), "classify")
+    load_state_dict(gpu, state_dict(weights))
+    save_model(gpu, tmp_path / "export")
+    to_pytorch(weights, tmp_path / "same.pth")
+    recording = str(SAMPLE / "Subject00_2.edf")
+    for checkpoint, out in ((tmp_path / "export", "export.npz"), (tmp_path / "same.pth", "pth.npz")):
+        assert main(["embed", str(checkpoint), recording, "--out", str(tmp_path / out), "--window", "4"]) == 0, \
+            capsys.readouterr().err
+    ours, reference = np.load(tmp_path / "export.npz"), np.load(tmp_path / "pth.npz")
+    assert ours["embeddings"].dtype == np.float32
+    np.testing.assert_array_equal(ours["embeddings"], reference["embeddings"])

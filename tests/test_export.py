@@ -83,3 +83,57 @@ def test_wrong_shape(tmp_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match=r"unexpected: blocks\.1\."):
         load_model(tmp_path / "export")
+
+
+# A model as a GPU run builds it: bf16 compute, cuDNN attention, rematerialised blocks.
+GPU = {"dtype": "bfloat16", "attention": "cudnn", "remat": "block"}
+CPU = {"dtype": "float32", "attention": None, "remat": "none"}
+
+
+@pytest.mark.parametrize("cfg,kind", [(configs.tiny(num_classes=3, **GPU), "classify"),
+                                      (configs.tokenizer_tiny(encoder=configs.tokenizer_tiny().encoder.replace(**GPU)),
+                                       "tokenizer")], ids=["classify", "tokenizer"])
+def test_export_holds_the_model_kind_and_its_architecture_only(tmp_path, cfg, kind):
+    save_model(build(cfg, kind), tmp_path / "export")
+    meta = json.loads((tmp_path / "export" / "labram.json").read_text())
+    assert meta["kind"] == kind and "task" not in meta
+    transformers = [meta["config"]] if kind == "classify" else [meta["config"]["encoder"], meta["config"]["decoder"]]
+    assert all(not set(GPU) & set(t) for t in transformers)  # how it ran is not what it is
+    loaded = load_model(tmp_path / "export")
+    assert loaded.cfg == configs.with_runtime(cfg, **CPU)
+
+
+def test_an_export_of_version_1_still_loads(tmp_path):
+    """Version 1 named the model kind "task" and kept the run's dtype, attention and remat in its config."""
+    model = build(configs.tiny(num_classes=3), "classify", seed=7)
+    save_model(model, tmp_path / "export")
+    meta_path = tmp_path / "export" / "labram.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({"format": meta["format"], "version": 1, "task": "classify",
+                                     "config": meta["config"] | GPU}))
+    loaded = load_model(tmp_path / "export")
+    assert loaded.cfg == configs.tiny(num_classes=3) and loaded.cfg.dtype == "float32"
+    for key, (_, value) in variables(model).items():
+        np.testing.assert_array_equal(variables(loaded)[key][1], value, err_msg=key)
+    # A version-2 export is architecture only: a runtime field in it is an error, not silently applied.
+    meta_path.write_text(json.dumps({"format": meta["format"], "version": 2, "kind": "classify",
+                                     "config": meta["config"] | {"dtype": "bfloat16"}}))
+    with pytest.raises(ValueError, match=r"labram.json: config field dtype is a runtime setting"):
+        load_model(tmp_path / "export")
+
+
+def test_a_run_sets_the_runtime_of_the_tokenizer_it_loads(tmp_path):
+    """Pretraining runs the frozen tokenizer of its tokenizer_checkpoint as it runs its own model (the original
+    computes the targets under the step's autocast), whatever the export was made with."""
+    from labram_jax.train.config import DataConfig, Experiment, TrainConfig
+    from labram_jax.train.trainer import Trainer
+
+    tokenizer = configs.tokenizer_tiny(codebook_size=64)
+    save_model(build(tokenizer, "tokenizer"), tmp_path / "vqnsp")
+    exp = Experiment("pretrain", model=configs.tiny(vocab_size=64), tokenizer=tokenizer,
+                     data=DataConfig(max_channels=4, max_patches=2), tokenizer_checkpoint=str(tmp_path / "vqnsp"),
+                     train=TrainConfig(precision="bfloat16", remat="block", batch_size=8))
+    trainer = Trainer(exp, tmp_path / "run")
+    frozen = nnx.merge(trainer.tokenizer_graphdef, trainer.state["frozen"])
+    assert [(t.dtype, t.remat) for t in (frozen.cfg.encoder, frozen.cfg.decoder)] == [("bfloat16", "block")] * 2
+    assert frozen.cfg == configs.with_runtime(tokenizer, dtype="bfloat16", remat="block")

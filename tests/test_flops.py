@@ -42,4 +42,3 @@ def test_flops_scale_with_the_config():
     assert flops.step_flops(deeper) - flops.step_flops(exp) == exp.train.batch_size * 3 * 2 * block
     doubled = exp.replace(train=dataclasses.replace(exp.train, batch_size=8))
     assert flops.step_flops(doubled) == 2 * flops.step_flops(exp)
-    assert flops.train_flops_per_token(doubled) == flops.train_flops_per_token(exp)

@@ -19,8 +19,8 @@ from labram_jax.data.records import Window
 from labram_jax.data.shards import write_shard
 from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
-from labram_jax.sharding import MESH_AXES, logical_to_mesh, state_shardings
-from labram_jax.train import launch, tasks
+from labram_jax.sharding import MESH_AXES, logical_to_mesh, tree_shardings
+from labram_jax.train import launch, stages
 from labram_jax.train.config import override
 from labram_jax.train.trainer import Trainer
 from test_train import ONE, experiment, synthetic_window, write_split
@@ -132,7 +132,7 @@ def test_a_width_the_mesh_does_not_divide_is_an_error(model, mesh, width):
     state = nnx.state(nnx.eval_shape(model))
     with pytest.raises(UserError, match=rf"^\['\w+'\]\S*: dimension \d \('embed', {width}\) does not "
                                         rf"divide over mesh axis 'fsdp' \({mesh.shape['fsdp']} devices\)"):
-        state_shardings(state, mesh)
+        tree_shardings(state, mesh)
 
 
 def test_the_recipes_meshes_still_shard_every_parameter():
@@ -140,7 +140,7 @@ def test_the_recipes_meshes_still_shard_every_parameter():
     for model, mesh in ((lambda: LaBraM(configs.base(num_classes=1), rngs=nnx.Rngs(0)), abstract_mesh(8, 8)),
                         (lambda: LaBraMForMEM(configs.huge(depth=1), rngs=nnx.Rngs(0)), abstract_mesh(8, 8)),
                         (lambda: LaBraMForMEM(configs.tiny(), rngs=nnx.Rngs(0)), abstract_mesh(2, 4))):
-        specs = jax.tree.leaves(state_shardings(nnx.state(nnx.eval_shape(model)), mesh),
+        specs = jax.tree.leaves(tree_shardings(nnx.state(nnx.eval_shape(model)), mesh),
                                 is_leaf=lambda s: hasattr(s, "spec"))
         assert any("fsdp" in str(s.spec) for s in specs)
     with pytest.raises(UserError, match=r"^an array: dimension 0 \('embed', 25\) does not divide over mesh axis "
@@ -177,7 +177,7 @@ def test_labels_must_fit_the_task(tmp_path, kind, classes, labels, message):
     exp = override(experiment("finetune", data), f"task_kind={kind}", f"model.num_classes={classes}",
                    f"data.val={data / 'val'}")
     with pytest.raises(UserError, match=rf"^{message}$"):
-        tasks.check_labels(exp)
+        stages.check_labels(exp)
 
 
 def test_labels_of_shards_without_a_manifest_are_read(tmp_path):
@@ -186,10 +186,10 @@ def test_labels_of_shards_without_a_manifest_are_read(tmp_path):
     write_shard(shard, windows(6, label=lambda i: None if i < 2 else 1))
     exp = override(experiment("finetune", tmp_path), f"data.train={shard}")
     with pytest.raises(UserError, match=rf"^train split {shard}: 2 of 6 windows have no label$"):
-        tasks.check_labels(exp)
+        stages.check_labels(exp)
     regression = override(exp, "task_kind=regression")
     write_shard(shard, windows(6, label=lambda i: 0.25 * i))
-    tasks.check_labels(regression)  # float targets are what regression takes
+    stages.check_labels(regression)  # float targets are what regression takes
 
 
 # -- 10. evaluation every epoch, the best checkpoint by a named metric ----------------------------------------------
@@ -197,15 +197,15 @@ def test_labels_of_shards_without_a_manifest_are_read(tmp_path):
                                            ("val/balanced_accuracy", True), ("val/roc_auc", True)])
 def test_the_metric_names_its_direction(metric, higher, tmp_path):
     kind = "regression" if metric == "val/r2" else "binary"
-    assert tasks.best_metric(override(experiment("finetune", tmp_path), f"train.best_metric={metric}",
-                                      f"task_kind={kind}")) == (metric, higher)
+    exp = override(experiment("finetune", tmp_path), f"train.best_metric={metric}", f"task_kind={kind}")
+    assert stages.STAGES["finetune"].best_metric(exp) == (metric, higher)
 
 
 def test_an_unknown_best_metric_is_an_error(tmp_path):
     with pytest.raises(UserError, match=r"^train.best_metric 'val/r2' is not one of val/loss, val/accuracy, "
                                         r"val/balanced_accuracy, val/roc_auc, val/pr_auc \(stage finetune, task_kind "
                                         r"binary\)$"):
-        tasks.best_metric(override(experiment("finetune", tmp_path), "train.best_metric=val/r2"))
+        stages.STAGES["finetune"].best_metric(override(experiment("finetune", tmp_path), "train.best_metric=val/r2"))
 
 
 def test_recipes_evaluate_every_epoch_and_name_their_metric(recipes, tmp_path):

@@ -45,7 +45,7 @@ def inputs(ref: Path) -> tuple[jax.Array, jax.Array, jax.Array]:
 def test_finetune_model(ref: Path):
     out = load(ref, "finetune_out")
     x, chans, _ = inputs(ref)
-    model = from_pytorch(ref / "finetune.pth", task="classify")
+    model = from_pytorch(ref / "finetune.pth", kind="classify")
     assert rel(model(x, chans), out["logits"]) <= 1e-4
     assert rel(model.features(x, chans), out["pooled"]) <= 1e-4
 
@@ -63,7 +63,7 @@ def test_finetune_model(ref: Path):
 def test_tokenizer(ref: Path):
     out = load(ref, "tokenizer_out")
     x, chans, _ = inputs(ref)
-    tokenizer = from_pytorch(ref / "tokenizer.pth", task="tokenizer")
+    tokenizer = from_pytorch(ref / "tokenizer.pth", kind="tokenizer")
 
     np.testing.assert_array_equal(tokenizer.tokenize(x, chans), out["tokens"])
     enc = tokenizer.encode(x, chans)
@@ -87,7 +87,7 @@ def test_tokenizer(ref: Path):
 def test_pretraining_model(ref: Path):
     out = load(ref, "pretrain_out")
     x, chans, mask = inputs(ref)
-    model = from_pytorch(ref / "pretrain.pth", task="pretrain")
+    model = from_pytorch(ref / "pretrain.pth", kind="pretrain")
     assert rel(model.student(x, chans, mask), out["student_tokens"]) <= 1e-4
     assert rel(model.student(x, chans, ~mask), out["student_tokens_sym"]) <= 1e-4
 
@@ -104,12 +104,12 @@ def test_pretraining_model(ref: Path):
 def test_pretraining_cls_uses_first_channel_row():
     """The original's quirk: the student's cls slot takes pos_embed[input_chans[1]], so row 0 has no effect."""
     x, chans, mask = inputs(FIXTURES)
-    model = from_pytorch(FIXTURES / "pretrain.pth", task="pretrain")
+    model = from_pytorch(FIXTURES / "pretrain.pth", kind="pretrain")
     before = np.asarray(model.student(x, chans, mask))
     model.student.pos_embed[...] = model.student.pos_embed[...].at[0, 0, :5].add(1.0)
     np.testing.assert_array_equal(model.student(x, chans, mask), before)
 
-    classifier = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    classifier = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     before = np.asarray(classifier(x, chans))
     classifier.pos_embed[...] = classifier.pos_embed[...].at[0, 0, :5].add(1.0)
     assert not np.allclose(classifier(x, chans), before)
@@ -153,7 +153,7 @@ def test_finetune_gradients():
     grads_ref = load(FIXTURES, "finetune_grads")
     x, chans, _ = inputs(FIXTURES)
     labels = jnp.asarray(load(FIXTURES, "inputs")["labels"])
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
 
     def loss_fn(m):
         logits = m(x, chans)
@@ -166,10 +166,10 @@ def test_finetune_gradients():
 
 def test_tokenizer_gradients_and_codebook_update():
     """One train-mode step of the VQ-NSP loss (commitment + amplitude + phase) against the original's, called as
-    the trainer calls it (tasks._tokenizer_loss: a patch mask, train=True), and the EMA codebook it leaves."""
+    the trainer calls it (stages._tokenizer_loss: a patch mask, train=True), and the EMA codebook it leaves."""
     grads_ref = load(FIXTURES, "tokenizer_grads")
     x, chans, _ = inputs(FIXTURES)
-    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", task="tokenizer")
+    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", kind="tokenizer")
     real = jnp.ones(x.shape[:3], bool)
 
     def loss_fn(m):
@@ -188,12 +188,12 @@ def test_tokenizer_gradients_and_codebook_update():
 
 def test_pretraining_gradients():
     """Both passes' cross-entropy with the fixed mask of inputs.npz and the original tokenizer's codes, through the
-    trainer's path (tasks._pretrain_loss: a patch mask, so logits for every patch) and the unpadded one."""
+    trainer's path (stages._pretrain_loss: a patch mask, so logits for every patch) and the unpadded one."""
     grads_ref = load(FIXTURES, "pretrain_grads")
     x, chans, mask = inputs(FIXTURES)
     tokens = jnp.asarray(grads_ref["labels"])
     np.testing.assert_array_equal(tokens, load(FIXTURES, "tokenizer_out")["tokens"])
-    model = from_pytorch(FIXTURES / "pretrain.pth", task="pretrain")
+    model = from_pytorch(FIXTURES / "pretrain.pth", kind="pretrain")
     for padding in (jnp.ones(x.shape[:3], bool), None):
         def loss_fn(m):
             losses = mem_loss(*m(x, chans, mask, padding=padding), tokens, mask, padding)
@@ -207,7 +207,7 @@ def test_pretraining_gradients():
 
 def test_reference_meta_matches_fixture_set():
     meta = json.loads((FIXTURES / "meta.json").read_text())
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     assert (model.cfg.embed_dim, model.cfg.depth, model.cfg.num_heads) == (
         meta["config"]["dim"], meta["config"]["depth"], meta["config"]["heads"])
 
@@ -238,7 +238,7 @@ def test_softmax_attention_values_and_gradients_equal_autodiff_of_the_explicit_p
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN fused attention needs an NVIDIA GPU")
 def test_cudnn_attention_matches_reference_on_gpu():
     x, chans, _ = inputs(FIXTURES)
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     fused = LaBraM(model.cfg.replace(attention="cudnn", dtype="bfloat16"), rngs=nnx.Rngs(0))
     nnx.update(fused, nnx.state(model))
     logits = jax.jit(lambda m: m(x, chans))(fused)

@@ -14,6 +14,8 @@ from labram_jax import configs
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import optim
+from labram_jax.train.config import Experiment, TrainConfig
+from labram_jax.train.stages import STAGES
 
 
 def _original_cosine(base, final, total, warmup):
@@ -34,14 +36,14 @@ def test_schedule_matches_original_formula(total, warmup):
         assert got[warmup - 1] == pytest.approx(5e-4)  # linspace includes base
 
 
-_MODELS = {"classify": lambda: LaBraM(configs.tiny(num_classes=3), rngs=nnx.Rngs(0)),
+_MODELS = {"finetune": lambda: LaBraM(configs.tiny(num_classes=3), rngs=nnx.Rngs(0)),
            "pretrain": lambda: LaBraMForMEM(configs.tiny(), rngs=nnx.Rngs(0)),
            "tokenizer": lambda: VQNSP(configs.tokenizer_tiny(), rngs=nnx.Rngs(0))}
 
 
-def _model(task):
+def _model(stage):
     """A tiny model with random parameters, built abstractly: real initialisation is slow and beside the point."""
-    model = nnx.eval_shape(_MODELS[task])
+    model = nnx.eval_shape(_MODELS[stage])
     rng = np.random.default_rng(1)
     nnx.update(model, jax.tree.map(lambda s: jnp.asarray(0.02 * rng.standard_normal(s.shape), s.dtype),
                                    nnx.state(model)))
@@ -73,37 +75,36 @@ def test_base_groups_follow_the_original_rules():
     expected_decay = ({f"patch_embed.conv{i}.weight" for i in (1, 2, 3)} | {"head.weight"}
                       | {f"blocks.{i}.{w}.weight" for i in range(12) for w in ("attn.qkv", "attn.proj", "mlp.fc1",
                                                                                   "mlp.fc2")})
-    skip = optim.no_weight_decay("classify")
+    skip = STAGES["finetune"].groups.no_weight_decay
     assert {k: optim.layer_id(k, 12) for k in flat} == expected_layer
     assert {k for k, v in flat.items() if optim.decays(k, v.ndim, skip)} == expected_decay
 
-    scales = dict(zip(jax.tree.leaves(optim.param_names(params)), jax.tree.leaves(optim.lr_scales(params, 12, 0.65))))
+    scales = {k: optim.lr_scale(k, 12, 0.65) for k in flat}
     assert len(set(scales.values())) == 14
     assert scales["cls_token"] == scales["patch_embed.conv1.weight"] == pytest.approx(0.65 ** 13)
     assert scales["blocks.0.attn.qkv.weight"] == pytest.approx(0.65 ** 12)
     assert scales["time_embed"] == scales["head.weight"] == scales["fc_norm.bias"] == 1.0
-    assert set(jax.tree.leaves(optim.lr_scales(params, 12, None))) == {1.0}
+    assert {optim.lr_scale(k, 12, None) for k in flat} == {1.0}
 
-    tx = optim.make_optimizer(params, optim.OptimConfig(5e-4, 1e-6, 5, 50, layer_decay=0.65), "classify", 12)
+    tx = optim.make_optimizer(params, optim.OptimConfig(5e-4, 1e-6, 5, 50, layer_decay=0.65),
+                              STAGES["finetune"].groups, 12)
     groups = jax.eval_shape(tx.init, params)[-1].inner_states
     assert set(groups) == {f"layer_{i}_{d}" for i in range(14) for d in ("decay", "no_decay")}
 
 
 def test_no_weight_decay_sets_carry_the_model_prefixes():
-    assert optim.no_weight_decay("pretrain") == {"student.cls_token", "student.pos_embed", "student.time_embed"}
-    assert "encoder.time_embed" in optim.no_weight_decay("tokenizer")
-    assert optim.decays("student.mask_token", 3, optim.no_weight_decay("pretrain"))
+    assert optim.decays("student.mask_token", 3, STAGES["pretrain"].groups.no_weight_decay)
     assert optim.layer_id("student.blocks.0.mlp.fc1.weight", 12) == 13  # no prefix handling, as the original
-    with pytest.raises(ValueError, match="layer decay"):
-        optim.make_optimizer({}, optim.OptimConfig(1e-3, 0, 0, 1, layer_decay=0.65), "pretrain", 12)
+    with pytest.raises(ValueError, match="^train.layer_decay 0.65: layer-wise lr decay is defined for fine-tuning"):
+        optim.make_optimizer({}, optim.OptimConfig(1e-3, 0, 0, 1, layer_decay=0.65), STAGES["pretrain"].groups, 12)
 
 
-def _torch_groups(names, params, cfg, task, depth, frozen):
+def _torch_groups(names, params, cfg, stage, depth, frozen):
     """optim_factory.get_parameter_groups, transcribed on the torch side."""
-    skip = {"classify": {"pos_embed", "cls_token", "time_embed"},
+    skip = {"finetune": {"pos_embed", "cls_token", "time_embed"},
             "pretrain": {"student.cls_token", "student.pos_embed", "student.time_embed"},
             "tokenizer": {f"{p}.{k}" for p in ("encoder", "decoder") for k in ("cls_token", "pos_embed", "time_embed")}
-            }[task]
+            }[stage]
     groups = {}
     for name in names:
         if name.startswith(frozen):
@@ -129,30 +130,38 @@ def _torch_groups(names, params, cfg, task, depth, frozen):
 _UNUSED = ("student.lm_head.", "projection_head.")
 
 
-@pytest.mark.parametrize("task,cfg", [
-    ("classify", optim.OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=2, total_steps=5, weight_decay_end=0.01,
-                                   b2=0.98, clip_grad=0.5, layer_decay=0.65)),
-    ("classify", optim.OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=1, total_steps=5, clip_grad=0.5,
-                                   frozen=optim.linear_probe_frozen())),
-    ("pretrain", optim.OptimConfig(lr=5e-4, min_lr=1e-5, warmup_steps=2, total_steps=5, b2=0.98, clip_grad=3.0)),
-    ("tokenizer", optim.OptimConfig(lr=4e-4, min_lr=1e-5, warmup_steps=2, total_steps=5, weight_decay=1e-4,
-                                    b2=0.99)),
+# The original's linear probe: requires_grad False for everything but fc_norm and head.
+_LINEAR_PROBE_FROZEN = ("cls_token", "pos_embed", "time_embed", "patch_embed.", "blocks.")
+
+
+@pytest.mark.parametrize("stage,mode,cfg", [
+    ("finetune", "full", optim.OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=2, total_steps=5,
+                                           weight_decay_end=0.01, b2=0.98, clip_grad=0.5, layer_decay=0.65)),
+    ("finetune", "linear_probe", optim.OptimConfig(lr=1e-3, min_lr=1e-5, warmup_steps=1, total_steps=5,
+                                                   clip_grad=0.5)),
+    ("pretrain", "full", optim.OptimConfig(lr=5e-4, min_lr=1e-5, warmup_steps=2, total_steps=5, b2=0.98,
+                                           clip_grad=3.0)),
+    ("tokenizer", "full", optim.OptimConfig(lr=4e-4, min_lr=1e-5, warmup_steps=2, total_steps=5,
+                                            weight_decay=1e-4, b2=0.99)),
 ], ids=["finetune-layer-decay-wd-schedule", "linear-probe", "pretrain", "tokenizer"])
-def test_matches_torch_adamw(task, cfg):
-    model = _model(task)
+def test_matches_torch_adamw(stage, mode, cfg):
+    """The optimizer over what the trainer gives it: the stage's trainable parameters and parameter groups."""
+    model = _model(stage)
     depth = 2
+    trainable = STAGES[stage].trainable(Experiment(stage, train=TrainConfig(mode=mode)))
     state = nnx.state(model, nnx.Param)
     start = {k: np.array(v) for k, v in _flat(state).items()}
     names = list(start)
     params = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in start.items()}  # layout is irrelevant to AdamW
-    frozen = tuple(cfg.frozen)
-    torch_opt = torch.optim.AdamW(_torch_groups(names, params, cfg, task, depth, frozen), lr=cfg.lr,
+    frozen = _LINEAR_PROBE_FROZEN if mode == "linear_probe" else ()
+    torch_opt = torch.optim.AdamW(_torch_groups(names, params, cfg, stage, depth, frozen), lr=cfg.lr,
                                   betas=(cfg.b1, cfg.b2), eps=cfg.eps, weight_decay=0.0)
     lr_values = _original_cosine(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd_values = _original_cosine(cfg.weight_decay, wd_end, cfg.total_steps, 0)
 
-    opt = nnx.Optimizer(model, optim.make_optimizer(state, cfg, task, depth), wrt=nnx.Param)
+    trained = nnx.state(model, trainable)
+    opt = nnx.Optimizer(model, optim.make_optimizer(trained, cfg, STAGES[stage].groups, depth), wrt=trainable)
     update = nnx.jit(lambda model, opt, grads: opt.update(model, grads))
     rng = np.random.default_rng(0)
     for it in range(cfg.total_steps):
@@ -164,11 +173,11 @@ def test_matches_torch_adamw(task, cfg):
             if group["weight_decay"] > 0:
                 group["weight_decay"] = wd_values[it]
         for k, p in params.items():
-            p.grad = None if k.startswith(frozen + (_UNUSED if task == "pretrain" else ())) else torch.tensor(grads[k])
+            p.grad = None if k.startswith(frozen + (_UNUSED if stage == "pretrain" else ())) else torch.tensor(grads[k])
         if cfg.clip_grad is not None:
             torch.nn.utils.clip_grad_norm_(params.values(), cfg.clip_grad)
         torch_opt.step()
-        update(model, opt, jax.tree.map(lambda name: jnp.asarray(grads[name]), optim.param_names(state)))
+        update(model, opt, jax.tree.map(lambda name: jnp.asarray(grads[name]), optim.param_names(trained)))
 
     got = {k: np.asarray(v) for k, v in _flat(nnx.state(model, nnx.Param)).items()}
     moved = 0
@@ -180,13 +189,14 @@ def test_matches_torch_adamw(task, cfg):
 
 
 def test_linear_probe_trains_only_fc_norm_and_head():
-    model = _model("classify")
-    state = nnx.state(model, nnx.Param)
-    start = {k: np.array(v) for k, v in _flat(state).items()}
-    cfg = optim.OptimConfig(1e-3, 1e-5, 0, 3, clip_grad=1.0, frozen=optim.linear_probe_frozen())
-    opt = nnx.Optimizer(model, optim.make_optimizer(state, cfg, "classify", 2), wrt=nnx.Param)
+    model = _model("finetune")
+    trainable = STAGES["finetune"].trainable(Experiment("finetune", train=TrainConfig(mode="linear_probe")))
+    start = {k: np.array(v) for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+    cfg = optim.OptimConfig(1e-3, 1e-5, 0, 3, clip_grad=1.0)
+    opt = nnx.Optimizer(model, optim.make_optimizer(nnx.state(model, trainable), cfg, STAGES["finetune"].groups, 2),
+                        wrt=trainable)
     update = nnx.jit(lambda model, opt, grads: opt.update(model, grads))
     for _ in range(2):
-        update(model, opt, jax.tree.map(jnp.ones_like, nnx.state(model, nnx.Param)))
+        update(model, opt, jax.tree.map(jnp.ones_like, nnx.state(model, trainable)))
     changed = {k for k, v in _flat(nnx.state(model, nnx.Param)).items() if not np.array_equal(v, start[k])}
     assert changed == {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}

@@ -23,7 +23,7 @@ from labram_jax.data.shards import write_shard
 from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
 from labram_jax.models.packing import Packing
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig
-from labram_jax.train.tasks import random_mask
+from labram_jax.train.stages import random_mask
 from labram_jax.train.trainer import Trainer
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_tiny"
@@ -74,8 +74,8 @@ def alone(windows, i):
 
 @pytest.fixture(scope="module")
 def models():
-    return {task: from_pytorch(FIXTURES / f"{name}.pth", task=task)
-            for task, name in (("classify", "finetune"), ("tokenizer", "tokenizer"), ("pretrain", "pretrain"))}
+    return {kind: from_pytorch(FIXTURES / f"{name}.pth", kind=kind)
+            for kind, name in (("classify", "finetune"), ("tokenizer", "tokenizer"), ("pretrain", "pretrain"))}
 
 
 # Jitted: an eager call of these models costs more than its compilation.

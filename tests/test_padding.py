@@ -45,7 +45,7 @@ def grid_tokens(values: jax.Array, n: int, a: int) -> np.ndarray:
 
 def test_classifier_padded_equals_unpadded(data):
     x, chans = data
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     # Two windows of different montages and lengths in one fixed-shape batch.
     windows = [(x[0], chans), (x[1, :10, :3], chans[:11])]
     xp, cp, mask = pad(windows)
@@ -61,14 +61,14 @@ def test_classifier_padded_equals_unpadded(data):
 
 def test_all_true_mask_is_the_unmasked_computation(data):
     x, chans = data
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     np.testing.assert_allclose(model(jnp.asarray(x), chans, mask=jnp.ones(x.shape[:3], bool)),
                                model(jnp.asarray(x), chans), rtol=1e-5, atol=1e-7)
 
 
 def test_tokenizer_padded_equals_unpadded(data):
     x, chans = data
-    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", task="tokenizer")
+    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", kind="tokenizer")
     xp, cp, mask = pad([(x[0], chans), (x[1], chans)])
     padded = tokenizer(xp, cp, mask=mask)
     alone = tokenizer(jnp.asarray(x), chans)
@@ -80,7 +80,7 @@ def test_tokenizer_padded_equals_unpadded(data):
 
 def test_pretraining_loss_padded_equals_unpadded(data):
     x, chans = data
-    model = from_pytorch(FIXTURES / "pretrain.pth", task="pretrain")
+    model = from_pytorch(FIXTURES / "pretrain.pth", kind="pretrain")
     inputs = np.load(FIXTURES / "inputs.npz")
     tokens = jnp.asarray(np.load(FIXTURES / "tokenizer_out.npz")["tokens"])
     mask = jnp.asarray(inputs["mask"])
@@ -157,7 +157,7 @@ def test_kmeans_is_lloyd_from_distinct_real_samples(num_real: int):
 
 def test_mask_shape_is_checked(data):
     x, chans = data
-    model = from_pytorch(FIXTURES / "finetune.pth", task="classify")
+    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
     with pytest.raises(ValueError, match=r"mask must be \[B, N, A\]"):
         model(jnp.asarray(x), chans, mask=jnp.ones((2, 23), bool))
     with pytest.raises(ValueError, match="input_chans must be"):

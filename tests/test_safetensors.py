@@ -27,7 +27,7 @@ def assert_same(ours: dict, theirs: dict) -> None:
 def test_pth_to_safetensors_and_back(tmp_path, capsys, name, task):
     original = REFERENCE / f"{name}.pth"
     written = tmp_path / f"{name}.safetensors"
-    assert main(["convert", str(original), str(written), "--task", task]) == 0
+    assert main(["convert", str(original), str(written), "--kind", task]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {task} model (")
     theirs = read_pth(original)["model"]
     assert_same(read_safetensors(written), theirs)
@@ -36,7 +36,7 @@ def test_pth_to_safetensors_and_back(tmp_path, capsys, name, task):
     for key, tensor in torch.load(original, weights_only=True)["model"].items():
         assert torch.equal(by_torch[key], tensor), key
 
-    assert main(["convert", str(written), str(tmp_path / "export"), "--task", task]) == 0
+    assert main(["convert", str(written), str(tmp_path / "export"), "--kind", task]) == 0
     assert main(["convert", str(tmp_path / "export"), str(tmp_path / "back.pth")]) == 0
     assert_same(read_pth(tmp_path / "back.pth")["model"], theirs)
 

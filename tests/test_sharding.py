@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from labram_jax import LaBraM, LaBraMForMEM, VQNSP, configs
 from labram_jax.errors import UserError
-from labram_jax.sharding import batch_sharding, logical_to_mesh, make_mesh, shard_state
+from labram_jax.sharding import batch_sharding, logical_to_mesh, make_mesh, tree_shardings
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_tiny"
 
@@ -49,7 +49,7 @@ def test_sharded_forward_equals_single_device(cfg, batch):
     single = np.asarray(forward(state, x, chans))
 
     mesh = make_mesh(data=2, fsdp=4)
-    sharded_state = shard_state(state, mesh)
+    sharded_state = jax.device_put(state, tree_shardings(state, mesh))
     qkv = sharded_state["blocks"][0]["attn"]["qkv"]["kernel"]
     assert qkv[...].sharding.spec == P("fsdp", None)  # FSDP really splits the weights
     out = forward(sharded_state, jax.device_put(x, batch_sharding(mesh)), chans)
@@ -68,5 +68,5 @@ def test_sharded_pretraining_and_tokenizer(batch):
         graphdef, state = nnx.split(model)
         run = jax.jit(lambda s, x: call(nnx.merge(graphdef, s), x))
         single = run(state, x)
-        sharded = run(shard_state(state, mesh), xs)
+        sharded = run(jax.device_put(state, tree_shardings(state, mesh)), xs)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), sharded, single)

@@ -1,11 +1,13 @@
 """A parameters-only export: every model variable as an Orbax checkpoint, beside `labram.json` that rebuilds it.
 
-Layout: `<dir>/labram.json` ({"format", "version", "task", "config"}) and `<dir>/state/` (Orbax, the nested dict
+Layout: `<dir>/labram.json` ({"format", "version", "kind", "config"}) and `<dir>/state/` (Orbax, the nested dict
 of `nnx.to_pure_dict(nnx.state(model))`: Params and the tokenizer's Codebook state). No optimizer, no step.
+"kind" is the model kind (classify, pretrain, tokenizer) and "config" its architecture only: a model loads with
+the default runtime settings (float32, the explicit attention, no remat), and whoever runs it sets its own.
+Version 1 exports, which named the kind "task" and kept the run's dtype, attention and remat, still load.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -15,15 +17,17 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from labram_jax.configs import TokenizerConfig, TransformerConfig
-from labram_jax.convert.state_dict import Model, build, task_of
-from labram_jax.errors import UserError
+from labram_jax.configs import RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture
+from labram_jax.convert.state_dict import Model, build, kind_of
+from labram_jax.errors import UserError, key_mismatch, one_line
+from labram_jax.files import write_json
 
 FORMAT = "labram-jax/params"
-VERSION = 1
+VERSION = 2
+READS = (1, 2)  # the versions load_model reads
 META = "labram.json"
 STATE = "state"
-TASKS = ("classify", "pretrain", "tokenizer")
+KINDS = ("classify", "pretrain", "tokenizer")
 
 
 def _checkpointer() -> ocp.StandardCheckpointer:
@@ -43,7 +47,7 @@ def save_model(model: Model, directory: str | os.PathLike) -> Path:
     target = Path(directory).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: already exists and is not an empty directory")
-    meta = {"format": FORMAT, "version": VERSION, "task": task_of(model), "config": dataclasses.asdict(model.cfg)}
+    meta = {"format": FORMAT, "version": VERSION, "kind": kind_of(model), "config": architecture(model.cfg)}
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -62,7 +66,7 @@ def save_model(model: Model, directory: str | os.PathLike) -> Path:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    (path / META).write_text(json.dumps(meta, indent=1) + "\n")
+    write_json(path / META, meta)
 
 
 def _read_meta(path: Path) -> dict:
@@ -74,21 +78,33 @@ def _read_meta(path: Path) -> dict:
         raise UserError(f"{path}: unreadable {META}: {error}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path}: {META} is not a {FORMAT} export")
-    if meta.get("version") != VERSION:
-        raise UserError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads version {VERSION}")
-    if meta.get("task") not in TASKS:
-        raise UserError(f"{path}: unknown task {meta.get('task')!r} in {META}")
-    return meta
+    if meta.get("version") not in READS:
+        raise UserError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads versions "
+                        f"{', '.join(map(str, READS))}")
+    kind = meta.get("kind" if meta["version"] >= 2 else "task")
+    if kind not in KINDS:
+        raise UserError(f"{path}: unknown model kind {kind!r} in {META}")
+    return meta | {"kind": kind}
+
+
+def _transformer(raw: dict, version: int, path: Path) -> TransformerConfig:
+    runtime = [name for name in RUNTIME_FIELDS if name in raw]
+    if runtime and version >= 2:
+        raise UserError(f"{path / META}: config field {', '.join(runtime)} is a runtime setting, not architecture")
+    return TransformerConfig(**{k: v for k, v in raw.items() if k not in RUNTIME_FIELDS})
 
 
 def _config(meta: dict, path: Path) -> TransformerConfig | TokenizerConfig:
+    version = meta["version"]
     try:
         raw = dict(meta["config"])
-        if meta["task"] == "tokenizer":
-            raw["encoder"] = TransformerConfig(**raw["encoder"])
-            raw["decoder"] = TransformerConfig(**raw["decoder"])
+        if meta["kind"] == "tokenizer":
+            raw["encoder"] = _transformer(raw["encoder"], version, path)
+            raw["decoder"] = _transformer(raw["decoder"], version, path)
             return TokenizerConfig(**raw)
-        return TransformerConfig(**raw)
+        return _transformer(raw, version, path)
+    except UserError:
+        raise
     except (KeyError, TypeError, ValueError) as error:
         raise UserError(f"{path}: invalid config in {META}: {error}") from None
 
@@ -100,22 +116,17 @@ def _flat(tree: object) -> dict[str, tuple[tuple[int, ...], str]]:
             for keys, leaf in leaves}
 
 
-def _check_stored(stored: object, expected: object, path: Path, task: str) -> None:
-    have, want = _flat(stored), _flat(expected)
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in (
-        ("missing", [k for k in want if k not in have]),
-        ("unexpected", [k for k in have if k not in want]),
-        ("wrong shape or dtype", [f"{k} {have[k]} (expected {want[k]})" for k in want
-                                  if k in have and have[k] != want[k]])) if keys]
+def _check_stored(stored: object, expected: object, path: Path, kind: str) -> None:
+    problems = key_mismatch(_flat(stored), _flat(expected), wrong="wrong shape or dtype")
     if problems:
-        raise UserError(f"{path}: stored arrays do not match the {task} model of its config: " + "; ".join(problems))
+        raise UserError(f"{path}: stored arrays do not match the {kind} model of its config: {problems}")
 
 
 def load_model(directory: str | os.PathLike) -> Model:
     """The model saved in `directory` by `save_model`, restored onto the default device."""
     path = Path(directory).resolve()
     meta = _read_meta(path)
-    model = build(_config(meta, path), meta["task"])
+    model = build(_config(meta, path), meta["kind"])
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)
     # This process's own device: in a multi-host run jax.devices()[0] may belong to another process.
@@ -125,8 +136,8 @@ def load_model(directory: str | os.PathLike) -> Model:
         try:
             stored = checkpointer.metadata(path / STATE).item_metadata
         except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types
-            raise UserError(f"{path}: no readable Orbax state: {' '.join(str(error).split())}") from None
-        _check_stored(stored, expected, path, meta["task"])
+            raise UserError(f"{path}: no readable Orbax state: {one_line(error)}") from None
+        _check_stored(stored, expected, path, meta["kind"])
         restored = checkpointer.restore(path / STATE, target)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

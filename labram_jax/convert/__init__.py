@@ -5,8 +5,8 @@ import os
 
 from labram_jax.convert.pth import read_pth, write_pth
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
-from labram_jax.convert.state_dict import (Model, Task, build, infer_config, load_state_dict, state_dict,
-                                           student_weights, task_of)
+from labram_jax.convert.state_dict import (Model, ModelKind, build, infer_config, kind_of, load_state_dict,
+                                           state_dict, student_weights)
 from labram_jax.errors import UserError
 
 
@@ -26,14 +26,14 @@ def _is_safetensors(path: str | os.PathLike) -> bool:
     return os.fspath(path).endswith(".safetensors")
 
 
-def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classes: int | None = None,
+def from_pytorch(path: str | os.PathLike, kind: ModelKind = "classify", *, num_classes: int | None = None,
                  head_dim: int | None = None, seed: int = 0) -> Model:
     """Load a .pth written by the original code (or a .safetensors of the same state dict) into a ready
     labram-jax model.
 
-    task: "classify" (NeuralTransformer; also accepts a pretraining checkpoint and keeps its `student.*` weights
-    as the original's fine-tuning loader does, leaving fc_norm and head freshly initialised), "pretrain"
-    (NeuralTransformerForMEM) or "tokenizer" (VQNSP). The architecture is read from the weights' shapes.
+    kind, the model kind: "classify" (NeuralTransformer; also accepts a pretraining checkpoint and keeps its
+    `student.*` weights as the original's fine-tuning loader does, leaving fc_norm and head freshly initialised),
+    "pretrain" (NeuralTransformerForMEM) or "tokenizer" (VQNSP). The architecture is read from the weights' shapes.
     num_classes sets the head when fine-tuning from a pretraining checkpoint (or replaces a checkpoint's head).
     head_dim is needed only for tokenizers whose head size is not LaBraM's 20.
     Raises ValueError naming every missing, unexpected or mis-shaped key: it never loads half a model.
@@ -41,15 +41,15 @@ def from_pytorch(path: str | os.PathLike, task: Task = "classify", *, num_classe
     source = os.fspath(path)
     weights = read_safetensors(path) if _is_safetensors(path) else _model_weights(read_pth(path), source)
     fresh: tuple[str, ...] = ()
-    if task == "classify" and any(k.startswith("student.") for k in weights):
+    if kind == "classify" and any(k.startswith("student.") for k in weights):
         weights, fresh = student_weights(weights), ("fc_norm.", "head.")
-    elif task == "classify" and num_classes is not None and weights.get("head.weight") is not None \
+    elif kind == "classify" and num_classes is not None and weights.get("head.weight") is not None \
             and weights["head.weight"].shape[0] != num_classes:
         # As the original's fine-tuning script: a head of another width is dropped, not loaded.
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
         fresh = ("head.",)
-    cfg = infer_config(weights, task, source, num_classes=num_classes, head_dim=head_dim)
-    model = build(cfg, task, seed)
+    cfg = infer_config(weights, kind, source, num_classes=num_classes, head_dim=head_dim)
+    model = build(cfg, kind, seed)
     load_state_dict(model, weights, allow_missing=fresh, source=source)
     return model
 
@@ -64,4 +64,4 @@ def to_pytorch(model: Model, path: str | os.PathLike) -> None:
 
 
 __all__ = ["from_pytorch", "to_pytorch", "read_pth", "write_pth", "read_safetensors", "write_safetensors",
-           "state_dict", "load_state_dict", "task_of"]
+           "state_dict", "load_state_dict", "kind_of"]

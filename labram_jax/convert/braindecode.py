@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, PATCH_SIZE, TransformerConfig
-from labram_jax.convert.pth import replace_atomically
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Renames, build, infer_config, load_state_dict, rename, state_dict,
-                                           task_of)
-from labram_jax.errors import UserError
+                                           kind_of)
+from labram_jax.errors import UserError, one_line
+from labram_jax.files import write_json
 from labram_jax.models.labram import LaBraM
 
 VERSION = "1.8.1"  # the braindecode release whose Labram this layout was checked against
@@ -109,7 +109,7 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
     `directory` must not exist or be empty. config.json is written last, so a directory that has one is whole.
     """
     if not isinstance(model, LaBraM):
-        raise UserError(f"braindecode's Labram is LaBraM's fine-tuning model: a {task_of(model)} model has no "
+        raise UserError(f"braindecode's Labram is LaBraM's fine-tuning model: a {kind_of(model)} model has no "
                          "counterpart there")
     if model.cfg.layer_norm_eps != 1e-6:
         raise UserError(f"layer_norm_eps {model.cfg.layer_norm_eps}: braindecode's Labram fixes 1e-6")
@@ -124,8 +124,7 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
         weights["temporal_embedding"] = weights["temporal_embedding"][:, :rows]
     target.mkdir(parents=True, exist_ok=True)
     write_safetensors(target / WEIGHTS, weights)
-    config = json.dumps(braindecode_config(model.cfg, n_times), indent=2) + "\n"
-    replace_atomically(target / CONFIG, lambda f: f.write(config.encode()))
+    write_json(target / CONFIG, braindecode_config(model.cfg, n_times), indent=2)
     return target
 
 
@@ -135,7 +134,7 @@ def _read_config(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise UserError(f"{path}: not a braindecode model directory (no {CONFIG})") from None
     except (OSError, ValueError) as error:
-        raise UserError(f"{path / CONFIG}: unreadable: {' '.join(str(error).split())}") from None
+        raise UserError(f"{path / CONFIG}: unreadable: {one_line(error)}") from None
     if not isinstance(config, dict):
         raise UserError(f"{path / CONFIG}: not a JSON object of Labram's constructor arguments")
     return config

@@ -8,18 +8,17 @@ from __future__ import annotations
 
 import builtins
 import collections
-import contextlib
 import os
 import pickle
 import struct
-import uuid
 import zipfile
-from typing import IO, Any, Callable
+from typing import IO, Any
 
 import ml_dtypes
 import numpy as np
 
 from labram_jax.errors import UserError
+from labram_jax.files import replace_atomically
 
 _STORAGES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -224,18 +223,3 @@ def write_pth(path: str | os.PathLike, obj: Any) -> None:
                *((f'data/{i}', a.reshape(-1).view(np.uint8)) for i, a in enumerate(arrays)), ('version', b'3\n')]
     replace_atomically(path, lambda f: _write_zip(f, records))
 
-
-def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file through ``write`` into a sibling temporary file, synced, then renamed over ``path``: a
-    reader never sees half a checkpoint, and an interrupted write leaves the old file."""
-    tmp = f'{os.fspath(path)}.{uuid.uuid4().hex[:8]}.tmp'
-    try:
-        with open(tmp, 'xb') as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise

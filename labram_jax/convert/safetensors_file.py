@@ -8,8 +8,8 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
-from labram_jax.convert.pth import replace_atomically
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
+from labram_jax.files import replace_atomically
 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -18,7 +18,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         return safetensors.numpy.load_file(name)
     except safetensors.SafetensorError as error:
-        raise UserError(f"{name}: not a safetensors file ({' '.join(str(error).split())})") from None
+        raise UserError(f"{name}: not a safetensors file ({one_line(error)})") from None
 
 
 def write_safetensors(path: str | os.PathLike, weights: dict[str, np.ndarray]) -> None:

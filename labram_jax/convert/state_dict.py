@@ -15,11 +15,12 @@ import numpy as np
 from flax import nnx
 
 from labram_jax import configs
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, key_mismatch
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP
 
-Task = Literal["classify", "pretrain", "tokenizer"]
+# The model kinds (the vocabulary: labram_jax.train.stages): the original's three models.
+ModelKind = Literal["classify", "pretrain", "tokenizer"]
 Model = LaBraM | LaBraMForMEM | VQNSP
 
 Renames = tuple[tuple[re.Pattern, str], ...]
@@ -86,31 +87,27 @@ def load_state_dict(model: Model, weights: dict[str, np.ndarray], *, allow_missi
     names keys as `weights` spells them.
     """
     targets = {layout(torch_key(path)): (path, var) for path, var in _variables(model)}
-    missing = [k for k in targets if k not in weights and not k.startswith(allow_missing)]
-    unexpected = [k for k in weights if k not in targets]
-    misshaped = [f"{k} {tuple(np.shape(weights[k]))} (expected {_to_torch(p, np.asarray(v[...])).shape})"
-                 for k, (p, v) in targets.items()
-                 if k in weights and tuple(np.shape(weights[k])) != _to_torch(p, np.asarray(v[...])).shape]
-    problems = [f"{label}: {', '.join(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)) if keys]
+    problems = key_mismatch({k: tuple(np.shape(v)) for k, v in weights.items()},
+                            {k: _to_torch(p, np.asarray(v[...])).shape for k, (p, v) in targets.items()},
+                            allow_missing=allow_missing)
     if problems:
-        raise UserError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source} does not match {type(model).__name__}: {problems}")
     for key, (path, var) in targets.items():
         if key in weights:
             var[...] = _from_torch(path, np.asarray(weights[key])).astype(np.asarray(var[...]).dtype)
 
 
-def _require(weights: dict, keys: list[str], source: str, task: str) -> None:
+def _require(weights: dict, keys: list[str], source: str, kind: str) -> None:
     absent = [k for k in keys if k not in weights]
     if absent:
-        raise UserError(f"{source} is not a LaBraM {task} checkpoint: no {', '.join(absent)} "
+        raise UserError(f"{source} is not a LaBraM {kind} checkpoint: no {', '.join(absent)} "
                         f"(found e.g. {', '.join(list(weights)[:5])})")
 
 
-def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, task: str,
+def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, kind: str,
                       head_dim: int | None = None) -> configs.TransformerConfig:
     """A TransformerConfig from the shapes of one Transformer's weights (keys under `prefix`)."""
-    _require(weights, [prefix + "cls_token", prefix + "blocks.0.mlp.fc1.weight"], source, task)
+    _require(weights, [prefix + "cls_token", prefix + "blocks.0.mlp.fc1.weight"], source, kind)
     d = weights[prefix + "cls_token"].shape[-1]
     depth = 1 + max(int(m.group(1)) for k in weights if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k)))
     q_norm = weights.get(prefix + "blocks.0.attn.q_norm.weight")
@@ -130,23 +127,23 @@ def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, 
         vocab_size=weights[prefix + "lm_head.weight"].shape[0] if prefix + "lm_head.weight" in weights else 8192)
 
 
-def infer_config(weights: dict[str, np.ndarray], task: Task, source: str = "checkpoint", *,
+def infer_config(weights: dict[str, np.ndarray], kind: ModelKind, source: str = "checkpoint", *,
                  num_classes: int | None = None, head_dim: int | None = None
                  ) -> configs.TransformerConfig | configs.TokenizerConfig:
-    if task == "pretrain":
-        return infer_transformer(weights, "student.", source, task)
-    if task == "classify":
-        cfg = infer_transformer(weights, "", source, task)
+    if kind == "pretrain":
+        return infer_transformer(weights, "student.", source, kind)
+    if kind == "classify":
+        cfg = infer_transformer(weights, "", source, kind)
         return cfg if num_classes is None else cfg.replace(num_classes=num_classes)
-    if task == "tokenizer":
-        _require(weights, ["quantize.embedding.weight"], source, task)
+    if kind == "tokenizer":
+        _require(weights, ["quantize.embedding.weight"], source, kind)
         codebook_size, code_dim = weights["quantize.embedding.weight"].shape
         initted = weights.get("quantize.embedding.initted")
-        return configs.TokenizerConfig(encoder=infer_transformer(weights, "encoder.", source, task, head_dim),
-                                       decoder=infer_transformer(weights, "decoder.", source, task, head_dim),
+        return configs.TokenizerConfig(encoder=infer_transformer(weights, "encoder.", source, kind, head_dim),
+                                       decoder=infer_transformer(weights, "decoder.", source, kind, head_dim),
                                        codebook_size=codebook_size, code_dim=code_dim,
                                        kmeans_init=initted is not None and not np.asarray(initted).any())
-    raise UserError(f"task must be 'classify', 'pretrain' or 'tokenizer', not {task!r}")
+    raise UserError(f"model kind must be 'classify', 'pretrain' or 'tokenizer', not {kind!r}")
 
 
 def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -156,12 +153,20 @@ def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: v for k, v in kept.items() if not k.startswith(("mask_token", "norm.", "lm_head."))}
 
 
-def build(cfg: configs.TransformerConfig | configs.TokenizerConfig, task: Task, seed: int = 0) -> Model:
+def build(cfg: configs.TransformerConfig | configs.TokenizerConfig, kind: ModelKind, seed: int = 0) -> Model:
     rngs = nnx.Rngs(seed)
-    if task == "tokenizer":
+    if kind == "tokenizer":
         return VQNSP(cfg, rngs=rngs)
-    return LaBraMForMEM(cfg, rngs=rngs) if task == "pretrain" else LaBraM(cfg, rngs=rngs)
+    return LaBraMForMEM(cfg, rngs=rngs) if kind == "pretrain" else LaBraM(cfg, rngs=rngs)
 
 
-def task_of(model: Model) -> Task:
+def kind_of(model: Model) -> ModelKind:
     return {LaBraM: "classify", LaBraMForMEM: "pretrain", VQNSP: "tokenizer"}[type(model)]
+
+
+def rebuilt(model: Model, cfg: configs.TransformerConfig | configs.TokenizerConfig) -> Model:
+    """`model`'s variables in a model of its kind built from `cfg`: the same architecture under other runtime
+    settings (configs.with_runtime), since the layers fix their compute dtype when they are built."""
+    fresh = nnx.eval_shape(lambda: build(cfg, kind_of(model)))
+    nnx.update(fresh, nnx.state(model))
+    return fresh

@@ -16,6 +16,7 @@ import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
 from labram_jax.data.records import Window, encode
+from labram_jax.files import write_json
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
@@ -103,9 +104,7 @@ def write_manifest(directory: str | os.PathLike, stats: dict[str, DatasetStats],
         "channel_sets": dict(sum((s.channel_sets for s in stats.values()), collections.Counter()).most_common()),
         "datasets": datasets, "preprocessing": params, "shards": [p.name for p in shards], **extra,
     }
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, directory / MANIFEST)
+    write_json(directory / MANIFEST, manifest)
     return manifest
 
 

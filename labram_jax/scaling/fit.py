@@ -23,6 +23,7 @@ from scipy import optimize
 from threadpoolctl import threadpool_limits
 
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 
 DELTA = 1e-3
 # Chinchilla's grid of initialisations: alpha, beta, e, a, b (log E, log A, log B).
@@ -225,7 +226,7 @@ def fit_results(csv_path: str | os.PathLike, out: str | os.PathLike, *, n_column
         "at_bound": [k for k in ("alpha", "beta") if min(abs(getattr(law, k) - b) for b in EXPONENT_BOUNDS) < 1e-6],
         "n_column": n_column, "runs": int(len(data["n"])), "huber_delta": DELTA, "bootstrap_samples": samples,
         "isoflop": None if iso is None else dataclasses.asdict(iso)}
-    (out / "fit.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "fit.json", result)
     predicted = law(data["n"], data["tokens"])
     with open(out / "predictions.csv", "w", newline="") as f:
         writer = csv.writer(f)

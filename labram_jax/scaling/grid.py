@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.scaling.subsets import Subset, nested_subsets
 from labram_jax.train.config import Experiment
 
@@ -219,7 +220,7 @@ def _xla_step_flops(trainer, cache: Path) -> float | None:
     total = per_device * jax.device_count() if per_device else None
     if jax.process_index() == 0:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps({"xla_step_flops": total}))
+        write_json(cache, {"xla_step_flops": total}, indent=None)
     return total
 
 
@@ -263,9 +264,7 @@ def run_point(grid: GridConfig, index: int, workdir: str | os.PathLike, data: li
     summary = trainer.train()
     row = _result(grid, point, exp, prepared, pdir, xla, summary, step_flops(exp))
     if jax.process_index() == 0:
-        tmp = pdir / "result.json.tmp"
-        tmp.write_text(json.dumps(row, indent=1))
-        os.replace(tmp, pdir / "result.json")
+        write_json(pdir / "result.json", row)
     return row
 
 

@@ -20,6 +20,7 @@ from labram_jax.data.pipeline import window_source
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_manifest, write_shard
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 
 SHARD_SIZE = 2000  # windows per shard file
 INDEX = "subsets.json"
@@ -105,8 +106,5 @@ def nested_subsets(sources: Sequence[str], hours: Sequence[float], out: str | os
                               windows=sum(len(members[r]) for r in chosen), recordings=len(chosen),
                               patches=sum(sizes[r][1] for r in chosen)))
         start = end
-    tmp = index.with_name(INDEX + ".tmp")
-    tmp.write_text(json.dumps({"request": request, "order": order,
-                               "subsets": [dataclasses.asdict(s) for s in subsets]}, indent=1))
-    os.replace(tmp, index)
+    write_json(index, {"request": request, "order": order, "subsets": [dataclasses.asdict(s) for s in subsets]})
     return subsets

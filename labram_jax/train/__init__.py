@@ -1,1 +1,1 @@
-"""Training: configs, task heads and losses, the training loop, and evaluation metrics."""
+"""Training: typed configs, the three stages (losses, heads and rules), the training loop, and the metrics."""

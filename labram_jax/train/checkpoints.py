@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, key_mismatch, one_line
+from labram_jax.files import write_json
 
 
 class DamagedCheckpoint(RuntimeError):
@@ -46,15 +47,9 @@ def _out_of_space(error: BaseException | None) -> bool:
     return False
 
 
-def _one_line(error: BaseException, limit: int = 300) -> str:
-    return " ".join(str(error).split())[:limit]
-
-
-def _names(keys: list[str], limit: int = 6) -> str:
-    """The first few keys, the model's parameters before the optimizer's copies of them."""
-    keys = sorted(keys, key=lambda key: not key.startswith("['params']"))
-    shown = ", ".join(keys[:limit])
-    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+def _params_first(shapes: dict[str, tuple]) -> dict[str, tuple]:
+    """The model's parameters before the optimizer's copies of them, so that a report's first keys say most."""
+    return dict(sorted(shapes.items(), key=lambda item: not item[0].startswith("['params']")))
 
 
 def _json(path: Path) -> tuple[Any, str | None]:
@@ -65,7 +60,7 @@ def _json(path: Path) -> tuple[Any, str | None]:
     except FileNotFoundError:
         return None, f"{path} is missing"
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        return None, f"{path} does not parse: {_one_line(error, 120)}"
+        return None, f"{path} does not parse: {one_line(error, 120)}"
 
 
 def _location(ref: str, root: Path) -> tuple[Path, int]:
@@ -85,7 +80,7 @@ def _ocdbt_damage(root: Path, arrays: list[str]) -> str | None:
 
     def proof(error: Exception) -> str | None:
         text = str(error)
-        return _one_line(error, 200) if text.startswith(("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")) else None
+        return one_line(error, 200) if text.startswith(("NOT_FOUND", "DATA_LOSS", "FAILED_PRECONDITION", "OUT_OF_RANGE")) else None
 
     if not (root / "manifest.ocdbt").exists():
         return f"{root / 'manifest.ocdbt'} is missing"
@@ -194,9 +189,7 @@ class Checkpoints:
         with self._space_checked():
             self._writing = (step, sum(int(leaf.nbytes) for leaf in flat.values()))
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(data_state))
-            os.replace(tmp, path)
+            write_json(path, data_state, indent=None)
             self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(flat),
                                                             meta=ocp.args.JsonSave(self.identity | meta)))
         # Iterator states of the steps Orbax has since deleted (max_to_keep) go too.
@@ -284,16 +277,11 @@ class Checkpoints:
         """Raise a ValueError naming another identity (stage), and every array the stored step (its `meta` item and
         the metadata of its arrays) lacks, has in excess, or has in another shape."""
         where = self.directory / str(step)
-        have = {key: tuple(array.shape) for key, array in stored.items()}
-        want = {key: tuple(leaf.shape) for key, leaf in target.items()}
+        have = _params_first({key: tuple(array.shape) for key, array in stored.items()})
+        want = _params_first({key: tuple(leaf.shape) for key, leaf in target.items()})
         problems = [f"it was written by a run with {key}={meta[key]!r}, this run has {key}={value!r}"
                     for key, value in self.identity.items() if meta.get(key, value) != value]
-        problems += [f"{label}: {_names(keys)}" for label, keys in (
-            ("missing", [k for k in want if k not in have]),
-            ("unexpected", [k for k in have if k not in want]),
-            ("wrong shape", [f"{k} {have[k]} (expected {want[k]})" for k in want
-                             if k in have and have[k] != want[k]]),
-        ) if keys]
+        problems += [mismatch] if (mismatch := key_mismatch(have, want, limit=6)) else []
         if problems:
             raise UserError(f"checkpoint {where} does not match this run's model and optimizer (another stage, "
                             f"model size or training mode? use another workdir): " + "; ".join(problems))

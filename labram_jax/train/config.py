@@ -76,7 +76,7 @@ class TrainConfig:
     save_every: int = 500
     keep: int = 3
     # The validation metric that picks the `best` export, e.g. "val/accuracy" (higher is better) or "val/loss"
-    # (lower); empty = the stage's default (tasks.best_metric).
+    # (lower); empty = the stage's default (Stage.best_metric).
     best_metric: str = ""
 
 

@@ -79,8 +79,3 @@ def step_flops(exp: Experiment) -> float:
         trained = tokenizer_flops(t, tokens, cls, decode=True) - search
         per_row = TRAIN * trained + 2 * search  # distances, then the EMA's per-code sums
     return exp.train.batch_size * per_row
-
-
-def train_flops_per_token(exp: Experiment) -> float:
-    """Analytic training FLOPs per patch token a batch holds (padding included)."""
-    return step_flops(exp) / (exp.train.batch_size * row_tokens(exp)[0])

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from labram_jax.data.shards import read_manifest
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 from labram_jax.train.config import Experiment, override
 
 
@@ -184,7 +184,7 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
             return 0
         summary = trainer.Trainer(exp, args.workdir).train(progress=not args.quiet)
     except UserError as error:  # found only once the data is read (a window larger than the loader's shape, ...)
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        print(f"error: {one_line(error)}", file=sys.stderr)
         return 2
     except preemption.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)

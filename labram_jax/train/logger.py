@@ -13,6 +13,8 @@ from typing import Protocol
 
 import jax
 
+from labram_jax.files import replace_atomically
+
 # Dense bf16 peak FLOP/s per device, for MFU. Devices not listed (CPUs among them) get no MFU.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12,
               "TPU v5p": 459e12, "TPU v6 lite": 918e12}
@@ -36,9 +38,8 @@ class JsonlTracker:
         if resumed_from is not None and path.exists():
             kept = [line for line in path.read_text().splitlines(keepends=True)
                     if (row := _row(line)) is not None and row.get("step", 0) <= resumed_from]
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
+            text = "".join(kept).encode()
+            replace_atomically(path, lambda f: f.write(text))
         self.file = open(path, "a", buffering=1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:

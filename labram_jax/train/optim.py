@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -21,18 +21,15 @@ from flax import nnx
 from labram_jax.convert.state_dict import torch_key
 from labram_jax.errors import UserError
 
-Task = Literal["classify", "pretrain", "tokenizer"]
 
-# The models' no_weight_decay() sets (modeling_finetune.py, modeling_pretrain.py, modeling_vqnsp.py).
-_NO_WEIGHT_DECAY = {
-    "classify": {"pos_embed", "cls_token", "time_embed"},
-    "pretrain": {"student.cls_token", "student.pos_embed", "student.time_embed"},
-    "tokenizer": {"quantize.embedding.weight", "decoder.cls_token", "decoder.pos_embed", "decoder.time_embed",
-                  "encoder.cls_token", "encoder.pos_embed", "encoder.time_embed"},
-}
-# Pretraining never calls these, so torch leaves their grad None and AdamW skips them (weight decay included);
-# our zero gradients would still decay them.
-_UNUSED = {"classify": (), "pretrain": ("student.lm_head.", "projection_head."), "tokenizer": ()}
+
+@dataclasses.dataclass(frozen=True)
+class ParamGroups:
+    """How optim_factory.get_parameter_groups splits one model's parameters (each stage holds its model's)."""
+
+    no_weight_decay: frozenset[str]  # the model's no_weight_decay() names
+    unused: tuple[str, ...] = ()  # name prefixes the loss never reaches: torch's AdamW skips them (grad None)
+    layer_decay: bool = False  # whether layer-wise lr decay is defined (the original's fine-tuning only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +46,6 @@ class OptimConfig:
     eps: float = 1e-8
     clip_grad: float | None = None
     layer_decay: float | None = None  # None or >= 1: every group has lr scale 1, as the original
-    frozen: tuple[str, ...] = ()  # name prefixes that get no update at all
 
 
 def cosine_schedule(base: float, final: float, total_steps: int, warmup_steps: int) -> optax.Schedule:
@@ -93,28 +89,15 @@ def layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def decays(name: str, ndim: int, no_weight_decay: set[str]) -> bool:
+def decays(name: str, ndim: int, no_weight_decay: frozenset[str]) -> bool:
     return not (ndim <= 1 or name.endswith(".bias") or name in no_weight_decay)
 
 
-def no_weight_decay(task: Task) -> set[str]:
-    return set(_NO_WEIGHT_DECAY[task])
-
-
-def linear_probe_frozen() -> tuple[str, ...]:
-    """Prefixes of every fine-tuning parameter except fc_norm and head."""
-    return ("cls_token", "pos_embed", "time_embed", "patch_embed.", "blocks.")
-
-
-def _scale(name: str, depth: int, layer_decay: float | None) -> float:
+def lr_scale(name: str, depth: int, layer_decay: float | None) -> float:
+    """A parameter's lr multiplier, its group's `lr_scale` in the original."""
     if layer_decay is None or layer_decay >= 1.0:
         return 1.0
     return layer_decay ** (depth + 1 - layer_id(name, depth))
-
-
-def lr_scales(params: nnx.State, depth: int, layer_decay: float | None) -> Any:
-    """Each parameter's lr multiplier (the original's group `lr_scale`), in the structure of `params`."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: _scale(_name(path), depth, layer_decay), params)
 
 
 def _scale_by_adam_like_torch(b1: float, b2: float, eps: float) -> optax.GradientTransformation:
@@ -164,42 +147,44 @@ def skip_unless(finite: jax.Array, new: Any, old: Any) -> Any:
     return jax.tree.map(pick, new, old, is_leaf=schedule)
 
 
-def make_optimizer(params: nnx.State, cfg: OptimConfig, task: Task, depth: int) -> optax.GradientTransformation:
-    """Clip all gradients together, then AdamW per parameter group as the original builds them.
+def make_optimizer(params: nnx.State, cfg: OptimConfig, rules: ParamGroups, depth: int
+                   ) -> optax.GradientTransformation:
+    """Clip all gradients together, then AdamW per parameter group as the original builds them for the model
+    whose `rules` are given (its stage's `groups`).
 
-    Works on `params` as given (Variables or plain arrays), so nnx.Optimizer(model, tx, wrt=nnx.Param) can use it.
+    Works on `params` as given (Variables or plain arrays), so nnx.Optimizer(model, tx, wrt=...) can use it; only
+    `params` train (the trainer passes its stage's trainable parameters).
     """
     layer_decay = cfg.layer_decay is not None and cfg.layer_decay < 1.0
-    if layer_decay and task != "classify":
-        raise UserError(f"layer decay is only defined for fine-tuning (the original's {task} uses none)")
+    if layer_decay and not rules.layer_decay:
+        raise UserError(f"train.layer_decay {cfg.layer_decay}: layer-wise lr decay is defined for fine-tuning "
+                        "only (the original's tokenizer and pretraining use none)")
     lr = cosine_schedule(cfg.lr, cfg.min_lr, cfg.total_steps, cfg.warmup_steps)
     wd_end = cfg.weight_decay if cfg.weight_decay_end is None else cfg.weight_decay_end
     wd = cosine_schedule(cfg.weight_decay, wd_end, cfg.total_steps, 0)
-    skip, frozen = no_weight_decay(task), tuple(cfg.frozen) + _UNUSED[task]
 
     # Group names follow optim_factory.get_parameter_groups, so they match the original's param_groups log.
     labels: dict[str, str] = {}
     groups: dict[str, optax.GradientTransformation] = {}
-    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-        name = _name(path)
-        if name.startswith(frozen):
+    for name, leaf in zip(jax.tree.leaves(param_names(params)), jax.tree.leaves(params)):
+        if name.startswith(rules.unused):
             labels[name] = "frozen"
             groups["frozen"] = optax.set_to_zero()
             continue
-        decayed = decays(name, leaf.ndim, skip)
+        decayed = decays(name, leaf.ndim, rules.no_weight_decay)
         group = "decay" if decayed else "no_decay"
         if layer_decay:
             group = f"layer_{layer_id(name, depth)}_{group}"
         labels[name] = group
         if group not in groups:
-            scale = _scale(name, depth, cfg.layer_decay)
+            scale = lr_scale(name, depth, cfg.layer_decay)
             groups[group] = optax.chain(_scale_by_adam_like_torch(cfg.b1, cfg.b2, cfg.eps),
                                         optax.add_decayed_weights(wd if decayed else 0.0),
                                         optax.scale_by_learning_rate(lambda step, scale=scale: lr(step) * scale))
 
     # Labels by name, not a fixed tree: nnx.Optimizer initialises on Variables but updates on plain arrays.
     def label_tree(tree: Any) -> Any:
-        return jax.tree_util.tree_map_with_path(lambda path, _: labels[_name(path)], tree)
+        return jax.tree.map(lambda name: labels[name], param_names(tree))
 
     chain = []
     if "frozen" in groups:  # torch has no grad for frozen weights, so they stay out of the clipping norm

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.train.config import Experiment
 from labram_jax.train.metrics import mean_std
 from labram_jax.train.trainer import Trainer
@@ -22,7 +22,7 @@ def run(seeds: list[int], exp: Experiment, workdir: Path, progress: bool = True)
         prefix = "best_test/" if any(k.startswith("best_test/") for k in summary) else "test/"
         runs.append({k[len(prefix):]: v for k, v in summary.items() if k.startswith(prefix)})
     result = mean_std(runs)
-    (workdir / "seeds.json").write_text(json.dumps({"seeds": seeds, "runs": runs, "mean_std": result}, indent=1))
+    write_json(workdir / "seeds.json", {"seeds": seeds, "runs": runs, "mean_std": result})
     for name, (mean, std) in result.items():
         print(f"{name}: {mean:.4f} +- {std:.4f} over seeds {','.join(map(str, seeds))}")
     return result

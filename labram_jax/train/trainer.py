@@ -22,14 +22,15 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec
 
 from labram_jax import preemption, sharding
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
-from labram_jax.convert.state_dict import Model, load_state_dict, state_dict, student_weights, task_of
+from labram_jax.configs import runtime_of, with_runtime
+from labram_jax.convert.state_dict import Model, kind_of, load_state_dict, rebuilt, state_dict, student_weights
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train import outputs as eval_outputs
@@ -40,11 +41,9 @@ from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
 from labram_jax.train.progress import Progress
-from labram_jax.train.tasks import STAGES, best_metric as best_metric_of, check_labels, trainable_filter
+from labram_jax.train.stages import STAGES, check_labels
 
 State = dict[str, Any]
-# The models each stage can start from (`init`): fine-tuning keeps a pretraining model's student.
-INIT_TASKS = {"tokenizer": ("tokenizer",), "pretrain": ("pretrain",), "finetune": ("classify", "pretrain")}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -69,29 +68,13 @@ def resolve_precision(exp: Experiment) -> Experiment:
     precision = exp.train.precision
     if precision == "auto":
         precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    remat = exp.train.remat
-    return exp.replace(model=exp.model.replace(dtype=precision, remat=remat),
-                       tokenizer=exp.tokenizer.replace(encoder=exp.tokenizer.encoder.replace(dtype=precision,
-                                                                                             remat=remat),
-                                                       decoder=exp.tokenizer.decoder.replace(dtype=precision,
-                                                                                             remat=remat)))
+    runtime = {"dtype": precision, "remat": exp.train.remat}
+    return exp.replace(model=with_runtime(exp.model, **runtime), tokenizer=with_runtime(exp.tokenizer, **runtime))
 
 
-def load_weights(path: str, task: str, **kwargs: Any) -> Model:
-    """A model from a .pth (the original's layout) or a labram-jax export directory."""
-    return load_model(path) if Path(path).is_dir() else from_pytorch(path, task, **kwargs)
-
-
-def tree_shardings(tree: Any, mesh: jax.sharding.Mesh) -> Any:
-    """Model variables by their logical axis names; every other leaf (optimizer counters, step, rng) replicated."""
-    replicated = NamedSharding(mesh, PartitionSpec())
-
-    def place(path, leaf):
-        # optax.masked leaves an empty MaskedNode inside some Variables: nothing to place there.
-        if isinstance(leaf, nnx.Variable) and hasattr(leaf.get_value(), "shape"):
-            return sharding.variable_sharding(leaf, mesh, jax.tree_util.keystr(path))
-        return replicated
-    return jax.tree_util.tree_map_with_path(place, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
+    """A model from a .pth (the original's layout, read as `kind`) or a labram-jax export directory."""
+    return load_model(path) if Path(path).is_dir() else from_pytorch(path, kind, **kwargs)
 
 
 def strong_types(tree: Any) -> Any:
@@ -132,7 +115,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
         build = nnx.eval_shape if abstract else (lambda f: f())
         model = build(self._model)
-        self.graphdef, params, fixed, rest = strong_types(nnx.split(model, trainable_filter(self.exp), nnx.Param,
+        self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
         self.depth = (self.exp.tokenizer.encoder if exp.stage == "tokenizer" else self.exp.model).depth
         total = exp.train.steps
@@ -141,8 +124,7 @@ class Trainer:
                                         weight_decay=t.weight_decay, b1=t.b1, b2=t.b2, eps=t.eps,
                                         clip_grad=t.clip_grad, layer_decay=t.layer_decay)
         self.schedule = cosine_schedule(t.lr, t.min_lr, total, t.warmup_steps)
-        task = {"finetune": "classify"}.get(exp.stage, exp.stage)
-        self.tx = make_optimizer(params, self.optim_config, task, self.depth)
+        self.tx = make_optimizer(params, self.optim_config, self.stage.groups, self.depth)
         self.tokenizer_graphdef, frozen = None, None
         if exp.stage == "pretrain":
             tokenizer = build(self._tokenizer)
@@ -154,7 +136,7 @@ class Trainer:
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(t.seed))}
         state["opt"] = jax.eval_shape(self.tx.init, params)
-        self.shardings = tree_shardings(state, self.mesh)
+        self.shardings = sharding.tree_shardings(state, self.mesh)
         if not abstract:
             state = jax.device_put(dict(state, opt=None), dict(self.shardings, opt=None))
             # Under jit, with its shardings: the optimizer state is born sharded, one buffer per leaf (optax's
@@ -191,14 +173,12 @@ class Trainer:
     def _load_init(self, model: nnx.Module) -> None:
         """Start from a checkpoint: fine-tuning keeps a pretraining model's `student.*` weights, as the original."""
         exp = self.exp
-        source = load_weights(exp.init, {"finetune": "classify"}.get(exp.stage, exp.stage)
-                              if not Path(exp.init).is_dir() else "")
-        accepted = INIT_TASKS[exp.stage]
-        if task_of(source) not in accepted:
-            raise UserError(f"init {exp.init} holds a {task_of(source)} model, but a {exp.stage} run starts from "
-                            f"{' or '.join(accepted)} weights"
+        source = load_weights(exp.init, self.stage.kind)
+        if kind_of(source) not in self.stage.init_kinds:
+            raise UserError(f"init {exp.init} holds a {kind_of(source)} model, but a {exp.stage} run starts from "
+                            f"{' or '.join(self.stage.init_kinds)} weights"
                             + (" (a trained tokenizer goes in tokenizer_checkpoint)"
-                                if task_of(source) == "tokenizer" else ""))
+                                if kind_of(source) == "tokenizer" else ""))
         weights = state_dict(source)
         fresh: tuple[str, ...] = ()
         if exp.stage == "finetune":
@@ -212,10 +192,11 @@ class Trainer:
     def _tokenizer(self) -> nnx.Module:
         if self.exp.tokenizer_checkpoint:
             tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
-            if task_of(tokenizer) != "tokenizer":
+            if kind_of(tokenizer) != "tokenizer":
                 raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
-                                f"{task_of(tokenizer)} model, not a tokenizer")
-            return tokenizer
+                                f"{kind_of(tokenizer)} model, not a tokenizer")
+            # It runs as this run's models do (the original computes the targets under the step's autocast).
+            return rebuilt(tokenizer, with_runtime(tokenizer.cfg, **runtime_of(self.exp.tokenizer)))
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
             return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
         raise UserError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
@@ -354,7 +335,7 @@ class Trainer:
     def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
                progress: bool = True) -> dict[str, float]:
         exp, t = self.exp, self.exp.train
-        best_metric, higher = best_metric_of(exp)
+        best_metric, higher = self.stage.best_metric(exp)
         if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
             check_labels(exp)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -372,7 +353,7 @@ class Trainer:
         logger = closing.enter_context(contextlib.closing(
             MetricLogger(self.workdir, resumed_from=None if resumed is None else start)))
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
-            (self.workdir / "config.json").write_text(json.dumps(dataclasses.asdict(exp), indent=1, default=str))
+            write_json(self.workdir / "config.json", dataclasses.asdict(exp), default=str)
         step = int(self.state["step"])
         live = Progress(t.steps, step, t.batch_size, enabled=progress)
         logger.trackers.append(live)  # it shows the logged records and is closed with the logger
@@ -462,7 +443,7 @@ class Trainer:
         """Test metrics of the best validation checkpoint, as the original reports them."""
         current = self.state
         best = load_model(self.workdir / "best")
-        params, fixed, rest = nnx.state(best, trainable_filter(self.exp), nnx.Param, ...)
+        params, fixed, rest = nnx.state(best, self.stage.trainable(self.exp), nnx.Param, ...)
         # Every process loaded the whole export; each fills its own devices' shards (device_put cannot place
         # host arrays on another host's devices).
         self.state = dict(current, **jax.tree.map(

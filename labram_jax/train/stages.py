@@ -1,8 +1,20 @@
-"""The three training stages as losses and heads on one trainer.
+"""The three training stages on one trainer, and the project's vocabulary for them.
 
-Each stage says how to build its model, which parameters train, and what its loss and evaluation outputs are.
-Losses are pure functions of a merged NNX model and a batch (the dict the grain pipeline yields: x, input_chans,
-mask, label, target, valid); they run inside the trainer's jitted step.
+Two words name what the original's three scripts and three models are:
+- the **stage** is what a run does: "tokenizer" (train the VQ-NSP tokenizer), "pretrain" (masked EEG modeling
+  against its codes) or "finetune" (a downstream task). `Experiment.stage`, the recipes and a checkpoint's
+  identity say it.
+- the **model kind** is what a model is: "tokenizer" (VQNSP), "pretrain" (LaBraMForMEM, the student and its lm
+  heads) or "classify" (LaBraM, the fine-tuning model, with or without a head). `kind_of(model)`,
+  `from_pytorch(path, kind)`, `labram convert --kind` and an export's "kind" say it.
+A stage trains one model kind and may start from others: fine-tuning trains a classify model, from a classify or a
+pretrain checkpoint (whose student it keeps). `task_kind` (binary, multiclass, regression) is another idea: the
+kind of downstream task a fine-tuning head predicts and is scored on.
+
+A Stage owns everything that differs between the stages: its model and the kinds its `init` may hold, its loss
+and evaluation outputs, the optimizer's parameter groups, which parameters train, and the metric that picks the
+best export. Losses are pure functions of a merged NNX model and a batch (the dict the grain pipeline yields: x,
+input_chans, mask, label, target, valid); they run inside the trainer's jitted step.
 """
 from __future__ import annotations
 
@@ -17,6 +29,7 @@ from flax import nnx
 
 from labram_jax.data.pipeline import window_source
 from labram_jax.data.records import decode
+from labram_jax.convert.state_dict import ModelKind
 from labram_jax.data.shards import read_manifest
 from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM, LaBraMForMEM, mem_loss
@@ -24,6 +37,7 @@ from labram_jax.models.packing import Packing
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train.config import Experiment
 from labram_jax.train.lora import LoRAParam
+from labram_jax.train.optim import ParamGroups
 from labram_jax.train.metrics import BINARY_KEYS, MULTICLASS_KEYS, REGRESSION_KEYS
 
 Batch = dict[str, jax.Array]
@@ -71,13 +85,44 @@ def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: f
     return (per * valid).sum() / jnp.maximum(valid.sum(), 1)
 
 
+# The metrics evaluate() reports per task kind; every one but the loss is better higher.
+TASK_METRICS = {"binary": BINARY_KEYS, "multiclass": MULTICLASS_KEYS, "regression": REGRESSION_KEYS}
+
+
+def _all_parameters(exp: Experiment) -> Any:
+    return nnx.Param
+
+
+def _loss_only(exp: Experiment) -> tuple[str, ...]:
+    return ("loss",)
+
+
+def _val_loss(exp: Experiment) -> str:
+    return "val/loss"
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
+    kind: ModelKind  # the model kind it trains
+    init_kinds: tuple[ModelKind, ...]  # the model kinds its `init` checkpoint may hold
     build: Callable[[Experiment, nnx.Rngs], nnx.Module]
     loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]  # (model, batch, rng, exp, frozen) -> loss, metrics
     outputs: Callable[..., dict[str, jax.Array]]  # (model, batch, exp, frozen) -> arrays gathered for evaluation
-    default_metric: str = "val/loss"
+    groups: ParamGroups  # the original's AdamW parameter groups for its model
+    trainable: Callable[[Experiment], Any] = _all_parameters  # the NNX filter of the parameters that train
+    metrics: Callable[[Experiment], tuple[str, ...]] = _loss_only  # what evaluate() reports, without "val/"
+    default_metric: Callable[[Experiment], str] = _val_loss
+
+    def best_metric(self, exp: Experiment) -> tuple[str, bool]:
+        """The validation metric that picks the best export (train.best_metric, else the stage's default), and
+        whether higher is better, which the metric decides: lower for the loss, higher for the paper's scores."""
+        metric = exp.train.best_metric or self.default_metric(exp)
+        choices = [f"val/{name}" for name in self.metrics(exp)]
+        if metric not in choices:
+            raise UserError(f"train.best_metric {metric!r} is not one of {', '.join(choices)} (stage {self.name}"
+                            + (f", task_kind {exp.task_kind})" if self.name == "finetune" else ")"))
+        return metric, metric != "val/loss"
 
 
 def codebook_stats(tokens: jax.Array, padding: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
@@ -165,35 +210,28 @@ def _finetune_trainable(exp: Experiment) -> Any:
     return nnx.Param
 
 
+# The optimizer's groups follow the models' no_weight_decay() sets (modeling_finetune.py, modeling_pretrain.py,
+# modeling_vqnsp.py). Pretraining never calls the student's lm_head or projection_head, so torch leaves their grad
+# None and AdamW skips them (weight decay included); our zero gradients would still decay them.
 STAGES = {
-    "tokenizer": Stage("tokenizer", lambda exp, rngs: VQNSP(exp.tokenizer, rngs=rngs),
-                       _tokenizer_loss, _tokenizer_outputs),
-    "pretrain": Stage("pretrain", lambda exp, rngs: LaBraMForMEM(exp.model, rngs=rngs),
-                      _pretrain_loss, _pretrain_outputs),
-    "finetune": Stage("finetune", lambda exp, rngs: LaBraM(exp.model, rngs=rngs),
-                      _finetune_loss, _finetune_outputs, default_metric="val/accuracy"),
+    "tokenizer": Stage(
+        "tokenizer", "tokenizer", ("tokenizer",), lambda exp, rngs: VQNSP(exp.tokenizer, rngs=rngs),
+        _tokenizer_loss, _tokenizer_outputs,
+        ParamGroups(frozenset({"quantize.embedding.weight", "decoder.cls_token", "decoder.pos_embed",
+                               "decoder.time_embed", "encoder.cls_token", "encoder.pos_embed", "encoder.time_embed"}))),
+    "pretrain": Stage(
+        "pretrain", "pretrain", ("pretrain",), lambda exp, rngs: LaBraMForMEM(exp.model, rngs=rngs),
+        _pretrain_loss, _pretrain_outputs,
+        ParamGroups(frozenset({"student.cls_token", "student.pos_embed", "student.time_embed"}),
+                    unused=("student.lm_head.", "projection_head."))),
+    "finetune": Stage(
+        "finetune", "classify", ("classify", "pretrain"), lambda exp, rngs: LaBraM(exp.model, rngs=rngs),
+        _finetune_loss, _finetune_outputs,
+        ParamGroups(frozenset({"pos_embed", "cls_token", "time_embed"}), layer_decay=True),
+        trainable=_finetune_trainable, metrics=lambda exp: ("loss",) + TASK_METRICS[exp.task_kind],
+        # run_class_finetuning.py keeps the best validation accuracy; a regression has none
+        default_metric=lambda exp: "val/r2" if exp.task_kind == "regression" else "val/accuracy"),
 }
-
-
-def trainable_filter(exp: Experiment) -> Any:
-    return _finetune_trainable(exp) if exp.stage == "finetune" else nnx.Param
-
-
-# The metrics evaluate() reports per task kind; every one but the loss is better higher.
-TASK_METRICS = {"binary": BINARY_KEYS, "multiclass": MULTICLASS_KEYS, "regression": REGRESSION_KEYS}
-
-
-def best_metric(exp: Experiment) -> tuple[str, bool]:
-    """The validation metric that picks the best export (train.best_metric, else the stage's and task's default),
-    and whether higher is better, which the metric decides: lower for the loss, higher for the paper's scores."""
-    names = ("loss",) + (TASK_METRICS[exp.task_kind] if exp.stage == "finetune" else ())
-    default = "val/r2" if exp.stage == "finetune" and exp.task_kind == "regression" else STAGES[exp.stage].default_metric
-    metric = exp.train.best_metric or default
-    choices = [f"val/{name}" for name in names]
-    if metric not in choices:
-        raise UserError(f"train.best_metric {metric!r} is not one of {', '.join(choices)} (stage {exp.stage}"
-                        + (f", task_kind {exp.task_kind})" if exp.stage == "finetune" else ")"))
-    return metric, metric != "val/loss"
 
 
 def _label_counts(path: str) -> tuple[collections.Counter, int]:
