@@ -36,8 +36,9 @@ import numpy as np
 
 from data_prep.discover import discover
 from data_prep.plan import SPLITS, Events, Item, Params, Plan, PrepError, Rule, default_window
-from data_prep.preprocess import Recording, one_line
+from data_prep.preprocess import Recording
 from labram_jax.configs import PATCH_SIZE
+from labram_jax.errors import one_line
 
 DESCRIPTION = "dataset_description.json"
 EXTENSIONS = (".edf", ".bdf", ".vhdr", ".set")  # BIDS-EEG's data formats

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fingerprint, prepare, totals,
-                              write_folder, write_json)
+                              write_folder)
 from data_prep.plan import SPLITS, Plan, PrepError
 from data_prep.progress import Progress
 from labram_jax.data.shards import MANIFEST, write_manifest
+from labram_jax.files import write_json
 from labram_jax.preemption import Preempted, StopSignals
 
 REPORT = "report.json"
@@ -118,7 +119,7 @@ def _build_locked(plan: Plan, out: Path, workers: int, shard_windows: int, progr
         for split in SPLITS:
             _remove_ours(staging / split, plan.dataset, split)
         (staging / REPORT).unlink(missing_ok=True)
-        write_json(staging / PLAN, plan_json)
+        write_json(staging / PLAN, plan_json, ensure_ascii=False)
     splits = [split for split in SPLITS if plan.of_split(split)]
     bar = Progress(progress, sum(len(plan.of_split(split)) for split in splits), 0, job="build")
     journaled = {split: 0 for split in splits}
@@ -165,5 +166,5 @@ def _finish(plan: Plan, staging: Path, splits: list[str]) -> dict[str, Any]:
               "splits": counts, "totals": totals(entries), "recordings": entries}
     if plan.details.get("label_from"):  # a BIDS build's: where its labels come from, and the classes' names
         report["labels"] = {"from": plan.details["label_from"], "classes": plan.details["labels"]}
-    write_json(staging / REPORT, report)
+    write_json(staging / REPORT, report, ensure_ascii=False)
     return report

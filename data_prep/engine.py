@@ -437,10 +437,3 @@ def totals(entries: list[dict[str, Any]]) -> dict[str, Any]:
             "skipped": statuses["skipped"], "windows": sum(e["windows"] for e in entries),
             "hours_written": round(sum(e["hours"] for e in entries if e["status"] == "written"), 6),
             "hours_rejected": round(sum(e["hours"] for e in entries if e["status"] == "rejected"), 6)}
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomically: a reader sees the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)

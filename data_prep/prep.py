@@ -35,10 +35,11 @@ from data_prep.bids import Selection, is_bids_root, plan_bids
 from data_prep.build import build
 from data_prep.discover import Source, discover
 from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fingerprint, journals, read_journal,
-                              totals, write_folder, write_json)
+                              totals, write_folder)
 from data_prep.plan import Item, Params, PrepError, Rule
 from data_prep.progress import Progress
 from labram_jax.data.shards import SHARD_SUFFIX, write_manifest
+from labram_jax.files import write_json
 from labram_jax.preemption import Preempted, StopSignals
 
 REPORT = "report.json"
@@ -107,7 +108,7 @@ def rebuild(out: str | os.PathLike, num_shards: int = 1) -> tuple[dict[str, Any]
     first = found.headers[0]
     if isinstance(first["labels"], dict):  # a BIDS dataset's: where they come from, and the classes' names
         report["labels"] = first["labels"]
-    write_json(out / REPORT, report)
+    write_json(out / REPORT, report, ensure_ascii=False)
     job = first["params"]
     params = {**job["preprocessing"], "shard_windows": job["shard_windows"], "prefix": job["prefix"],
               "labels": first["labels"], "commands": [h["command"] for h in found.headers]}

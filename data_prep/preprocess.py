@@ -14,10 +14,7 @@ import numpy as np
 from data_prep.xdf import read_xdf
 from labram_jax.channels import ResolvedChannels, resolve_channels
 from labram_jax.configs import MAX_PATCHES, PATCH_SIZE
-
-
-def one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
+from labram_jax.errors import one_line
 
 
 def read_recording(path: str | os.PathLike) -> mne.io.BaseRaw:

@@ -196,7 +196,7 @@ def test_pretraining_gradients():
     model = from_pytorch(FIXTURES / "pretrain.pth", kind="pretrain")
     for padding in (jnp.ones(x.shape[:3], bool), None):
         def loss_fn(m):
-            losses = mem_loss(*m(x, chans, mask, padding=padding), tokens, mask, padding)
+            losses = mem_loss(*m(x, chans, mask, mask=padding), tokens, mask, padding)
             return losses["loss"], losses
 
         loss, losses, torch_grads, _ = gradients(model, loss_fn)

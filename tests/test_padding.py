@@ -93,7 +93,7 @@ def test_pretraining_loss_padded_equals_unpadded(data):
         grid[:, :23, :4] = np.asarray(values).reshape(2, 23, 4)
         return jnp.asarray(grid.reshape(2, -1))
 
-    got = mem_loss(*model(xp, cp, to_grid(mask), padding=padding), to_grid(tokens), to_grid(mask), padding)
+    got = mem_loss(*model(xp, cp, to_grid(mask), mask=padding), to_grid(tokens), to_grid(mask), padding)
     for term in ("loss_rec", "loss_rec_sym", "loss"):
         np.testing.assert_allclose(got[term], expected[term], rtol=1e-5, err_msg=term)
 

@@ -38,9 +38,9 @@ from data_prep.build import build
 from data_prep.builders.tuab import read_tuh_header, subject_of, tuh_montage_problem, tuh_params, tuh_root, tuh_rule
 from data_prep.engine import DEFAULT_SHARD_WINDOWS
 from data_prep.plan import Events, Item, Plan
-from data_prep.preprocess import Recording, one_line
+from data_prep.preprocess import Recording
 from labram_jax.configs import PATCH_SIZE
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 
 DATASET = "tuev"
 CLASSES = ("SPSW", "GPED", "PLED", "EYEM", "ARTF", "BCKG")  # .rec codes 1..6

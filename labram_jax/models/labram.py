@@ -193,19 +193,20 @@ class MaskedEEGModel(Transformer):
         # Unused by masked EEG modeling (the wrapper owns the lm_head it trains); kept so checkpoints round-trip.
         self.lm_head = linear(d, cfg.vocab_size, ("embed", "vocab"), rngs, kernel_init=PRETRAIN_INIT.weight)
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array | None, mask: jax.Array, *,
-                 padding: jax.Array | None = None, rng: jax.Array | None = None,
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, masked: jax.Array, *,
+                 mask: jax.Array | None = None, rng: jax.Array | None = None,
                  packing: Packing | None = None) -> jax.Array:
-        """norm of all tokens [B, 1 + N*A, D]; mask [B, N*A] is True where a patch is replaced by the mask token.
+        """norm of all tokens [B, 1 + N*A, D]; masked [B, N*A] (the masked-modeling mask) is True
+        where a patch is replaced by the mask token.
 
-        padding [B, N, A] (True = real patch), as LaBraM's `mask`, hides padded patches. With packing, x is packed
-        rows [B, T, 200], mask [B, T], and the result [B, W+T, D] (the W cls tokens first).
+        mask [B, N, A] (True = real patch), as LaBraM's, hides padded patches. With packing, x is packed
+        rows [B, T, 200], masked [B, T], and the result [B, W+T, D] (the W cls tokens first).
         """
         if packing is not None:
             patches = self.packed_patches(x, packing)
         else:
-            patches, input_chans, padding = self.patch_tokens(x, input_chans, padding)
-        w = mask[..., None].astype(patches.dtype)
+            patches, input_chans, mask = self.patch_tokens(x, input_chans, mask)
+        w = masked[..., None].astype(patches.dtype)
         # The mask token replaces the patch before the embeddings are added: masked patches keep channel and time.
         patches = patches * (1 - w) + self.mask_token[...] * w
         # Quirk of the original: the cls slot gets the first channel's row, pos_embed[input_chans[1]], not row 0.
@@ -213,7 +214,7 @@ class MaskedEEGModel(Transformer):
             return self.norm(self.run_blocks(self.embed_packed(patches, packing, packing.first_channel()), None,
                                              rng, packing))
         h = self.embed(patches, input_chans, x.shape[2], input_chans[..., 1])
-        return self.norm(self.run_blocks(h, padding, rng))
+        return self.norm(self.run_blocks(h, mask, rng))
 
 
 class LaBraMForMEM(nnx.Module):
@@ -232,29 +233,29 @@ class LaBraMForMEM(nnx.Module):
                                                     kernel_init=torch_default_uniform(d),
                                                     bias_init=torch_default_uniform(d))])
 
-    def __call__(self, x: jax.Array, input_chans: jax.Array | None, mask: jax.Array, *,
-                 padding: jax.Array | None = None, rng: jax.Array | None = None,
+    def __call__(self, x: jax.Array, input_chans: jax.Array | None, masked: jax.Array, *,
+                 mask: jax.Array | None = None, rng: jax.Array | None = None,
                  packing: Packing | None = None) -> tuple[jax.Array, jax.Array]:
-        """Logits of the masked patches [B, M, V] and, from the second pass with ~mask, of the others [B, L-M, V].
+        """Logits of the masked patches [B, M, V] and, from the second pass with ~masked, of the others [B, L-M, V].
 
-        Every row of `mask` must hold the same number M of True entries, as the original's random_masking makes;
-        row-major flattening of the outputs gives the original's boolean-index order. With `padding` [B, N, A]
+        Every row of `masked` must hold the same number M of True entries, as the original's random_masking makes;
+        row-major flattening of the outputs gives the original's boolean-index order. With `mask` [B, N, A]
         (True = real patch) rows may differ, so the logits come back for every patch, [B, L, V], and each patch's
-        from the pass that hid it: the first pass's where mask is True, the symmetric pass's elsewhere. That one
+        from the pass that hid it: the first pass's where masked is True, the symmetric pass's elsewhere. That one
         array is both elements of the pair, and mem_loss scores the masked real patches of the first and the
         unmasked real patches of the second; the lm head then runs once per patch, as in the original, rather
-        than once per patch and pass. Packed rows (x [B, T, 200], mask [B, T]) give the same [B, T, V] form.
+        than once per patch and pass. Packed rows (x [B, T, 200], masked [B, T]) give the same [B, T, V] form.
         """
         rngs = (None, None) if rng is None else jax.random.split(rng)
         skip = 1 if packing is None else packing.num_windows
-        tokens = self.student(x, input_chans, mask, padding=padding, rng=rngs[0], packing=packing)[:, skip:]
-        tokens_sym = self.student(x, input_chans, ~mask, padding=padding, rng=rngs[1], packing=packing)[:, skip:]
-        if padding is not None or packing is not None:
-            logits = self.lm_head(jnp.where(mask[..., None], tokens, tokens_sym))
+        tokens = self.student(x, input_chans, masked, mask=mask, rng=rngs[0], packing=packing)[:, skip:]
+        tokens_sym = self.student(x, input_chans, ~masked, mask=mask, rng=rngs[1], packing=packing)[:, skip:]
+        if mask is not None or packing is not None:
+            logits = self.lm_head(jnp.where(masked[..., None], tokens, tokens_sym))
             return logits, logits
-        num_masked = masked_count(mask)
-        x_rec = self.lm_head(select(tokens, mask, num_masked))
-        x_rec_sym = self.lm_head(select(tokens_sym, ~mask, mask.shape[1] - num_masked))
+        num_masked = masked_count(masked)
+        x_rec = self.lm_head(select(tokens, masked, num_masked))
+        x_rec_sym = self.lm_head(select(tokens_sym, ~masked, masked.shape[1] - num_masked))
         return x_rec, x_rec_sym
 
 
@@ -270,12 +271,12 @@ def select(values: jax.Array, mask: jax.Array, count: int) -> jax.Array:
     return jnp.take_along_axis(values, order.reshape(order.shape + (1,) * (values.ndim - 2)), axis=1)
 
 
-def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: jax.Array,
-             padding: jax.Array | None = None, packing: Packing | None = None) -> dict[str, jax.Array]:
+def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, masked: jax.Array,
+             mask: jax.Array | None = None, packing: Packing | None = None) -> dict[str, jax.Array]:
     """Cross-entropy on both passes, summed (engine_for_pretraining.py); tokens [B, N*A] from the tokenizer.
 
     Each term is a mean over all its scored patches of the batch, as the original's boolean selection gives.
-    With padding [B, N, A], x_rec/x_rec_sym are full [B, L, V] logits and padded patches are not scored. With
+    With mask [B, N, A], x_rec/x_rec_sym are full [B, L, V] logits and padded patches are not scored. With
     packing (full [B, T, V] logits), every term is one loss per window, [B, W], the window's loss alone;
     packing.average gives the batch's.
     """
@@ -290,13 +291,13 @@ def mem_loss(x_rec: jax.Array, x_rec_sym: jax.Array, tokens: jax.Array, mask: ja
 
     if packing is not None:
         real = packing.real
-        loss_rec = packing.window_mean(nll(x_rec, tokens), mask & real)
-        loss_rec_sym = packing.window_mean(nll(x_rec_sym, tokens), ~mask & real)
-    elif padding is None:
-        loss_rec = ce(x_rec, select(tokens, mask, x_rec.shape[1]))
-        loss_rec_sym = ce(x_rec_sym, select(tokens, ~mask, x_rec_sym.shape[1]))
+        loss_rec = packing.window_mean(nll(x_rec, tokens), masked & real)
+        loss_rec_sym = packing.window_mean(nll(x_rec_sym, tokens), ~masked & real)
+    elif mask is None:
+        loss_rec = ce(x_rec, select(tokens, masked, x_rec.shape[1]))
+        loss_rec_sym = ce(x_rec_sym, select(tokens, ~masked, x_rec_sym.shape[1]))
     else:
-        real = jnp.asarray(padding, bool).reshape(mask.shape)
-        loss_rec = ce(x_rec, tokens, (mask & real).astype(jnp.float32))
-        loss_rec_sym = ce(x_rec_sym, tokens, (~mask & real).astype(jnp.float32))
+        real = jnp.asarray(mask, bool).reshape(masked.shape)
+        loss_rec = ce(x_rec, tokens, (masked & real).astype(jnp.float32))
+        loss_rec_sym = ce(x_rec_sym, tokens, (~masked & real).astype(jnp.float32))
     return {"loss": loss_rec + loss_rec_sym, "loss_rec": loss_rec, "loss_rec_sym": loss_rec_sym}

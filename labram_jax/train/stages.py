@@ -158,30 +158,30 @@ def _pretrain_targets(tokenizer: VQNSP, batch: Batch) -> jax.Array:
 
 
 def _pretrain_loss(model: LaBraMForMEM, batch: Batch, rng, exp: Experiment, tokenizer) -> tuple[jax.Array, dict]:
-    mask_rng, drop_rng = jax.random.split(rng)
+    masking_rng, drop_rng = jax.random.split(rng)
     packing = Packing.of(batch)
     tokens = _pretrain_targets(tokenizer, batch)
     if packing is None:
-        mask = random_mask(mask_rng, batch["mask"], exp.train.mask_ratio)
-        x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"], rng=drop_rng)
-        losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+        masked = random_mask(masking_rng, batch["mask"], exp.train.mask_ratio)
+        x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], masked, mask=batch["mask"], rng=drop_rng)
+        losses = mem_loss(x_rec, x_rec_sym, tokens, masked, batch["mask"])
     else:  # each window masked and scored as alone, the batch's loss the mean over its windows
-        mask = random_mask(mask_rng, packing.segments, exp.train.mask_ratio)
-        x_rec, x_rec_sym = model(batch["x"], None, mask, packing=packing, rng=drop_rng)
-        losses = {k: packing.average(v) for k, v in mem_loss(x_rec, x_rec_sym, tokens, mask,
+        masked = random_mask(masking_rng, packing.segments, exp.train.mask_ratio)
+        x_rec, x_rec_sym = model(batch["x"], None, masked, packing=packing, rng=drop_rng)
+        losses = {k: packing.average(v) for k, v in mem_loss(x_rec, x_rec_sym, tokens, masked,
                                                              packing=packing).items()}
-    scored = (mask & batch["mask"].reshape(mask.shape)).astype(jnp.float32)
+    scored = (masked & batch["mask"].reshape(masked.shape)).astype(jnp.float32)
     accuracy = ((x_rec.argmax(-1) == tokens) * scored).sum() / jnp.maximum(scored.sum(), 1)
     return losses["loss"], {"loss_rec": losses["loss_rec"], "loss_rec_sym": losses["loss_rec_sym"],
                             "masked_accuracy": accuracy}
 
 
 def _pretrain_outputs(model: LaBraMForMEM, batch: Batch, exp: Experiment, tokenizer) -> dict[str, jax.Array]:
-    # Evaluation uses a fixed mask so that validation losses are comparable across steps.
-    mask = random_mask(jax.random.key(0), batch["mask"], exp.train.mask_ratio)
+    # Evaluation uses a fixed masking so that validation losses are comparable across steps.
+    masked = random_mask(jax.random.key(0), batch["mask"], exp.train.mask_ratio)
     tokens = _pretrain_targets(tokenizer, batch)
-    x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], mask, padding=batch["mask"])
-    losses = mem_loss(x_rec, x_rec_sym, tokens, mask, batch["mask"])
+    x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], masked, mask=batch["mask"])
+    losses = mem_loss(x_rec, x_rec_sym, tokens, masked, batch["mask"])
     return {"loss": losses["loss"]}
 
 
