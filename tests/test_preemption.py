@@ -222,7 +222,7 @@ def test_disk_full_names_the_folder_and_size_and_keeps_the_last_checkpoint(tmp_p
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", full)
+    monkeypatch.setattr("labram_jax.files.replace_atomically", full)  # the loader state's write, before Orbax's
     with pytest.raises(DiskFull) as raised:
         ckpt.save(2, jax.tree.map(lambda a: a + 1, state), {"position": 2}, {})
     monkeypatch.undo()
