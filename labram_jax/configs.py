@@ -5,7 +5,7 @@ and modeling_pretrain.py with the README's fine-tuning flags, and `vqnsp_encoder
 README's 8192 x 64 codebook. Variants are small functions returning a config, as big_vision does.
 
 A config is the architecture (what an export keeps) and, in RUNTIME_FIELDS, how it runs: compute dtype, attention
-implementation and rematerialisation, set where the model runs (the trainer from its run's config; `labram embed`
+implementation, rematerialisation and whether the blocks run as a scan, set where the model runs (the trainer from its run's config; `labram embed`
 and `labram convert` at the defaults: float32, the explicit attention, no remat). Matmul precision is not a config
 field at all: the trainer sets it around its step.
 """
@@ -54,6 +54,9 @@ class TransformerConfig:
     # Rematerialisation of each block in the backward pass: "none", "block" (recompute everything) or "dots"
     # (keep matmul outputs, recompute the rest).
     remat: Literal["none", "block", "dots"] = "none"
+    # Run the blocks as one lax.scan (one block compiled instead of depth): for pods and AOT checks, where compile
+    # time grows with depth; off by default, as XLA's CPU backend runs the matmuls inside a loop more slowly.
+    scan_blocks: bool = False
 
     def __post_init__(self) -> None:
         if self.embed_dim % self.num_heads:
@@ -97,7 +100,7 @@ class TokenizerConfig:
         return dataclasses.replace(self, **changes)
 
 
-RUNTIME_FIELDS = ("attention", "dtype", "remat")
+RUNTIME_FIELDS = ("attention", "dtype", "remat", "scan_blocks")
 Config = TypeVar("Config", TransformerConfig, TokenizerConfig)
 
 

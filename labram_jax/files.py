@@ -6,7 +6,10 @@ import contextlib
 import json
 import os
 import uuid
+from pathlib import Path
 from typing import IO, Any, Callable
+
+from labram_jax.errors import UserError, one_line
 
 
 def replace_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
@@ -30,3 +33,18 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, **d
     formed before the file is opened, so an object that is not JSON leaves `path` as it was."""
     text = (json.dumps(obj, indent=indent, **dumps) + "\n").encode()
     replace_atomically(path, lambda f: f.write(text))
+
+
+def read_json_object(path: str | os.PathLike, missing: str, what: str) -> dict[str, Any]:
+    """The JSON object in `path`, or a one-line UserError: `missing` when there is no such file, "unreadable" with
+    the reason when it cannot be read or parsed, "not `what`" when it holds something other than an object."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(missing) from None
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path}: unreadable: {one_line(error)}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path}: not {what}")
+    return value

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from labram_jax.errors import UserError, key_mismatch, one_line
-from labram_jax.files import replace_atomically, write_json
+from labram_jax.files import read_json_object, replace_atomically, write_json
 
 
 def test_write_json_replaces_the_file_whole(tmp_path):
@@ -46,3 +46,17 @@ def test_key_mismatch_names_only_what_differs():
     many = key_mismatch({}, {f"k{i}": 1 for i in range(9)}, limit=3)
     assert many == "missing: k0, k1, k2 and 6 more"
     assert issubclass(UserError, ValueError)
+
+
+def test_read_json_object_names_the_file_in_one_line(tmp_path):
+    path = tmp_path / "meta.json"
+    with pytest.raises(UserError, match=r"^no meta here$"):
+        read_json_object(path, "no meta here", "a meta object")
+    path.write_text('{"a": ')
+    with pytest.raises(UserError, match=rf"^{path}: unreadable: Expecting value: line 1 column 7 \(char 6\)$"):
+        read_json_object(path, "", "a meta object")
+    path.write_text("[1, 2]")
+    with pytest.raises(UserError, match=rf"^{path}: not a meta object$"):
+        read_json_object(path, "", "a meta object")
+    path.write_text('{"a": 1}')
+    assert read_json_object(path, "", "a meta object") == {"a": 1}

@@ -16,7 +16,8 @@ import pytest
 from flax import nnx
 
 from labram_jax import LaBraM, from_pytorch, mem_loss
-from labram_jax.convert.state_dict import state_dict, torch_key
+from labram_jax.configs import with_runtime
+from labram_jax.convert.state_dict import rebuilt, state_dict, torch_key
 from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
 from labram_jax.models.vqnsp import fourier_targets
 
@@ -115,6 +116,15 @@ def test_pretraining_cls_uses_first_channel_row():
     assert not np.allclose(classifier(x, chans), before)
 
 
+def loaded(path: Path, kind: str, scan_blocks: bool) -> nnx.Module:
+    """The original's weights as `kind`, its blocks unrolled or (scan_blocks) run as one lax.scan."""
+    model = from_pytorch(path, kind=kind)
+    return rebuilt(model, with_runtime(model.cfg, scan_blocks=True)) if scan_blocks else model
+
+
+SCAN = pytest.mark.parametrize("scan_blocks", [False, True], ids=["unrolled", "scan"])
+
+
 def gradients(model: nnx.Module, loss_fn) -> tuple[jax.Array, dict, dict[str, np.ndarray], nnx.State]:
     """loss_fn(model) -> (loss, aux) differentiated with respect to the parameters: the loss, the aux, every
     parameter's gradient under the original's state-dict key, and the model's other state after the call."""
@@ -149,11 +159,12 @@ def assert_gradients_match(torch_grads: dict[str, np.ndarray], grads_ref: dict[s
             assert rel(grad, grads_ref[key]) <= 1e-3, key
 
 
-def test_finetune_gradients():
+@SCAN
+def test_finetune_gradients(scan_blocks: bool):
     grads_ref = load(FIXTURES, "finetune_grads")
     x, chans, _ = inputs(FIXTURES)
     labels = jnp.asarray(load(FIXTURES, "inputs")["labels"])
-    model = from_pytorch(FIXTURES / "finetune.pth", kind="classify")
+    model = loaded(FIXTURES / "finetune.pth", "classify", scan_blocks)
 
     def loss_fn(m):
         logits = m(x, chans)
@@ -164,12 +175,13 @@ def test_finetune_gradients():
     assert_gradients_match(torch_grads, grads_ref, {"loss", "labels"})
 
 
-def test_tokenizer_gradients_and_codebook_update():
+@SCAN
+def test_tokenizer_gradients_and_codebook_update(scan_blocks: bool):
     """One train-mode step of the VQ-NSP loss (commitment + amplitude + phase) against the original's, called as
     the trainer calls it (stages._tokenizer_loss: a patch mask, train=True), and the EMA codebook it leaves."""
     grads_ref = load(FIXTURES, "tokenizer_grads")
     x, chans, _ = inputs(FIXTURES)
-    tokenizer = from_pytorch(FIXTURES / "tokenizer.pth", kind="tokenizer")
+    tokenizer = loaded(FIXTURES / "tokenizer.pth", "tokenizer", scan_blocks)
     real = jnp.ones(x.shape[:3], bool)
 
     def loss_fn(m):
@@ -186,14 +198,15 @@ def test_tokenizer_gradients_and_codebook_update():
                            {"loss", "ema.quantize.embedding.weight", "ema.quantize.cluster_size"})
 
 
-def test_pretraining_gradients():
+@SCAN
+def test_pretraining_gradients(scan_blocks: bool):
     """Both passes' cross-entropy with the fixed mask of inputs.npz and the original tokenizer's codes, through the
     trainer's path (stages._pretrain_loss: a patch mask, so logits for every patch) and the unpadded one."""
     grads_ref = load(FIXTURES, "pretrain_grads")
     x, chans, mask = inputs(FIXTURES)
     tokens = jnp.asarray(grads_ref["labels"])
     np.testing.assert_array_equal(tokens, load(FIXTURES, "tokenizer_out")["tokens"])
-    model = from_pytorch(FIXTURES / "pretrain.pth", kind="pretrain")
+    model = loaded(FIXTURES / "pretrain.pth", "pretrain", scan_blocks)
     for padding in (jnp.ones(x.shape[:3], bool), None):
         def loss_fn(m):
             losses = mem_loss(*m(x, chans, mask, mask=padding), tokens, mask, padding)

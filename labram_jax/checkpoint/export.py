@@ -8,7 +8,6 @@ Version 1 exports, which named the kind "task" and kept the run's dtype, attenti
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -20,7 +19,7 @@ from flax import nnx
 from labram_jax.configs import RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture
 from labram_jax.convert.state_dict import Model, build, kind_of
 from labram_jax.errors import UserError, key_mismatch, one_line
-from labram_jax.files import write_json
+from labram_jax.files import read_json_object, write_json
 
 FORMAT = "labram-jax/params"
 VERSION = 2
@@ -70,13 +69,8 @@ def _write_meta(path: Path, meta: dict) -> None:
 
 
 def _read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / META).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not a labram-jax export (no {META})") from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path}: unreadable {META}: {error}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json_object(path / META, f"{path}: not a labram-jax export (no {META})", f"a {FORMAT} export")
+    if meta.get("format") != FORMAT:
         raise UserError(f"{path}: {META} is not a {FORMAT} export")
     if meta.get("version") not in READS:
         raise UserError(f"{path}: export version {meta.get('version')!r}; this labram-jax reads versions "

@@ -12,7 +12,6 @@ and drops the last rows, which an import sets back to zero, with a warning each 
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import warnings
@@ -25,8 +24,8 @@ from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, PATCH_SIZE, Transf
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Renames, build, infer_config, load_state_dict, rename, state_dict,
                                            kind_of)
-from labram_jax.errors import UserError, one_line
-from labram_jax.files import write_json
+from labram_jax.errors import UserError
+from labram_jax.files import read_json_object, write_json
 from labram_jax.models.labram import LaBraM
 
 VERSION = "1.8.1"  # the braindecode release whose Labram this layout was checked against
@@ -129,15 +128,8 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads((path / CONFIG).read_text())
-    except FileNotFoundError:
-        raise UserError(f"{path}: not a braindecode model directory (no {CONFIG})") from None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path / CONFIG}: unreadable: {one_line(error)}") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{path / CONFIG}: not a JSON object of Labram's constructor arguments")
-    return config
+    return read_json_object(path / CONFIG, f"{path}: not a braindecode model directory (no {CONFIG})",
+                            "a JSON object of Labram's constructor arguments")
 
 
 def _argument(config: dict[str, Any], key: str) -> Any:

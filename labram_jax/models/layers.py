@@ -72,9 +72,10 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Stochastic depth as timm's drop_path: drop the whole residual branch per sample, rescale the rest."""
-    if rate == 0.0 or rng is None:
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+    """Stochastic depth as timm's drop_path: drop the whole residual branch per sample, rescale the rest. A traced
+    rate (blocks under a scan) of 0 keeps every sample and divides by 1, as the static rate 0 skips."""
+    if (isinstance(rate, float) and rate == 0.0) or rng is None:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
@@ -321,14 +322,17 @@ class Block(nnx.Module):
         else:
             self.gamma_1 = self.gamma_2 = None
 
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None) -> jax.Array:
-        """x [B, L, D]; mask: the attention mask (see Attention)."""
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None,
+                 drop_path_rate: jax.Array | None = None) -> jax.Array:
+        """x [B, L, D]; mask: the attention mask (see Attention); drop_path_rate: this block's, when the blocks
+        run under a scan (one graph for all of them) rather than from the block's own attribute."""
+        rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         rngs = jax.random.split(rng, 5) if rng is not None else [None] * 5
         h = self.attn(self.norm1(x), mask, (rngs[0], rngs[1]))
         if self.gamma_1 is not None:
             h = self.gamma_1[...] * h
-        x = x + drop_path(h, self.drop_path_rate, rngs[2])
+        x = x + drop_path(h, rate, rngs[2])
         h = self.mlp(self.norm2(x), rngs[3])
         if self.gamma_2 is not None:
             h = self.gamma_2[...] * h
-        return x + drop_path(h, self.drop_path_rate, rngs[4])
+        return x + drop_path(h, rate, rngs[4])

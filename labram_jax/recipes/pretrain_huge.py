@@ -14,5 +14,8 @@ def config() -> Experiment:
     # Parameters and optimizer state sharded over fsdp; each block recomputed in the backward pass ("dots" saves
     # nothing here: LaBraM's linear layers are exactly the matmuls it keeps; "block" cut temporaries from 5.1 to
     # 1.8 GiB per device at 4 blocks on 64 devices, for 1.34 vs 1.06 TFLOP per step).
+    # The 48 blocks run as one scan, so XLA compiles one block: the 64-device AOT check above compiles in about
+    # 80 s of CPU time instead of 14 minutes (bench/RESULTS.md, the pod plan).
     exp = pretrain_base.config(configs.huge())
-    return exp.replace(mesh=MeshConfig(data=-1, fsdp=8), train=dataclasses.replace(exp.train, remat="block"))
+    return exp.replace(mesh=MeshConfig(data=-1, fsdp=8),
+                       train=dataclasses.replace(exp.train, remat="block", scan_blocks=True))

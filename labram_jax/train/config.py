@@ -68,6 +68,7 @@ class TrainConfig:
     # GPUs too, where the default takes faster reduced-precision passes) and "default" for bf16 compute.
     matmul_precision: Literal["auto", "highest", "default"] = "auto"
     remat: Literal["none", "block", "dots"] = "none"
+    scan_blocks: bool = False  # the blocks as one lax.scan: one block to compile (pods, AOT), slower on CPU
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
     seed: int = 0
     log_every: int = 10

@@ -68,7 +68,7 @@ def resolve_precision(exp: Experiment) -> Experiment:
     precision = exp.train.precision
     if precision == "auto":
         precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    runtime = {"dtype": precision, "remat": exp.train.remat}
+    runtime = {"dtype": precision, "remat": exp.train.remat, "scan_blocks": exp.train.scan_blocks}
     return exp.replace(model=with_runtime(exp.model, **runtime), tokenizer=with_runtime(exp.tokenizer, **runtime))
 
 
@@ -480,7 +480,10 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
 
     def step_flops(self) -> float | None:
-        """FLOPs of one step per device, from XLA's cost analysis of the compiled step."""
+        """FLOPs of one step per device, from XLA's cost analysis of the compiled step (None under scan_blocks:
+        XLA counts a loop's body once, not once per block)."""
+        if self.exp.train.scan_blocks:
+            return None
         try:
             cost = self.lower().compile().cost_analysis()
         except Exception:  # noqa: BLE001 - cost analysis is best-effort and backend dependent
