@@ -42,20 +42,23 @@ class Transformer(nnx.Module):
         that GSPMD propagates from the patches.
         """
         b, _, d = patches.shape
+        table = self.pos_embed[0]
         if input_chans.ndim == 1:
-            input_chans, cls_row = input_chans[None], cls_row[None]
-        pos = self.pos_embed[0][input_chans[:, 1:]]  # [B or 1, N, D]
+            pos, cls_pos = table[input_chans[None, 1:]], table[cls_row[None]]  # [1, N, D], [1, D]
+        else:
+            pos, cls_pos = rows(table, input_chans[:, 1:]), rows(table, cls_row)
         patch_pos = jnp.repeat(pos, num_patches, axis=1)  # channel-major
         time = jnp.tile(self.time_embed[0, :num_patches], (pos.shape[1], 1))
-        cls = self.cls_token[...] + self.pos_embed[0][cls_row][:, None]
+        cls = self.cls_token[...] + cls_pos[:, None]
         return jnp.concatenate([jnp.broadcast_to(cls, (b, 1, d)), patches + patch_pos + time], axis=1)
 
     def embed_packed(self, patches: jax.Array, packing: Packing, cls_rows: jax.Array) -> jax.Array:
         """embed for a packed row: [B, W+T, D], window w's cls (pos_embed row cls_rows [B, W], no time embedding,
         as alone) in slot w, then the tokens with their own channel and time rows."""
         pos = self.pos_embed[0]
-        cls = self.cls_token[...] + pos[cls_rows]
-        return jnp.concatenate([cls, patches + pos[packing.channels] + self.time_embed[0][packing.times]], axis=1)
+        cls = self.cls_token[...] + rows(pos, cls_rows)
+        return jnp.concatenate([cls, patches + rows(pos, packing.channels) + rows(self.time_embed[0], packing.times)],
+                               axis=1)
 
     def run_blocks(self, x: jax.Array, padding: jax.Array | None, rng: jax.Array | None,
                    packing: Packing | None = None) -> jax.Array:
@@ -90,6 +93,16 @@ class Transformer(nnx.Module):
 
 
 REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def rows(table: jax.Array, index: jax.Array) -> jax.Array:
+    """table[index] for a per-window index ([B, ...]), as a one-hot matmul. Under FSDP the table is split along
+    embed and the index along the batch; a gather's backward, a scatter of batch-split updates into the
+    embed-split table, is a resharding XLA's partitioner does only by replicating both ("involuntary full
+    rematerialization" every step), while a matmul is FSDP's ordinary all-gather and reduce-scatter. Exact: each
+    output is 1 x one row plus 0 x the others, at the highest precision."""
+    onehot = jax.nn.one_hot(index, table.shape[0], dtype=table.dtype)
+    return jnp.einsum("...r,rd->...d", onehot, table, precision=jax.lax.Precision.HIGHEST)
 
 
 def _remat(block: Block, policy: str):
