@@ -15,6 +15,7 @@ from labram_jax.errors import UserError
 from labram_jax.models.layers import (FINETUNE_INIT, PRETRAIN_INIT, Block, InitScheme, PatchEmbed, TemporalConv,
                                       dropout, layer_norm, linear, param, scaled, torch_default_uniform)
 from labram_jax.models.packing import Packing
+from labram_jax.sharding import constrain
 
 
 class Transformer(nnx.Module):
@@ -71,10 +72,12 @@ class Transformer(nnx.Module):
         if rng is not None:
             drop_rng, rng = jax.random.split(rng)
             x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
+        x = residual_stream(x)
         if self.cfg.scan_blocks:
             return _scanned_blocks(self.blocks, x, mask, rng, self.cfg.remat)
         for i, block in enumerate(self.blocks):
-            x = _remat(block, self.cfg.remat)(x, mask, None if rng is None else jax.random.fold_in(rng, i))
+            x = residual_stream(_remat(block, self.cfg.remat)(x, mask, None if rng is None else
+                                                              jax.random.fold_in(rng, i)))
         return x
 
     def patch_tokens(self, x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
@@ -93,6 +96,11 @@ class Transformer(nnx.Module):
 
 
 REMAT_POLICIES = {"block": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def residual_stream(x: jax.Array) -> jax.Array:
+    """The blocks' input and output [B, L, D], split along the batch on a train step's mesh (sharding.constrain)."""
+    return constrain(x, ("batch", None, None))
 
 
 def rows(table: jax.Array, index: jax.Array) -> jax.Array:
@@ -126,7 +134,7 @@ def _scanned_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array | None, rng:
     def body(h, per_block):
         state, rate, i = per_block
         block_rng = None if rng is None else jax.random.fold_in(rng, i)
-        return nnx.merge(graphdef, state, copy=True)(h, mask, block_rng, drop_path_rate=rate), None
+        return residual_stream(nnx.merge(graphdef, state, copy=True)(h, mask, block_rng, drop_path_rate=rate)), None
 
     if policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])

@@ -88,18 +88,27 @@ def strong_types(tree: Any) -> Any:
 
 
 class UnderPrecision:
-    """A jitted function traced (and so compiled and cached) under one default matmul precision: the layers leave
-    precision to the run, so that accelerators can take their fast paths where the run computes in bf16."""
+    """A jitted function traced (and so compiled and cached) under one default matmul precision, and for the train
+    step under its mesh: the layers leave precision to the run, so that accelerators can take their fast paths
+    where the run computes in bf16, and lay out their activations on the mesh they are traced under
+    (sharding.constrain)."""
 
-    def __init__(self, fn: Any, precision: str):
-        self.fn, self.precision = fn, precision
+    def __init__(self, fn: Any, precision: str, mesh: jax.sharding.Mesh | None = None):
+        self.fn, self.precision, self.mesh = fn, precision, mesh
+
+    def _context(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.default_matmul_precision(self.precision))
+        if self.mesh is not None:
+            stack.enter_context(jax.set_mesh(self.mesh))
+        return stack
 
     def __call__(self, *args: Any) -> Any:
-        with jax.default_matmul_precision(self.precision):
+        with self._context():
             return self.fn(*args)
 
     def lower(self, *args: Any) -> Any:
-        with jax.default_matmul_precision(self.precision):
+        with self._context():
             return self.fn.lower(*args)
 
 
@@ -158,7 +167,8 @@ class Trainer:
         step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
                        out_shardings=(self.shardings, None), donate_argnums=0)
         outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
-        self._step, self._outputs = UnderPrecision(step, precision), UnderPrecision(outputs, precision)
+        # Evaluation runs a window at a time under vmap, where the activations' batch is the vmapped axis.
+        self._step, self._outputs = UnderPrecision(step, precision, self.mesh), UnderPrecision(outputs, precision)
 
     # -- model construction ------------------------------------------------------------------------------------
     def _model(self) -> nnx.Module:
