@@ -2,7 +2,7 @@
 non-finite steps, mismatched checkpoints, the huge recipe ahead of time, LoRA and linear probing, and seeds.
 
 Mechanics run on synthetic windows (4 channels x 2 patches, a 10 Hz rhythm in class 1) and a 100-wide, 2-block
-LaBraM with a 64-code tokenizer; the learning test runs the three stages on the bundled EEGMAT recordings. Most
+LaBraM with a 64-code tokenizer (the synthetic fixture is conftest's); the learning test runs the three stages on the bundled EEGMAT recordings. Most
 runs use one of the session's 8 simulated devices; the equality tests compare them with meshes over all 8.
 """
 import json
@@ -59,16 +59,6 @@ def write_split(folder: Path, windows: list[Window]) -> Path:
         stats.add(window)
     write_manifest(folder, {"syn": stats}, {"sfreq": 200.0, "window_s": PATCHES})
     return folder
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """train (32 windows), val and test (16 each), balanced labels, as a dataset builder lays them out."""
-    root = tmp_path_factory.mktemp("synthetic")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("val", 16), ("test", 16)):
-        write_split(root / split, [synthetic_window(i, i % 2, rng) for i in range(count)])
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -303,11 +293,8 @@ def completed_steps(workdir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(synthetic, tmp_path):
-    reference = subprocess.run(recipe_command(tmp_path / "reference", synthetic), env=child_env(),
-                               capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+@pytest.mark.xdist_group("recipe-reference")  # one worker trains the shared uninterrupted run once
+def test_killed_run_resumes_to_the_same_parameters(synthetic, recipe_reference, tmp_path):
     workdir = tmp_path / "preempted"
     kill_after = random.Random().randint(5, 20)  # a step after the first checkpoint (step 4)
     process = subprocess.Popen(recipe_command(workdir, synthetic), env=child_env(), stdout=subprocess.DEVNULL,
@@ -343,12 +330,12 @@ def test_killed_run_resumes_to_the_same_parameters(synthetic, tmp_path):
     # Set aside (kept for a look): Orbax refuses to save over an existing step, and the resumed run saved it.
     assert (checkpoints / f"{damaged}.damaged").is_dir()
     print(f"killed after logging step {killed_at} (drawn: >= {kill_after}); resumed from checkpoint {last}")
-    expected, got = (weights(load_model(d / "export")) for d in (tmp_path / "reference", workdir))
+    expected, got = (weights(load_model(d / "export")) for d in (recipe_reference, workdir))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
     # The logged losses after the resume are those of the uninterrupted run.
-    assert metrics(workdir, "loss")[-1] == metrics(tmp_path / "reference", "loss")[-1]
+    assert metrics(workdir, "loss")[-1] == metrics(recipe_reference, "loss")[-1]
 
 
 # -- 5. non-finite losses -------------------------------------------------------------------------------------------
