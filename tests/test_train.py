@@ -34,7 +34,6 @@ from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_data" / "eegmat"
 CHANNELS, PATCHES = 4, 2
 ONE = jax.devices()[:1]
 
@@ -103,19 +102,11 @@ def first_batch(trainer: Trainer) -> dict:
 
 
 # -- 1. learning on real EEG ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def eegmat(tmp_path_factory) -> Path:
-    """The bundled sample as 4-s windows (20 channels x 4 patches): subjects 00-01 train, 02 val, 03 test."""
-    from data_prep.builders.eegmat import build_eegmat
-
-    out = tmp_path_factory.mktemp("eegmat")
-    build_eegmat(SAMPLE, out, seconds=4, splits={"train": [0, 1], "val": [2], "test": [3]})
-    return out
-
-
 @pytest.mark.slow
-def test_three_stages_learn_on_real_eeg(eegmat, tmp_path):
-    """Tokenizer -> pretraining against its codes -> fine-tuning from the pretrained export, on real EEG.
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the three stages once (test_plots draws them)
+def test_three_stages_learn_on_real_eeg(eegmat_runs):
+    """Tokenizer -> pretraining against its codes -> fine-tuning from the pretrained export, on real EEG (the runs
+    of conftest's eegmat_runs).
 
     Each loss falls; the codebook stays in use; the fine-tuned model separates rest from mental arithmetic on the
     two subjects it never saw. The margin: a classifier blind to the label has a balanced accuracy of 0.5 with a std
@@ -123,34 +114,15 @@ def test_three_stages_learn_on_real_eeg(eegmat, tmp_path):
     on each held-out subject, and both must pass (the windows of one recording are correlated, so the true spread
     is wider than this binomial one). A logistic regression on log band powers reaches 0.9-0.95 on this split.
     """
-    unlabelled = DataConfig(train=(str(eegmat / "train"),), val=(str(eegmat / "val"),), max_channels=20,
-                            max_patches=4)
-    labelled = DataConfig(train=(str(eegmat / "train"),), val=(str(eegmat / "val"),),
-                          test=(str(eegmat / "test"),), max_channels=20, max_patches=4)
-    common = dict(batch_size=16, log_every=1, save_every=1000, warmup_steps=4)
-    # A gentle tokenizer lr keeps the codebook alive: at 1e-3 per-batch usage falls to a third within 30 steps.
-    tok = Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(codebook_size=64), data=unlabelled,
-                     train=TrainConfig(steps=40, lr=2e-4, min_lr=2e-5, weight_decay=1e-4, b2=0.99, **common))
-    Trainer(tok, tmp_path / "tokenizer", devices=ONE).train()
-    pre = Experiment(stage="pretrain", model=configs.tiny(vocab_size=64), data=unlabelled,
-                     tokenizer_checkpoint=str(tmp_path / "tokenizer" / "export"),
-                     train=TrainConfig(steps=40, lr=5e-4, min_lr=1e-5, b2=0.98, clip_grad=3.0, **common))
-    Trainer(pre, tmp_path / "pretrain", devices=ONE).train()
-    # The paper's fine-tuning recipe at this size: drop path 0.1, layer decay 0.65.
-    ft = Experiment(stage="finetune", model=configs.tiny(num_classes=1, drop_path_rate=0.1), data=labelled,
-                    init=str(tmp_path / "pretrain" / "export"),
-                    train=TrainConfig(**{**common, "warmup_steps": 10}, steps=100, lr=1e-3, min_lr=1e-5,
-                                      layer_decay=0.65))
-    summary = Trainer(ft, tmp_path / "finetune", devices=ONE).train()
-
+    eegmat, summary = eegmat_runs["data"], eegmat_runs["summary"]
     report = {}
     for stage in ("tokenizer", "pretrain", "finetune"):
-        first, last = first_last(metrics(tmp_path / stage, "loss"))
+        first, last = first_last(metrics(eegmat_runs[stage], "loss"))
         report[stage] = (first, last)
         assert last < 0.95 * first, (stage, first, last)
-    usage = metrics(tmp_path / "tokenizer", "codebook_usage")
-    perplexity = metrics(tmp_path / "tokenizer", "codebook_perplexity")
-    tokenizer = load_model(tmp_path / "tokenizer" / "export")
+    usage = metrics(eegmat_runs["tokenizer"], "codebook_usage")
+    perplexity = metrics(eegmat_runs["tokenizer"], "codebook_perplexity")
+    tokenizer = load_model(eegmat_runs["tokenizer"] / "export")
     codes = set()
     for batch in eval_dataset([eegmat / "val"], LoaderConfig(batch_size=32, max_channels=20, max_patches=4)):
         tokens = np.asarray(tokenizer.tokenize(jnp.asarray(batch["x"]), jnp.asarray(batch["input_chans"]),
