@@ -26,6 +26,13 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+def pytest_collection_modifyitems(config, items: list) -> None:
+    """The slow end-to-end tests first (each keeps its place among them). xdist hands tests (and xdist groups)
+    out in this order as workers free up, so the minutes-long ones start early and the many short ones fill in
+    at the end, rather than one long test started last keeping one worker busy while the other waits."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config) -> None:
     if _CACHE is not None:
         shutil.rmtree(_CACHE, ignore_errors=True)
