@@ -26,11 +26,26 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
                    "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
+@pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(config, items: list) -> None:
     """The slow end-to-end tests first (each keeps its place among them). xdist hands tests (and xdist groups)
     out in this order as workers free up, so the minutes-long ones start early and the many short ones fill in
-    at the end, rather than one long test started last keeping one worker busy while the other waits."""
+    at the end, rather than one long test started last keeping one worker busy while the other waits.
+
+    And the xdist_group marks, on a worker under --dist loadgroup: xdist 3.8 names a test's group by setting
+    item._nodeid, which pytest 9 no longer reads (the node id is item._id), so without this every group's tests
+    were spread over both workers and each built the group's fixture."""
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    if not getattr(config.option, "loadgroup", False):
+        return
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        names = sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
+                        for mark in item.iter_markers("xdist_group")})
+        suffix = "@" + "_".join(names)
+        if names and not item.nodeid.endswith(suffix):
+            item._id = coerce_node_id(item.nodeid + suffix)
 
 
 def pytest_unconfigure(config) -> None:
