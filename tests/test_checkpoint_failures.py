@@ -27,7 +27,7 @@ from labram_jax.train import trainer as trainer_module
 from labram_jax.train.checkpoints import Checkpoints, DamagedCheckpoint
 from labram_jax.train.logger import MetricLogger
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
-from test_train import experiment, synthetic, synthetic_window, write_split  # noqa: F401 - a fixture
+from test_train import experiment, synthetic_window, write_split
 
 ONE = jax.devices()[:1]
 

@@ -1,11 +1,10 @@
 """`labram plot`: the curves of real runs, and the ROC curve and confusion matrix of a fine-tuning evaluation.
 
-Three tiny runs on the bundled EEGMAT recordings (subject 00 trains, 02 validates, 03 tests): a tokenizer, a
-pretraining run against it and a fine-tuning run with a best checkpoint, trained once in the module's fixture (the
-tests that use them are marked slow). Every drawn series is read back from the figure and compared with what the
+Three tiny runs on the bundled EEGMAT recordings (subjects 00-01 train, 02 validates, 03 tests): a tokenizer, a
+pretraining run against it and a fine-tuning run with a best checkpoint, conftest's eegmat_runs, trained once for
+this module and test_train's learning test (the tests that use them are marked slow). Every drawn series is read back from the figure and compared with what the
 run wrote (metrics.jsonl, the per-window test outputs) or with scikit-learn.
 """
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -16,39 +15,10 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
-from labram_jax import configs, plots
+from labram_jax import plots
 from labram_jax.cli import main
 from labram_jax.train import metrics as paper_metrics
 from labram_jax.train import outputs
-from labram_jax.train.config import DataConfig, Experiment, TrainConfig
-from labram_jax.train.trainer import Trainer
-
-SAMPLE = Path(__file__).resolve().parents[1] / "sample_data" / "eegmat"
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
-    from data_prep.builders.eegmat import build_eegmat
-
-    root = tmp_path_factory.mktemp("plots")
-    data = root / "data"
-    build_eegmat(SAMPLE, data, seconds=4, splits={"train": [0], "val": [2], "test": [3]})
-    splits = DataConfig(train=(str(data / "train"),), val=(str(data / "val"),), test=(str(data / "test"),),
-                        max_channels=20, max_patches=4)
-    schedule = dict(steps=4, batch_size=8, warmup_steps=1, log_every=1, save_every=1000)
-    stages = {
-        "tokenizer": Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(codebook_size=64),
-                                data=dataclasses.replace(splits, test=()),
-                                train=TrainConfig(lr=5e-5, **schedule)),
-        "pretrain": Experiment(stage="pretrain", model=configs.tiny(vocab_size=64),
-                               tokenizer_checkpoint=str(root / "tokenizer" / "export"),
-                               data=dataclasses.replace(splits, test=()), train=TrainConfig(**schedule)),
-        "finetune": Experiment(stage="finetune", model=configs.tiny(num_classes=1), data=splits,
-                               train=TrainConfig(eval_every=2, **schedule)),
-    }
-    for stage, exp in stages.items():
-        Trainer(exp, root / stage).train(progress=False)
-    return {stage: root / stage for stage in stages} | {"data": data}
 
 
 @pytest.fixture(autouse=True)
@@ -73,11 +43,11 @@ def lines(fig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
-def test_curves_are_the_logged_series(runs):
-    workdirs = [runs[s] for s in ("tokenizer", "pretrain", "finetune")]
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
+def test_curves_are_the_logged_series(eegmat_runs):
+    workdirs = [eegmat_runs[s] for s in ("tokenizer", "pretrain", "finetune")]
     figures = dict(plots.figures(workdirs))
-    series = {s: logged(runs[s]) for s in ("tokenizer", "pretrain", "finetune")}
+    series = {s: logged(eegmat_runs[s]) for s in ("tokenizer", "pretrain", "finetune")}
     wanted = ["loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "masked_accuracy"]
     val = sorted({k for s in series.values() for k in s if k.startswith("val/")})
     assert {"val/loss", "val/balanced_accuracy", "val/roc_auc"} <= set(val)
@@ -92,33 +62,33 @@ def test_curves_are_the_logged_series(runs):
             np.testing.assert_allclose(values, series[stage][key][1], rtol=0, atol=0, err_msg=f"{stage} {key}")
     assert set(lines(figures["codebook_usage.png"])) == {"tokenizer"}
     assert set(lines(figures["masked_accuracy.png"])) == {"pretrain"}
-    assert len(series["finetune"]["val/loss"][0]) == 2  # eval_every=2 of 4 steps: steps 2 and 4
+    assert series["finetune"]["val/loss"][0] == [50, 100]  # eval_every=50 of 100 steps
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
 @pytest.mark.parametrize("split", ["test", "best_test"])
-def test_outputs_reproduce_the_test_metrics(runs, split):
+def test_outputs_reproduce_the_test_metrics(eegmat_runs, split):
     """The trainer's final test evaluation (and that of the best checkpoint) writes the per-window outputs its
     metrics came from."""
-    out = outputs.load(runs["finetune"] / "outputs" / f"{split}.npz")
-    manifest = json.loads((runs["data"] / "test" / "manifest.json").read_text())
+    out = outputs.load(eegmat_runs["finetune"] / "outputs" / f"{split}.npz")
+    manifest = json.loads((eegmat_runs["data"] / "test" / "manifest.json").read_text())
     assert out["kind"] == "binary" and len(out["labels"]) == manifest["windows"] == 60
     assert out["logits"].shape in ((60,), (60, 1)) and set(np.unique(out["labels"])) == {0, 1}
-    final = [r for r in map(json.loads, (runs["finetune"] / "metrics.jsonl").read_text().splitlines())
+    final = [r for r in map(json.loads, (eegmat_runs["finetune"] / "metrics.jsonl").read_text().splitlines())
              if f"{split}/roc_auc" in r][-1]
     for key, value in paper_metrics.binary_metrics(out["labels"], out["logits"]).items():
         assert value == final[f"{split}/{key}"], key
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
-def test_roc_and_confusion_of_one_or_several_runs(runs, tmp_path):
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
+def test_roc_and_confusion_of_one_or_several_runs(eegmat_runs, tmp_path):
     again = tmp_path / "finetune_again"
-    shutil.copytree(runs["finetune"], again)
-    figures = dict(plots.figures([runs["finetune"], again]))
+    shutil.copytree(eegmat_runs["finetune"], again)
+    figures = dict(plots.figures([eegmat_runs["finetune"], again]))
     for split in ("test", "best_test"):
-        out = outputs.load(runs["finetune"] / "outputs" / f"{split}.npz")
+        out = outputs.load(eegmat_runs["finetune"] / "outputs" / f"{split}.npz")
         prob = 1 / (1 + np.exp(-out["logits"].reshape(-1).astype(np.float64)))
         fpr, tpr, _ = skm.roc_curve(out["labels"], prob)
         auc = skm.roc_auc_score(out["labels"], prob)
@@ -159,10 +129,10 @@ def test_multiclass_roc_is_one_vs_rest(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("plots-runs")  # one worker trains the module's runs once
-def test_labram_plot_writes_the_pngs(runs, tmp_path, capsys):
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
+def test_labram_plot_writes_the_pngs(eegmat_runs, tmp_path, capsys):
     out = tmp_path / "plots"
-    workdirs = [str(runs[s]) for s in ("tokenizer", "pretrain", "finetune")]
+    workdirs = [str(eegmat_runs[s]) for s in ("tokenizer", "pretrain", "finetune")]
     assert main(["plot", *workdirs, "--out", str(out)]) == 0
     names = [name for name, _ in plots.figures([Path(w) for w in workdirs])]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)

@@ -2,7 +2,7 @@
 non-finite steps, mismatched checkpoints, the huge recipe ahead of time, LoRA and linear probing, and seeds.
 
 Mechanics run on synthetic windows (4 channels x 2 patches, a 10 Hz rhythm in class 1) and a 100-wide, 2-block
-LaBraM with a 64-code tokenizer; the learning test runs the three stages on the bundled EEGMAT recordings. Most
+LaBraM with a 64-code tokenizer (the synthetic fixture is conftest's); the learning test runs the three stages on the bundled EEGMAT recordings. Most
 runs use one of the session's 8 simulated devices; the equality tests compare them with meshes over all 8.
 """
 import json
@@ -34,7 +34,6 @@ from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-SAMPLE = ROOT / "sample_data" / "eegmat"
 CHANNELS, PATCHES = 4, 2
 ONE = jax.devices()[:1]
 
@@ -59,16 +58,6 @@ def write_split(folder: Path, windows: list[Window]) -> Path:
         stats.add(window)
     write_manifest(folder, {"syn": stats}, {"sfreq": 200.0, "window_s": PATCHES})
     return folder
-
-
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory) -> Path:
-    """train (32 windows), val and test (16 each), balanced labels, as a dataset builder lays them out."""
-    root = tmp_path_factory.mktemp("synthetic")
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 32), ("val", 16), ("test", 16)):
-        write_split(root / split, [synthetic_window(i, i % 2, rng) for i in range(count)])
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -113,19 +102,11 @@ def first_batch(trainer: Trainer) -> dict:
 
 
 # -- 1. learning on real EEG ---------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def eegmat(tmp_path_factory) -> Path:
-    """The bundled sample as 4-s windows (20 channels x 4 patches): subjects 00-01 train, 02 val, 03 test."""
-    from data_prep.builders.eegmat import build_eegmat
-
-    out = tmp_path_factory.mktemp("eegmat")
-    build_eegmat(SAMPLE, out, seconds=4, splits={"train": [0, 1], "val": [2], "test": [3]})
-    return out
-
-
 @pytest.mark.slow
-def test_three_stages_learn_on_real_eeg(eegmat, tmp_path):
-    """Tokenizer -> pretraining against its codes -> fine-tuning from the pretrained export, on real EEG.
+@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the three stages once (test_plots draws them)
+def test_three_stages_learn_on_real_eeg(eegmat_runs):
+    """Tokenizer -> pretraining against its codes -> fine-tuning from the pretrained export, on real EEG (the runs
+    of conftest's eegmat_runs).
 
     Each loss falls; the codebook stays in use; the fine-tuned model separates rest from mental arithmetic on the
     two subjects it never saw. The margin: a classifier blind to the label has a balanced accuracy of 0.5 with a std
@@ -133,34 +114,15 @@ def test_three_stages_learn_on_real_eeg(eegmat, tmp_path):
     on each held-out subject, and both must pass (the windows of one recording are correlated, so the true spread
     is wider than this binomial one). A logistic regression on log band powers reaches 0.9-0.95 on this split.
     """
-    unlabelled = DataConfig(train=(str(eegmat / "train"),), val=(str(eegmat / "val"),), max_channels=20,
-                            max_patches=4)
-    labelled = DataConfig(train=(str(eegmat / "train"),), val=(str(eegmat / "val"),),
-                          test=(str(eegmat / "test"),), max_channels=20, max_patches=4)
-    common = dict(batch_size=16, log_every=1, save_every=1000, warmup_steps=4)
-    # A gentle tokenizer lr keeps the codebook alive: at 1e-3 per-batch usage falls to a third within 30 steps.
-    tok = Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(codebook_size=64), data=unlabelled,
-                     train=TrainConfig(steps=40, lr=2e-4, min_lr=2e-5, weight_decay=1e-4, b2=0.99, **common))
-    Trainer(tok, tmp_path / "tokenizer", devices=ONE).train()
-    pre = Experiment(stage="pretrain", model=configs.tiny(vocab_size=64), data=unlabelled,
-                     tokenizer_checkpoint=str(tmp_path / "tokenizer" / "export"),
-                     train=TrainConfig(steps=40, lr=5e-4, min_lr=1e-5, b2=0.98, clip_grad=3.0, **common))
-    Trainer(pre, tmp_path / "pretrain", devices=ONE).train()
-    # The paper's fine-tuning recipe at this size: drop path 0.1, layer decay 0.65.
-    ft = Experiment(stage="finetune", model=configs.tiny(num_classes=1, drop_path_rate=0.1), data=labelled,
-                    init=str(tmp_path / "pretrain" / "export"),
-                    train=TrainConfig(**{**common, "warmup_steps": 10}, steps=100, lr=1e-3, min_lr=1e-5,
-                                      layer_decay=0.65))
-    summary = Trainer(ft, tmp_path / "finetune", devices=ONE).train()
-
+    eegmat, summary = eegmat_runs["data"], eegmat_runs["summary"]
     report = {}
     for stage in ("tokenizer", "pretrain", "finetune"):
-        first, last = first_last(metrics(tmp_path / stage, "loss"))
+        first, last = first_last(metrics(eegmat_runs[stage], "loss"))
         report[stage] = (first, last)
         assert last < 0.95 * first, (stage, first, last)
-    usage = metrics(tmp_path / "tokenizer", "codebook_usage")
-    perplexity = metrics(tmp_path / "tokenizer", "codebook_perplexity")
-    tokenizer = load_model(tmp_path / "tokenizer" / "export")
+    usage = metrics(eegmat_runs["tokenizer"], "codebook_usage")
+    perplexity = metrics(eegmat_runs["tokenizer"], "codebook_perplexity")
+    tokenizer = load_model(eegmat_runs["tokenizer"] / "export")
     codes = set()
     for batch in eval_dataset([eegmat / "val"], LoaderConfig(batch_size=32, max_channels=20, max_patches=4)):
         tokens = np.asarray(tokenizer.tokenize(jnp.asarray(batch["x"]), jnp.asarray(batch["input_chans"]),
@@ -303,11 +265,8 @@ def completed_steps(workdir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_parameters(synthetic, tmp_path):
-    reference = subprocess.run(recipe_command(tmp_path / "reference", synthetic), env=child_env(),
-                               capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+@pytest.mark.xdist_group("recipe-reference")  # one worker trains the shared uninterrupted run once
+def test_killed_run_resumes_to_the_same_parameters(synthetic, recipe_reference, tmp_path):
     workdir = tmp_path / "preempted"
     kill_after = random.Random().randint(5, 20)  # a step after the first checkpoint (step 4)
     process = subprocess.Popen(recipe_command(workdir, synthetic), env=child_env(), stdout=subprocess.DEVNULL,
@@ -343,12 +302,12 @@ def test_killed_run_resumes_to_the_same_parameters(synthetic, tmp_path):
     # Set aside (kept for a look): Orbax refuses to save over an existing step, and the resumed run saved it.
     assert (checkpoints / f"{damaged}.damaged").is_dir()
     print(f"killed after logging step {killed_at} (drawn: >= {kill_after}); resumed from checkpoint {last}")
-    expected, got = (weights(load_model(d / "export")) for d in (tmp_path / "reference", workdir))
+    expected, got = (weights(load_model(d / "export")) for d in (recipe_reference, workdir))
     assert got.keys() == expected.keys()
     for key, value in expected.items():
         np.testing.assert_array_equal(got[key], value, err_msg=key)
     # The logged losses after the resume are those of the uninterrupted run.
-    assert metrics(workdir, "loss")[-1] == metrics(tmp_path / "reference", "loss")[-1]
+    assert metrics(workdir, "loss")[-1] == metrics(recipe_reference, "loss")[-1]
 
 
 # -- 5. non-finite losses -------------------------------------------------------------------------------------------

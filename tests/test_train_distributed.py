@@ -8,6 +8,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 from labram_jax.data.records import Window
 from labram_jax.data.shards import write_shard
@@ -91,6 +92,7 @@ def write_data(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
     data = write_data(tmp_path / "data")
     child = tmp_path / "child.py"
