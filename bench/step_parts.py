@@ -3,8 +3,10 @@
     python bench/step_parts.py --side jax [--parts step,block,embed,optim] [--reps 3]
     PEER_PY bench/step_parts.py --side torch --reference DIR
 
-Run each side with one thread (the script sets it: XLA's flags and OMP_NUM_THREADS before JAX starts, and
-torch.set_num_threads(1)) so that other jobs on the machine move wall time but not the CPU time of the process.
+Each side runs with one thread (the script sets it: XLA's flags and OMP_NUM_THREADS before JAX starts, and
+torch.set_num_threads(1)) so that other jobs on the machine move wall time but not the CPU time of the process;
+--threads 0 leaves each library its default threads, and then the CPU time includes what the threads spend
+waiting for each other.
 It prints time.process_time per call, the median of --reps warm calls, for: the whole fine-tuning step of
 bench/step_vs_pytorch.py (LaBraM-Base, [32, 23, 10, 200], drop path 0.1, layer decay 0.65), one Transformer block's
 forward + backward on [32, 231, 200] (block 6, its drop path on; with the all-True key mask our step has), the
@@ -93,13 +95,14 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     return out
 
 
-def torch_parts(parts: list[str], reps: int, reference: str) -> dict[str, float]:
+def torch_parts(parts: list[str], reps: int, reference: str, threads: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "bench"))
     import numpy as np
     import torch
 
     from step_vs_pytorch import _finetune_step, _import_reference, _reference_optimizer
-    torch.set_num_threads(1)
+    if threads == 1:
+        torch.set_num_threads(1)
     _import_reference(reference)
     import modeling_finetune
     torch.manual_seed(0)
@@ -140,12 +143,17 @@ def main() -> None:
     parser.add_argument("--reference", default="", help="a checkout of github 935963004/LaBraM (torch side)")
     parser.add_argument("--parts", default="step,block,embed,optim")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1, help="1, or 0 for each library's default (all cores)")
     args = parser.parse_args()
+    if args.threads == 1:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
+                                   "intra_op_parallelism_threads=1").strip()
     parts = args.parts.split(",")
     if args.side == "jax":
         result = jax_parts(parts, args.reps)
     else:
-        result = torch_parts(parts, args.reps, args.reference)
+        result = torch_parts(parts, args.reps, args.reference, args.threads)
     if "step" in result:
         result["rest"] = result["step"] - 12 * result.get("block", 0) - result.get("embed", 0) \
             - result.get("optim", 0)
@@ -153,7 +161,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ["OMP_NUM_THREADS"] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
-                               "intra_op_parallelism_threads=1").strip()
     main()
