@@ -3,8 +3,10 @@
     python bench/profile_step.py --model base --stage finetune [--steps 3] [--top 25] [--trace DIR]
 
 Same batch and config as bench/step_vs_pytorch.py. It prints the step's wall time, then the XLA operations
-(fusions, dots, convolutions, ...) that took the most device time over the traced steps, with their share, and
-the share per kind of operation. The trace directory opens in TensorBoard's or XProf's profile viewer.
+(fusions, dots, convolutions, ...) that took the most device time over the traced steps, with their share, the
+share per kind of operation, and the share per source: each operation is charged to the innermost labram_jax
+function of its HLO stack frame (or to the optimizer, where optax made it), forward or backward. The trace
+directory opens in TensorBoard's or XProf's profile viewer.
 """
 from __future__ import annotations
 
@@ -34,6 +36,46 @@ def op_kind(name: str) -> str:
     return "fusion" if "fusion" in base else base
 
 
+def hlo_sources(hlo: str) -> dict[str, str]:
+    """Instruction name -> "file:function fwd|bwd" from a compiled HLO module's text (its stack-frame tables)."""
+    tables: dict[str, dict[int, str]] = {"FileNames": {}, "FunctionNames": {}, "FileLocations": {}, "StackFrames": {}}
+    section, instructions = None, {}
+    for line in hlo.splitlines():
+        if line in tables:
+            section = line
+        elif section and not line.strip():
+            section = None
+        elif section:
+            key, value = line.split(" ", 1)
+            tables[section][int(key)] = value
+        elif (m := re.match(r'\s*(?:ROOT )?%(\S+) = .*?metadata=\{op_name="([^"]*)"(?: stack_frame_id=(\d+))?', line)):
+            instructions[m.group(1)] = (m.group(2), int(m.group(3) or 0))
+
+    def fields(text: str) -> dict[str, int]:
+        return {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", text)}
+
+    def frames(frame: int) -> list[tuple[str, str]]:  # (file, function), innermost first
+        out = []
+        while frame in tables["StackFrames"] and len(out) < 64:
+            f = fields(tables["StackFrames"][frame])
+            loc = fields(tables["FileLocations"][f["file_location_id"]])
+            out.append((tables["FileNames"][loc["file_name_id"]].strip('"'),
+                        tables["FunctionNames"][loc["function_name_id"]].strip('"')))
+            frame = f["parent_frame_id"] - 1  # printed one above the frame it names; 0: none
+        return out
+
+    sources = {}
+    for name, (op_name, frame) in instructions.items():
+        stack = frames(frame)
+        direction = "bwd" if "transpose(" in op_name else "fwd"
+        if any("optax" in file or file.endswith("train/optim.py") for file, _ in stack):
+            sources[name] = "optimizer"
+            continue
+        ours = next((f"{Path(file).name}:{function}" for file, function in stack if "labram_jax" in file), "other")
+        sources[name] = f"{ours} {direction}"
+    return sources
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="base")
@@ -44,6 +86,7 @@ def main() -> None:
     args = parser.parse_args()
     trainer, batch = jax_step(args.model, args.stage)
     rng = jax.random.key(0)
+    sources = hlo_sources(trainer._step.lower(trainer.state, batch, rng).compile().as_text())
     state, metrics = trainer._step(trainer.state, batch, rng)
     state, metrics = trainer._step(state, batch, rng)
     jax.block_until_ready(metrics)
@@ -71,6 +114,12 @@ def main() -> None:
         kinds[op_kind(name)] += seconds
     for kind, seconds in kinds.most_common():
         print(f"  {kind:14s} {seconds:7.3f} s  {100 * seconds / max(total, 1e-9):5.1f}%")
+    by_source: collections.Counter[str] = collections.Counter()
+    for name, seconds in per_op.items():
+        by_source[sources.get(name, "(runtime)")] += seconds
+    print("per source:")
+    for source, seconds in by_source.most_common(args.top):
+        print(f"  {seconds:7.3f} s  {100 * seconds / max(total, 1e-9):5.1f}%  {source}")
     print(f"top {args.top} operations:")
     for name, seconds in per_op.most_common(args.top):
         print(f"  {seconds:7.3f} s  {100 * seconds / max(total, 1e-9):5.1f}%  {name}")

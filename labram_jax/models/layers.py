@@ -7,6 +7,7 @@ them onto a device mesh.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Callable
 
@@ -56,9 +57,53 @@ def linear(in_dim: int, out_dim: int, names: tuple[str | None, str | None], rngs
 
 
 def layer_norm(dim: int, eps: float, rngs: nnx.Rngs, names: tuple[str | None] = ("norm",)) -> nnx.LayerNorm:
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs,
-                         scale_init=sharded(nnx.initializers.ones_init(), *names),
-                         bias_init=sharded(nnx.initializers.zeros_init(), *names))
+    return LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs,
+                     scale_init=sharded(nnx.initializers.ones_init(), *names),
+                     bias_init=sharded(nnx.initializers.zeros_init(), *names))
+
+
+class LayerNorm(nnx.LayerNorm):
+    """nnx.LayerNorm over the last axis (two-pass variance, float32 statistics, the same output dtype) with a
+    hand-written VJP: autodiff of nnx's normalisation left XLA's CPU backend a broadcast of the statistics and
+    several passes per norm, 4 norms a LaBraM block (q_norm and k_norm over head_dim 20)."""
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        if mask is not None:
+            return super().__call__(x, mask=mask)
+        x, scale, bias = self.promote_dtype((x, self.scale[...], self.bias[...]), dtype=self.dtype)
+        return _layer_norm(x, scale, bias, self.epsilon).astype(x.dtype)
+
+
+def _ln_stats(x: jax.Array, eps: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x = x.astype(jnp.promote_types(jnp.float32, x.dtype))
+    mean = x.mean(axis=-1, keepdims=True)
+    centred = x - mean
+    return centred, mean, jax.lax.rsqrt((centred * centred).mean(axis=-1, keepdims=True) + eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    centred, _, rstd = _ln_stats(x, eps)
+    return centred * (rstd * scale) + bias
+
+
+def _layer_norm_fwd(x, scale, bias, eps):
+    centred, mean, rstd = _ln_stats(x, eps)
+    return centred * (rstd * scale) + bias, (x, mean, rstd, scale)
+
+
+def _layer_norm_bwd(eps, residuals, d_y):
+    x, mean, rstd, scale = residuals
+    x_hat = (x.astype(mean.dtype) - mean) * rstd
+    batch_axes = tuple(range(x.ndim - 1))
+    d_scale = (d_y * x_hat).sum(axis=batch_axes).astype(scale.dtype)
+    d_bias = d_y.sum(axis=batch_axes).astype(scale.dtype)
+    g = d_y * scale
+    d_x = rstd * (g - g.mean(axis=-1, keepdims=True) - x_hat * (g * x_hat).mean(axis=-1, keepdims=True))
+    return d_x.astype(x.dtype), d_scale, d_bias
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def param(key: jax.Array, shape: tuple[int, ...], init: Initializer, names: tuple[str | None, ...]) -> nnx.Param:
@@ -270,12 +315,14 @@ def _attention_fwd(q, k, v, mask):
 def _attention_bwd(residuals, d_out):
     q, k, v, mask, out = residuals
     p = _probabilities(q, k, mask)
-    d_v = jnp.einsum("bhlm,bhld->bhmd", p.astype(d_out.dtype), d_out)
+    # d_v and d_k contract over the queries, the scores' rows; written as [B, H, hd, L] products (transposed
+    # back after, a small copy), XLA's CPU backend computes them in 0.6x the time of the [B, H, L, hd] forms.
+    d_v = jnp.einsum("bhld,bhlm->bhdm", d_out, p.astype(d_out.dtype)).swapaxes(-1, -2)
     d_p = jnp.einsum("bhld,bhmd->bhlm", d_out, v, preferred_element_type=jnp.float32)
     d_s = p * (d_p - (d_out * out).sum(axis=-1, keepdims=True, dtype=jnp.float32))
     d_s = d_s.astype(q.dtype)
     d_q = jnp.einsum("bhlm,bhmd->bhld", d_s, k)
-    d_k = jnp.einsum("bhlm,bhld->bhmd", d_s, q)
+    d_k = jnp.einsum("bhld,bhlm->bhdm", q, d_s).swapaxes(-1, -2)
     return d_q, d_k, d_v.astype(v.dtype), None
 
 
