@@ -18,7 +18,7 @@ from flax import nnx
 from labram_jax import LaBraM, from_pytorch, mem_loss
 from labram_jax.configs import with_runtime
 from labram_jax.convert.state_dict import rebuilt, state_dict, torch_key
-from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
+from labram_jax.models.layers import attention_with_dropout, fused_attention, layer_norm, softmax_attention
 from labram_jax.models.vqnsp import fourier_targets
 
 FIXTURES = Path(__file__).parent / "fixtures" / "reference_tiny"
@@ -256,3 +256,30 @@ def test_cudnn_attention_matches_reference_on_gpu():
     nnx.update(fused, nnx.state(model))
     logits = jax.jit(lambda m: m(x, chans))(fused)
     assert rel(logits, load(FIXTURES, "finetune_out")["logits"]) <= 2e-2  # cuDNN attention runs in bf16
+
+
+@pytest.mark.parametrize("dim", [20, 200])
+def test_layer_norm_values_and_gradients_equal_autodiff_of_flax(dim: int):
+    """The hand-written LayerNorm backward (layers.LayerNorm) equals autodiff of nnx.LayerNorm, at the widths
+    LaBraM uses (head_dim for q_norm/k_norm, embed_dim), with a scale and bias away from (1, 0)."""
+    x = jax.random.normal(jax.random.key(0), (4, 7, dim)) * 3 + 1
+    d_y = jax.random.normal(jax.random.key(1), x.shape)
+    with nnx.use_eager_sharding(False):  # as the models build their layers
+        ours = layer_norm(dim, 1e-6, nnx.Rngs(0))
+    theirs = nnx.LayerNorm(dim, epsilon=1e-6, use_fast_variance=False, rngs=nnx.Rngs(0))
+    for norm in (ours, theirs):
+        norm.scale[...] = jax.random.uniform(jax.random.key(2), (dim,), minval=0.5, maxval=1.5)
+        norm.bias[...] = jax.random.normal(jax.random.key(3), (dim,))
+
+    def vjp(norm):
+        graphdef, params = nnx.split(norm)
+        y, pullback = jax.vjp(lambda p, x: nnx.merge(graphdef, p)(x), params, x)
+        d_params, d_x = pullback(d_y)
+        return y, d_x, d_params
+
+    (y, d_x, d_params), (y_ref, d_x_ref, d_params_ref) = vjp(ours), vjp(theirs)
+    assert type(ours).__call__ is not nnx.LayerNorm.__call__
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_x, d_x_ref, rtol=1e-5, atol=1e-5)
+    for name in ("scale", "bias"):
+        np.testing.assert_allclose(d_params[name][...], d_params_ref[name][...], rtol=1e-5, atol=1e-5)
