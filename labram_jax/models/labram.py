@@ -125,7 +125,7 @@ def _scanned_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array | None, rng:
                     policy: str) -> jax.Array:
     """The blocks as one lax.scan over their parameters stacked at call time, so XLA compiles one block, not
     depth of them (minutes less for LaBraM-Huge's 48). The parameters stay one module per block (state-dict keys,
-    layer decay and checkpoints are unchanged); only the per-block drop-path rate travels through the scan. The
+    layer decay and checkpoints are unchanged); each block's drop-path rate and index travel through the scan. The
     outputs are those of the unrolled loop: the same block, the same rng per block (fold_in(rng, i))."""
     graphdef = nnx.graphdef(blocks[0])
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(nnx.state(b) for b in blocks))
