@@ -41,6 +41,7 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "bench"))
     import jax
     import jax.numpy as jnp
+    import optax
     from flax import nnx
 
     from step_vs_pytorch import jax_step
@@ -86,7 +87,6 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
 
         @jax.jit
         def update(params, opt):
-            import optax
             updates, opt = trainer.tx.update(grads, opt, params)
             return optax.apply_updates(params, updates), opt
 
