@@ -5,8 +5,8 @@
 
 Each side runs with one thread (the script sets it: XLA's flags and OMP_NUM_THREADS before JAX starts, and
 torch.set_num_threads(1)) so that other jobs on the machine move wall time but not the CPU time of the process;
---threads 0 leaves each library its default threads, and then the CPU time includes what the threads spend
-waiting for each other.
+--threads 0 leaves each library its default threads (and labram-jax a CPU device per core, as `labram train`),
+and then the CPU time includes what the threads spend waiting for each other.
 It prints time.process_time per call, the median of --reps warm calls, for: the whole fine-tuning step of
 bench/step_vs_pytorch.py (LaBraM-Base, [32, 23, 10, 200], drop path 0.1, layer decay 0.65), one Transformer block's
 forward + backward on [32, 231, 200] (block 6, its drop path on; with the all-True key mask our step has), the
@@ -147,6 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads == 1:
         os.environ["OMP_NUM_THREADS"] = "1"
+        os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")  # one device on one thread (not one per core)
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false "
                                    "intra_op_parallelism_threads=1").strip()
     parts = args.parts.split(",")

@@ -58,6 +58,7 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
     from labram_jax import configs
     from labram_jax.checkpoint import save_model
     from labram_jax.models.vqnsp import VQNSP
+    from labram_jax.train import launch
     from labram_jax.train.config import DataConfig
     from labram_jax.train.trainer import Trainer
 
@@ -71,10 +72,12 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
         # A trained tokenizer's codebook is initialised; an untrained one would run k-means in every step's
         # tokenizer call (the original's side has quantize_kmeans_init=False).
         exp = exp.replace(tokenizer=exp.tokenizer.replace(kmeans_init=False))
-        tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
-        exp = exp.replace(tokenizer_checkpoint=str(tokenizer))
     exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,
                                                            warmup_steps=10, batch_size=batch_size))
+    launch.use_cores(exp)  # as `labram train` does, before anything touches a device
+    if stage == "pretrain":
+        tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
+        exp = exp.replace(tokenizer_checkpoint=str(tokenizer))
     trainer = Trainer(exp, tempfile.mkdtemp())
     batch = {k: np.zeros(v.shape, v.dtype) for k, v in trainer.abstract_batch().items()}
     batch["x"] = np.random.default_rng(0).normal(0, 0.2, batch["x"].shape).astype(np.float32)

@@ -47,9 +47,10 @@ class TransformerConfig:
     # The pretraining vocabulary (lm_head width); the tokenizer's codebook size.
     vocab_size: int = 8192
     # The runtime settings (RUNTIME_FIELDS), which an export does not keep.
-    # None/'xla': the explicit softmax attention (layers.softmax_attention), anywhere; 'cudnn': cuDNN's fused kernel
+    # None/'xla': the explicit softmax attention (layers.softmax_attention), anywhere; 'chunked': the same over
+    # cache-sized chunks of the batch, for CPUs (the trainer's choice there); 'cudnn': cuDNN's fused kernel
     # through jax.nn.dot_product_attention, on NVIDIA GPUs.
-    attention: Literal["xla", "cudnn"] | None = None
+    attention: Literal["xla", "chunked", "cudnn"] | None = None
     dtype: str = "float32"  # compute dtype; parameters stay float32
     # Rematerialisation of each block in the backward pass: "none", "block" (recompute everything) or "dots"
     # (keep matmul outputs, recompute the rest).

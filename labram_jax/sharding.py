@@ -116,6 +116,17 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, logical_to_mesh(names, x.shape, mesh, what="an activation"))
 
 
+def devices_along(name: str) -> int:
+    """How many parts the mesh a train step is traced under (`jax.set_mesh`) splits a dimension named `name`
+    into, through the table; 1 outside such a step."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return 1
+    targets = dict(LOGICAL_AXIS_RULES).get(name)
+    targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
+    return math.prod(mesh.shape.get(axis, 1) for axis in targets)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split their leading axis over every data-parallel device (data x fsdp)."""
     axes = tuple(a for a in dict(LOGICAL_AXIS_RULES)["batch"] if mesh.shape.get(a, 1) > 1)

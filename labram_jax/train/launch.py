@@ -95,12 +95,46 @@ def window_shape(exp: Experiment, keep: set[str]) -> Experiment:
     return exp.replace(data=dataclasses.replace(exp.data, **shape))
 
 
-def _initialize_distributed(args: argparse.Namespace) -> None:
+def cpu_devices(exp: Experiment, cores: int) -> int:
+    """The CPU devices a single-process run on `cores` cores splits its batch over: one per core, or the most
+    that the mesh and the batch allow.
+
+    XLA's CPU backend runs each batched matmul (attention's scores and their backward, a third of a LaBraM step)
+    on one thread, so a single device leaves the other cores idle through them; data-parallel devices each run
+    their share of the batch on a core of their own. The mesh's fixed axes must divide the count (an explicit
+    mesh.data fixes it), and the micro-batch must split over its data-parallel part.
+    """
+    m, t = exp.mesh, exp.train
+    fixed = m.fsdp * m.tensor
+    if m.data != -1:
+        return m.data * fixed if m.data * fixed <= cores else 1
+    micro = t.batch_size // max(t.grad_accum, 1)
+    return next((n for n in range(cores, 1, -1) if n % fixed == 0 and micro % (n // m.tensor) == 0), 1)
+
+
+def use_cores(exp: Experiment) -> None:
+    """Before JAX starts: one CPU device per core for a single-process run of `exp` (as cpu_devices allows),
+    unless JAX_NUM_CPU_DEVICES or XLA_FLAGS' xla_force_host_platform_device_count set the count."""
     import jax
 
+    if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS",
+                                                                                                       ""):
+        return
+    count = cpu_devices(exp, len(os.sched_getaffinity(0)))
+    if jax.config.jax_num_cpu_devices != count:  # a second run in one process keeps the first one's devices
+        jax.config.update("jax_num_cpu_devices", count)
+
+
+def _initialize_distributed(args: argparse.Namespace, exp: Experiment | None = None) -> None:
+    """Before JAX starts: the CPU devices (simulated ones for --aot, else use_cores for a single-process `exp`),
+    then the multi-host runtime."""
+    import jax
+
+    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
     if args.simulate_devices:
         jax.config.update("jax_num_cpu_devices", args.simulate_devices)
-    coordinator = args.coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    elif exp is not None and not coordinator and args.distributed != "auto":
+        use_cores(exp)
     if args.distributed == "auto":
         jax.distributed.initialize()
     elif coordinator:
@@ -170,7 +204,7 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    _initialize_distributed(args)
+    _initialize_distributed(args, exp)
     from labram_jax import preemption  # after the device count and distributed setup, as the rest
     from labram_jax.train import aot, seeds as seed_runs, trainer
     from labram_jax.train.checkpoints import DiskFull

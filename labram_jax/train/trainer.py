@@ -63,13 +63,19 @@ def check_finite(unchecked: list[tuple[int, Any, dict]]) -> None:
                             f"{json.dumps(data_state)}; set train.skip_nonfinite=true to skip such steps")
 
 
-def resolve_precision(exp: Experiment) -> Experiment:
-    """bf16 compute with float32 parameters on accelerators, float32 on CPU (unless the config says otherwise)."""
+def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
+    """How the models run here: bf16 compute with float32 parameters on accelerators, float32 on CPU (unless the
+    config says otherwise), and on a CPU the chunked attention where the model names none (not for `abstract`
+    ahead-of-time compilation, which plans for the pod's devices)."""
+    cpu = jax.default_backend() == "cpu"
     precision = exp.train.precision
     if precision == "auto":
-        precision = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        precision = "float32" if cpu else "bfloat16"
     runtime = {"dtype": precision, "remat": exp.train.remat, "scan_blocks": exp.train.scan_blocks}
-    return exp.replace(model=with_runtime(exp.model, **runtime), tokenizer=with_runtime(exp.tokenizer, **runtime))
+    attention = {"attention": "chunked"} if cpu and not abstract else {}
+    return exp.replace(model=with_runtime(exp.model, **runtime, **(attention if exp.model.attention is None else {})),
+                       tokenizer=with_runtime(exp.tokenizer, **runtime,
+                                              **(attention if exp.tokenizer.encoder.attention is None else {})))
 
 
 def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
@@ -117,7 +123,7 @@ class Trainer:
                  devices: Sequence[jax.Device] | None = None):
         """abstract=True builds shapes and shardings only (no arrays), for ahead-of-time compilation. `devices`:
         the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
-        self.exp = resolve_precision(exp)
+        self.exp = resolve_runtime(exp, abstract)
         self.workdir = Path(workdir)
         self.abstract = abstract
         self.stage = STAGES[exp.stage]
