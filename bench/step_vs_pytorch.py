@@ -246,6 +246,10 @@ def main() -> None:
     parser.add_argument("--worker", choices=("jax", "torch", "braindecode"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker == "jax":
+        sys.path.insert(0, str(ROOT))
+        from labram_jax.train.launch import rerun_with_huge_pages
+
+        rerun_with_huge_pages()  # as `labram train` does
         return run_jax(args.models, args.stages, args.steps)
     if args.worker:
         return run_torch(args.models, args.stages, args.steps, args.reference, args.worker)

@@ -263,6 +263,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None and args.command in ("train", "demo"):
+        from labram_jax.train.launch import rerun_with_huge_pages
+
+        rerun_with_huge_pages()
     try:
         return args.run(args)
     except UserError as error:  # bad input; anything else is a bug, and keeps its traceback

@@ -1,4 +1,5 @@
-"""The launcher's CPU devices: a single-process run on a CPU host splits its batch over one device per core."""
+"""The launcher on a CPU host: a single-process run splits its batch over one device per core, and a command runs
+with huge pages behind malloc's large blocks."""
 import os
 import subprocess
 import sys
@@ -49,3 +50,45 @@ def test_a_train_command_uses_every_core_unless_told(tmp_path, env, expected):
     if expected == "cores":
         expected = launch.cpu_devices(override(finetune_eegmat.config(), *sets), len(os.sched_getaffinity(0)))
     assert f"step compiled for {expected} devices, mesh {{'data': {expected}, " in run.stdout
+
+
+def test_a_command_runs_again_once_with_huge_pages(tmp_path):
+    """The command line runs a second time with the tunable added to the ones set, its arguments unchanged, and
+    not a third time."""
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\nfrom labram_jax.train.launch import rerun_with_huge_pages\n"
+                      "print('start', flush=True)\nrerun_with_huge_pages()\n"
+                      "print(os.environ['GLIBC_TUNABLES'], sys.argv[1:])\n")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), GLIBC_TUNABLES="glibc.malloc.arena_max=4")
+    run = subprocess.run([sys.executable, str(script), "--workdir", "w x"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == ["start", "start",
+                                       "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1 ['--workdir', 'w x']"]
+
+
+THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+@pytest.mark.skipif(not THP.exists() or "[never]" in THP.read_text(), reason="no transparent huge pages here")
+def test_huge_pages_spare_a_step_its_page_faults(tmp_path):
+    """A jitted step with a 1 GiB temporary (2^14 x 2^14 floats), as XLA's CPU client maps one per execution: in 4 KiB pages every
+    call faults it in anew; with the tunable most of it comes in 2 MiB pages."""
+    script = tmp_path / "faults.py"
+    script.write_text(
+        "import resource, jax, jax.numpy as jnp\n"
+        "f = jax.jit(lambda x: (jnp.outer(x, x) * 2.0).sum(axis=0))\n"
+        "x = jnp.ones(2 ** 14)\n"
+        "f(x).block_until_ready()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(5): f(x).block_until_ready()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    faults = {}
+    for tunables in ("", HUGE := "glibc.malloc.hugetlb=1"):
+        env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "GLIBC_TUNABLES")}
+        env |= {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": tunables}
+        run = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        faults[tunables] = int(run.stdout.split()[-1])
+    assert faults[""] > 5 * 2 ** 30 / 4096 / 4, faults  # a fault per 4 KiB page of each call's temporary, or near
+    assert faults[HUGE] < faults[""] / 10, faults
