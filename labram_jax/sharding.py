@@ -58,14 +58,11 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
     back to replication would quietly give up the memory plan. A dimension meant to be replicated names a rule
     without mesh axes.
     """
-    table = dict(rules)
     used: set[str] = set()
     spec = []
     for dim, (name, size) in enumerate(zip(names, shape)):
-        targets = table.get(name) if name is not None else None
-        targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
         chosen: list[str] = []
-        for axis in targets:
+        for axis in rule_axes(name, rules):
             if mesh.shape.get(axis, 1) == 1 or axis in used:
                 continue
             if size % (mesh.shape[axis] * _prod(mesh, chosen)):
@@ -76,6 +73,12 @@ def logical_to_mesh(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
         used.update(chosen)
         spec.append(tuple(chosen) if len(chosen) > 1 else (chosen[0] if chosen else None))
     return PartitionSpec(*spec)
+
+
+def rule_axes(name: str | None, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES) -> tuple[str, ...]:
+    """The mesh axes the table gives a logical axis name, in order (none for None or a replicated name)."""
+    targets = dict(rules).get(name) if name is not None else None
+    return (targets,) if isinstance(targets, str) else tuple(targets or ())
 
 
 def _prod(mesh: Mesh, axes: Sequence[str]) -> int:
@@ -122,12 +125,10 @@ def devices_along(name: str) -> int:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return 1
-    targets = dict(LOGICAL_AXIS_RULES).get(name)
-    targets = (targets,) if isinstance(targets, str) else tuple(targets or ())
-    return math.prod(mesh.shape.get(axis, 1) for axis in targets)
+    return math.prod(mesh.shape.get(axis, 1) for axis in rule_axes(name))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Batches split their leading axis over every data-parallel device (data x fsdp)."""
-    axes = tuple(a for a in dict(LOGICAL_AXIS_RULES)["batch"] if mesh.shape.get(a, 1) > 1)
+    axes = tuple(a for a in rule_axes("batch") if mesh.shape.get(a, 1) > 1)
     return NamedSharding(mesh, PartitionSpec(axes or None))

@@ -72,10 +72,12 @@ def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
     if precision == "auto":
         precision = "float32" if cpu else "bfloat16"
     runtime = {"dtype": precision, "remat": exp.train.remat, "scan_blocks": exp.train.scan_blocks}
-    attention = {"attention": "chunked"} if cpu and not abstract else {}
-    return exp.replace(model=with_runtime(exp.model, **runtime, **(attention if exp.model.attention is None else {})),
+
+    def attention(named: str | None) -> str | None:
+        return "chunked" if named is None and cpu and not abstract else named
+    return exp.replace(model=with_runtime(exp.model, **runtime, attention=attention(exp.model.attention)),
                        tokenizer=with_runtime(exp.tokenizer, **runtime,
-                                              **(attention if exp.tokenizer.encoder.attention is None else {})))
+                                              attention=attention(exp.tokenizer.encoder.attention)))
 
 
 def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
