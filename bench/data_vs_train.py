@@ -45,11 +45,12 @@ def measure_train_step(shards: Path, steps: int = 10) -> float:
     batch["valid"][:] = True
     batch = trainer._global(batch)
     rng = jax.random.key(0)
-    state, _ = trainer._step(trainer.state, batch, rng)  # compile
+    step = trainer.compiled_step()
+    state, _ = step(trainer.state, batch, rng)
     jax.block_until_ready(state)
     tic = time.perf_counter()
     for _ in range(steps):
-        state, metrics = trainer._step(state, batch, rng)
+        state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)
     return steps * BATCH / (time.perf_counter() - tic)
 

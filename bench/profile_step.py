@@ -86,15 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     trainer, batch = jax_step(args.model, args.stage)
     rng = jax.random.key(0)
-    sources = hlo_sources(trainer._step.lower(trainer.state, batch, rng).compile().as_text())
-    state, metrics = trainer._step(trainer.state, batch, rng)
-    state, metrics = trainer._step(state, batch, rng)
+    step = trainer.compiled_step()
+    sources = hlo_sources(step.as_text())
+    state, metrics = step(trainer.state, batch, rng)
+    state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)
     trace = Path(args.trace or tempfile.mkdtemp())
     tic = time.perf_counter()
     with jax.profiler.trace(str(trace)):
         for i in range(args.steps):
-            state, metrics = trainer._step(state, batch, jax.random.fold_in(rng, i))
+            state, metrics = step(state, batch, jax.random.fold_in(rng, i))
         jax.block_until_ready(metrics)
     wall = (time.perf_counter() - tic) / args.steps
     per_op: collections.Counter[str] = collections.Counter()

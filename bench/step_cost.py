@@ -30,14 +30,14 @@ def main() -> None:
     for channels, patches in SHAPES:
         trainer, batch = jax_step(args.model, args.stage, channels, patches)
         rng = jax.random.key(0)
-        compiled = trainer._step.lower(trainer.state, batch, rng).compile()
+        compiled = trainer.compiled_step()
         memory = compiled.memory_analysis()
-        state, metrics = trainer._step(trainer.state, batch, rng)
-        state, metrics = trainer._step(state, batch, rng)
+        state, metrics = compiled(trainer.state, batch, rng)
+        state, metrics = compiled(state, batch, rng)
         jax.block_until_ready(metrics)
         tic, cpu_tic = time.perf_counter(), time.process_time()
         for i in range(args.steps):
-            state, metrics = trainer._step(state, batch, jax.random.fold_in(rng, i))
+            state, metrics = compiled(state, batch, jax.random.fold_in(rng, i))
         jax.block_until_ready(metrics)
         seconds = (time.perf_counter() - tic) / args.steps
         cpu_seconds = (time.process_time() - cpu_tic) / args.steps

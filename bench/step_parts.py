@@ -49,9 +49,10 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     out: dict[str, float] = {}
     rng = jax.random.key(0)
     state = [trainer.state]
+    train_step = trainer.compiled_step()
 
     def step():
-        state[0], m = trainer._step(state[0], batch, rng)
+        state[0], m = train_step(state[0], batch, rng)
         jax.block_until_ready(m)
 
     if "step" in parts:

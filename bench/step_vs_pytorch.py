@@ -92,14 +92,15 @@ def run_jax(model: str, stage: str, steps: int) -> None:
     import jax
     trainer, batch = jax_step(model, stage)
     rng = jax.random.key(0)
-    state, metrics = trainer._step(trainer.state, batch, rng)
+    step = trainer.compiled_step()
+    state, metrics = step(trainer.state, batch, rng)
     jax.block_until_ready(metrics)
     first = time.perf_counter() - START
-    state, metrics = trainer._step(state, batch, rng)
+    state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)
     tic = time.perf_counter()
     for i in range(steps):
-        state, metrics = trainer._step(state, batch, jax.random.fold_in(rng, i))
+        state, metrics = step(state, batch, jax.random.fold_in(rng, i))
     jax.block_until_ready(metrics)
     report(first, time.perf_counter() - tic, steps, {"loss": float(metrics["loss"])})
 

@@ -23,7 +23,7 @@ def report(exp: Experiment) -> dict[str, Any]:
     """
     tic = time.perf_counter()
     trainer = Trainer(exp, "/nonexistent-aot-workdir", abstract=True)
-    compiled = trainer.lower().compile()
+    compiled = trainer.compiled_step()
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost

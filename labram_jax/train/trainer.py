@@ -177,6 +177,7 @@ class Trainer:
         outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
         # Evaluation runs a window at a time under vmap, where the activations' batch is the vmapped axis.
         self._step, self._outputs = UnderPrecision(step, precision, self.mesh), UnderPrecision(outputs, precision)
+        self._compiled: Any = None
 
     # -- model construction ------------------------------------------------------------------------------------
     def _model(self) -> nnx.Module:
@@ -376,8 +377,9 @@ class Trainer:
         live = Progress(t.steps, step, t.batch_size, enabled=progress)
         logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
+        step_program = self.compiled_step()
         peak = device_peak_flops()
-        flops = self.step_flops() if peak else None  # a second compile: only where MFU can be reported
+        flops = self.step_flops() if peak else None
         analytic = analytic_step_flops(self.exp) / jax.device_count()  # per device, as XLA's count
         tokens_per_step = t.batch_size * row_tokens(exp)[0]  # patch tokens a step computes, padding included
         last_log, summary = time.perf_counter(), {}
@@ -390,7 +392,7 @@ class Trainer:
             batch = self._global(next(iterator))
             if in_flight is not None:
                 jax.block_until_ready(in_flight)  # at most one step queued behind the running one
-            self.state, m = self._step(self.state, batch, jax.random.fold_in(base_rng, step))
+            self.state, m = step_program(self.state, batch, jax.random.fold_in(base_rng, step))
             in_flight = m
             step += 1
             live.advance(step)
@@ -497,13 +499,20 @@ class Trainer:
                   "dataset": ((b,), jnp.int32), "valid": ((b,), jnp.bool_)}
         return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
 
+    def compiled_step(self) -> Any:
+        """The train step compiled for this run's state and batch shapes, once: the loop runs it and step_flops
+        reads its cost, so a run that reports MFU does not compile its step twice (minutes for a pod model)."""
+        if self._compiled is None:
+            self._compiled = self.lower().compile()
+        return self._compiled
+
     def step_flops(self) -> float | None:
         """FLOPs of one step per device, from XLA's cost analysis of the compiled step (None under scan_blocks:
         XLA counts a loop's body once, not once per block)."""
         if self.exp.train.scan_blocks:
             return None
         try:
-            cost = self.lower().compile().cost_analysis()
+            cost = self.compiled_step().cost_analysis()
         except Exception:  # noqa: BLE001 - cost analysis is best-effort and backend dependent
             return None
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
