@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from labram_jax.train import launch, progress
+from test_train import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "eegmat"
@@ -42,11 +43,6 @@ def recipe_args(workdir: Path, data: Path) -> list[str]:
 
 def recipe_command(workdir: Path, data: Path) -> list[str]:
     return [sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), *recipe_args(workdir, data)]
-
-
-def child_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    return env | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
 
 
 def logged_losses(workdir: Path) -> dict[int, float]:

@@ -2,7 +2,6 @@
 killed grid that resumes."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -17,6 +16,7 @@ from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
 from labram_jax.scaling import fit as scaling_fit
 from labram_jax.scaling.grid import LADDER, GridConfig, Prepared, parameter_counts, point_experiment, points
 from labram_jax.scaling.subsets import Subset, nested_subsets
+from test_train import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 TRUTH = scaling_fit.Law(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)  # Chinchilla's published fit
@@ -178,7 +178,7 @@ def _launch(workdir, *extra):
     command = [sys.executable, str(ROOT / "experiments" / "scaling_laws.py"), "run", "--config", "toy",
                "--workdir", str(workdir), "--set", "sizes=0.1M,0.25M", "hours=0.2", "epochs=2", "save_every=10",
                "eval_tokens=16000", "tokenizer.train.steps=5", "tokenizer.train.warmup_steps=1", *extra]
-    return subprocess.Popen(command, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdout=subprocess.PIPE,
+    return subprocess.Popen(command, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
 
 

@@ -264,9 +264,10 @@ def recipe_command(workdir: Path, data: Path) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """One CPU device (not the session's 8) and the repository on the path."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    return env | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    """One CPU device (not the session's 8, nor a device per core: the xdist workers already share the cores) and
+    the repository on the path."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return env | {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)}
 
 
 def completed_steps(workdir: Path) -> list[int]:
