@@ -59,7 +59,8 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(tmp_path):
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
-    env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+    env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
+            "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
     package = Path(run([str(python), "-c", "import labram_jax, data_prep; print(labram_jax.__file__); "
                         "print(data_prep.__file__)"], cwd, env).split()[0]).parent
     assert package == site / "labram_jax"

@@ -511,8 +511,9 @@ class Trainer:
         XLA counts a loop's body once, not once per block)."""
         if self.exp.train.scan_blocks:
             return None
+        compiled = self.compiled_step()  # a step that does not compile fails the run here, not as "no FLOPs"
         try:
-            cost = self.compiled_step().cost_analysis()
+            cost = compiled.cost_analysis()
         except Exception:  # noqa: BLE001 - cost analysis is best-effort and backend dependent
             return None
         cost = cost[0] if isinstance(cost, (list, tuple)) else cost
