@@ -10,6 +10,8 @@ import errno
 import json
 import shutil
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -203,6 +205,19 @@ def tensorboard_scalars(folder: Path, tag: str) -> list[tuple[int, float]]:
                 points = [(step, value) for step, value in points if step < event.step]
             points += [(event.step, v.simple_value) for v in event.summary.value if v.tag == tag]
     return points
+
+
+def test_tensorboard_events_do_not_import_torch(tmp_path):
+    """tensorboardX imports torch where it is installed (1.3-2 s at every run's start) though scalars never need
+    it; the tracker hides it, and a process that has torch already keeps it."""
+    script = ("import sys\nfrom labram_jax.train.logger import TensorBoardTracker\n"
+              f"tracker = TensorBoardTracker({str(tmp_path / 'a')!r})\ntracker.write(1, {{'loss': 0.5}})\n"
+              "tracker.close()\nprint('torch' in sys.modules)\nimport torch\n"
+              f"TensorBoardTracker({str(tmp_path / 'b')!r}).close()\nprint(sys.modules['torch'] is torch)\n")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.split() == ["False", "True"]
+    assert tensorboard_scalars(tmp_path / "a", "loss") == [(1, 0.5)]
 
 
 def test_a_resumed_run_logs_every_step_once(synthetic, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Protocol
@@ -59,13 +60,27 @@ def _row(line: str) -> dict | None:
     return row if isinstance(row, dict) and line.endswith("\n") else None
 
 
+def _summary_writer() -> type:
+    """tensorboardX's SummaryWriter, imported on first use (only process 0 writes events) with torch hidden.
+
+    tensorboardX imports torch, where it is installed, only to name its tensor type in a hint: 1.3-2 s at the
+    start of every run. Scalars never need it; a torch the process has already imported is left as it is."""
+    hide = "torch" not in sys.modules
+    if hide:
+        sys.modules["torch"] = None  # `import torch` raises ImportError, which tensorboardX expects
+    try:
+        from tensorboardX import SummaryWriter
+    finally:
+        if hide:
+            del sys.modules["torch"]
+    return SummaryWriter
+
+
 class TensorBoardTracker:
     def __init__(self, directory: Path, resumed_from: int | None = None):
         """resumed_from: as JsonlTracker's. Event files cannot be edited, so a new one starts with TensorBoard's
         purge marker: readers drop the events of steps after `resumed_from` written before it."""
-        from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-
-        self.writer = SummaryWriter(str(directory), purge_step=None if resumed_from is None else resumed_from + 1)
+        self.writer = _summary_writer()(str(directory), purge_step=None if resumed_from is None else resumed_from + 1)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         for key, value in metrics.items():
