@@ -18,21 +18,18 @@ import sys
 import warnings
 from pathlib import Path
 
-import jax
-import numpy as np
-from flax import nnx
+from typing import TYPE_CHECKING
 
 from labram_jax import __version__
-from labram_jax.checkpoint import is_export, load_model, save_model
-from labram_jax.checkpoint.export import META
-from labram_jax.convert import from_pytorch, kind_of, state_dict, write_pth, write_safetensors
-from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
-from labram_jax.convert.braindecode import (DEFAULT_N_TIMES, WEIGHTS, TimeEmbeddingWarning, from_braindecode,
-                                           to_braindecode)
-from labram_jax.convert.state_dict import Model
 from labram_jax.demo import SAMPLE
 from labram_jax.errors import UserError, one_line
 from labram_jax.preemption import EXIT_CODE, Preempted
+
+if TYPE_CHECKING:
+    from labram_jax.convert.state_dict import Model
+
+# JAX, Flax and the converters are imported by the commands that use them: `labram train` and `labram demo` start
+# again with huge pages (launch.rerun_with_huge_pages) before they import JAX, rather than importing it twice.
 
 # One per subcommand, shown by `labram --help`.
 EXAMPLES = {
@@ -51,10 +48,19 @@ class CommandError(UserError):
 
 
 def _parameter_count(model: Model) -> int:
+    import jax
+    from flax import nnx
+
     return sum(leaf.size for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
 def _read_model(source: Path, args: argparse.Namespace) -> Model:
+    from labram_jax.checkpoint import load_model
+    from labram_jax.checkpoint.export import META
+    from labram_jax.convert import from_pytorch, kind_of
+    from labram_jax.convert.braindecode import CONFIG as BRAINDECODE_CONFIG
+    from labram_jax.convert.braindecode import WEIGHTS, from_braindecode
+
     if source.is_dir():
         if args.num_classes is not None:
             raise CommandError("--num-classes applies only to a .pth or .safetensors input")
@@ -74,6 +80,10 @@ def _read_model(source: Path, args: argparse.Namespace) -> Model:
 
 
 def convert(args: argparse.Namespace) -> int:
+    from labram_jax.checkpoint import is_export, save_model
+    from labram_jax.convert import kind_of, state_dict, write_pth, write_safetensors
+    from labram_jax.convert.braindecode import DEFAULT_N_TIMES, TimeEmbeddingWarning, to_braindecode
+
     source, out = Path(args.input), Path(args.output)
     # Without --to, OUT's suffix decides; an export directory goes back to a .pth, anything else to an export.
     to = args.to or ("safetensors" if out.suffix == ".safetensors" else
@@ -119,6 +129,8 @@ def plot(args: argparse.Namespace) -> int:
 
 
 def embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from labram_jax.embed import embed as embed_recordings
 
     result = embed_recordings(args.checkpoint, args.recordings, window=args.window, stride=args.stride,

@@ -21,11 +21,12 @@ import os
 import signal
 import threading
 from types import FrameType, TracebackType
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+if TYPE_CHECKING:
+    import jax
+
+# JAX is imported by StopAgreement only: corpus jobs and their worker processes use the signals and never start it.
 
 # EX_TEMPFAIL of sysexits.h, "try again later": rerunning the same command resumes the job.
 EXIT_CODE = 75
@@ -91,6 +92,11 @@ class StopAgreement:
     them received a signal. Called once per step boundary, in the same sequence on every process."""
 
     def __init__(self, signals: StopSignals) -> None:
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
         self.signals = signals
         self._pending: jax.Array | None = None
         if jax.process_count() > 1:
@@ -101,11 +107,16 @@ class StopAgreement:
             self._any = jax.jit(jnp.any, out_shardings=NamedSharding(self._flags.mesh, PartitionSpec()))
 
     def _dispatch(self) -> jax.Array:
+        import jax
+        import numpy as np
+
         flag = jax.device_put(np.array([self.signals.requested]), self._mine)
         return self._any(jax.make_array_from_single_device_arrays((jax.process_count(),), self._flags, [flag]))
 
     def __call__(self, final: bool = False) -> bool:
         """final=True: the last call of the run, which also waits for this boundary's answer."""
+        import jax
+
         if jax.process_count() == 1:
             return self.signals.requested
         current, previous = self._dispatch(), self._pending
