@@ -22,6 +22,17 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "sample_data" / "eegmat"
 
 
+def test_the_command_line_and_the_corpus_engine_start_without_jax():
+    """`labram train` and `labram demo` parse their arguments and start again with huge pages before JAX is
+    imported, and a corpus job's worker processes never import it (1-2 s each)."""
+    script = ("import sys\nfrom labram_jax import cli\ncli._parser().parse_args(['train', 'finetune_eegmat', "
+              "'--workdir', 'w'])\nimport data_prep.build, data_prep.engine, data_prep.pool, data_prep.prep\n"
+              "print(sorted(m for m in ('jax', 'flax', 'orbax', 'torch') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("name,task", [("finetune", "classify"), ("pretrain", "pretrain"),
                                        ("tokenizer", "tokenizer")])
 def test_convert_round_trip(tmp_path, capsys, name, task):
