@@ -213,3 +213,16 @@ def test_seeds(task):
         np.testing.assert_array_equal(again[key], value, err_msg=key)
         if value.ndim >= 2:  # every kernel, embedding and codebook is random
             assert not np.array_equal(other[key], value), key
+
+
+@pytest.mark.parametrize("build", [
+    lambda: LaBraMForMEM(configs.tiny(vocab_size=64, depth=3), rngs=nnx.Rngs(0)),
+    lambda: VQNSP(configs.tokenizer_tiny(codebook_size=64), rngs=nnx.Rngs(0))], ids=["pretrain", "tokenizer"])
+def test_shapes_only_model_is_the_model(build):
+    """Under nnx.eval_shape (AOT checks, parameter counts) each block is built in a trace of its own: the same
+    variables, shapes, dtypes and logical sharding names as the model built for real."""
+    def layout(model):
+        return {path: (type(v).__name__, v.get_value().shape, v.get_value().dtype,
+                       v.get_metadata("out_sharding", None)) for path, v in nnx.to_flat_state(nnx.state(model))}
+
+    assert layout(nnx.eval_shape(build)) == layout(build())

@@ -18,6 +18,18 @@ from labram_jax.models.packing import Packing
 from labram_jax.sharding import constrain
 
 
+def _block(cfg: TransformerConfig, layer: int, rngs: nnx.Rngs, init: InitScheme) -> Block:
+    """Block `layer`; under nnx.eval_shape (shapes only: AOT checks, parameter counts) in a trace of its own.
+
+    Each draw from an nnx.Rngs stream updates its counter, and Flax then asks the new tracer for its sharding; JAX
+    answers with an error whose message walks every equation traced so far. Building a whole model in one trace is
+    thus quadratic in its depth (24 of the 79 s of the huge recipe's AOT check); a trace per block walks one block.
+    """
+    if isinstance(rngs.params.key[...], jax.core.Tracer):
+        return nnx.eval_shape(lambda r: Block(cfg, layer, r, init), rngs)
+    return Block(cfg, layer, rngs, init)
+
+
 class Transformer(nnx.Module):
     """Patch embedding, cls token, channel (pos) and time embeddings, and the blocks.
 
@@ -33,7 +45,7 @@ class Transformer(nnx.Module):
             self.mask_token = param(rngs.params(), (1, 1, d), init.weight, (None, None, "embed"))
         self.pos_embed = param(rngs.params(), (1, NUM_CHANNEL_ROWS + 1, d), init.weight, (None, None, "embed"))
         self.time_embed = param(rngs.params(), (1, MAX_PATCHES, d), init.weight, (None, None, "embed"))
-        self.blocks = nnx.List([Block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
+        self.blocks = nnx.List([_block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
 
     def embed(self, patches: jax.Array, input_chans: jax.Array, num_patches: int, cls_row: jax.Array) -> jax.Array:
         """cat(cls, patches) + channel embedding, then + time embedding on the patches (the original's order).
