@@ -67,7 +67,7 @@ def one_line(capsys) -> str:
 def test_a_bug_inside_a_command_keeps_its_traceback(tmp_path, monkeypatch):
     def bug(*args, **kwargs):
         raise ValueError("a bug")
-    monkeypatch.setattr(cli, "from_pytorch", bug)
+    monkeypatch.setattr("labram_jax.convert.from_pytorch", bug)  # the convert command imports it when it runs
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["convert", str(REFERENCE / "finetune.pth"), str(tmp_path / "out")])
 
