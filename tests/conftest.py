@@ -7,6 +7,7 @@ folder is made by the first process (the xdist controller, or the only one) and 
 subprocess through the environment; it starts empty, so a run still compiles everything once, and it is removed
 at the end of the session.
 """
+import json
 import os
 import shutil
 import subprocess
@@ -81,42 +82,22 @@ def recipe_reference(synthetic, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def eegmat_runs(tmp_path_factory) -> dict:
-    """The three stages on the bundled sample as 4-s windows (20 channels x 4 patches; subjects 00-01 train, 02
-    validates, 03 tests): a 64-code tokenizer, pretraining against it and fine-tuning from the pretrained export,
-    validated at steps 50 and 100. test_train checks that they learn, test_plots draws them: read only, in the
-    xdist group "eegmat-runs". The workdirs by stage, the data under "data", the fine-tuning summary under
-    "summary"."""
-    import jax
+def demo_run(tmp_path_factory) -> dict:
+    """The README's main job as a user runs it: the wheel `python -m build` makes, installed alone in a fresh
+    venv, and `labram demo --out d` started from a folder outside the clone (the bundled sample as 5-s windows,
+    subjects 00-01 train, 02 validates, 03 tests; a 256-code tokenizer, pretraining against it, fine-tuning from
+    the pretrained export, evaluation, conversion, plots). test_install checks the install and the job's outputs,
+    test_train that the stages learn, test_plots draws them: read only, in the xdist group "demo-run".
 
-    from data_prep.builders.eegmat import build_eegmat
-    from labram_jax import configs
-    from labram_jax.demo import SAMPLE
-    from labram_jax.train.config import DataConfig, Experiment, TrainConfig
-    from labram_jax.train.trainer import Trainer
+    The stage workdirs by name, the data under "data", the fine-tuning run's last logged value of each metric
+    under "summary", the demo's output under "stdout", and test_install.install_wheel's keys to run `labram`."""
+    from test_install import install_wheel, run
 
-    root = tmp_path_factory.mktemp("eegmat-runs")
-    data = root / "data"
-    build_eegmat(SAMPLE, data, seconds=4, splits={"train": [0, 1], "val": [2], "test": [3]})
-    one = jax.devices()[:1]
-    unlabelled = DataConfig(train=(str(data / "train"),), val=(str(data / "val"),), max_channels=20,
-                            max_patches=4)
-    labelled = DataConfig(train=(str(data / "train"),), val=(str(data / "val"),),
-                          test=(str(data / "test"),), max_channels=20, max_patches=4)
-    common = dict(batch_size=16, log_every=1, save_every=1000, warmup_steps=4)
-    # A gentle tokenizer lr keeps the codebook alive: at 1e-3 per-batch usage falls to a third within 30 steps.
-    tok = Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(codebook_size=64), data=unlabelled,
-                     train=TrainConfig(steps=40, lr=2e-4, min_lr=2e-5, weight_decay=1e-4, b2=0.99, **common))
-    Trainer(tok, root / "tokenizer", devices=one).train(progress=False)
-    pre = Experiment(stage="pretrain", model=configs.tiny(vocab_size=64), data=unlabelled,
-                     tokenizer_checkpoint=str(root / "tokenizer" / "export"),
-                     train=TrainConfig(steps=40, lr=5e-4, min_lr=1e-5, b2=0.98, clip_grad=3.0, **common))
-    Trainer(pre, root / "pretrain", devices=one).train(progress=False)
-    # The paper's fine-tuning recipe at this size: drop path 0.1, layer decay 0.65.
-    ft = Experiment(stage="finetune", model=configs.tiny(num_classes=1, drop_path_rate=0.1), data=labelled,
-                    init=str(root / "pretrain" / "export"),
-                    train=TrainConfig(**{**common, "warmup_steps": 10}, steps=100, lr=1e-3, min_lr=1e-5,
-                                      layer_decay=0.65, eval_every=50))
-    summary = Trainer(ft, root / "finetune", devices=one).train(progress=False)
-    return {stage: root / stage for stage in ("tokenizer", "pretrain", "finetune")} | {"data": data,
-                                                                                      "summary": summary}
+    installed = install_wheel(tmp_path_factory.mktemp("demo-run"))
+    stdout = run([installed["labram"], "demo", "--out", "d"], installed["cwd"], installed["env"], timeout=900)
+    out = installed["cwd"] / "d"
+    summary: dict = {}
+    for record in map(json.loads, (out / "finetune" / "metrics.jsonl").read_text().splitlines()):
+        summary |= record
+    return installed | {stage: out / stage for stage in ("tokenizer", "pretrain", "finetune")} | {
+        "data": out / "data", "summary": summary, "stdout": stdout}

@@ -3,6 +3,8 @@
 The venv holds only our wheel (installed without dependencies); its dependencies are seen through a .pth line naming
 this interpreter's site-packages, which comes after the venv's own, so labram_jax is imported from the wheel
 (asserted) and the run stays offline. A .pth line adds a folder only: the editable install's finder in it is not run.
+The install and the README's main job on it, `labram demo`, are conftest's demo_run, which test_train's learning
+test and test_plots read too; the other commands run here.
 """
 import json
 import os
@@ -37,8 +39,10 @@ def run(words: list[str], cwd: Path, env: dict[str, str], timeout: int = 600) ->
     return done.stdout
 
 
-@pytest.mark.slow
-def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(tmp_path):
+def install_wheel(tmp_path: Path) -> dict:
+    """Build the wheel, install it alone in a fresh venv, and return how to run it from a folder outside the clone,
+    with nothing of the clone on the path and on one CPU device (the xdist workers already share the cores):
+    "python", "labram", "cwd", "env", and the venv's "site"."""
     src = source_tree(tmp_path / "src")
     run([sys.executable, "-m", "build", "--no-isolation", "--outdir", str(tmp_path / "dist"), str(src)],
         cwd=tmp_path, env=os.environ.copy())
@@ -54,22 +58,26 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(tmp_path):
     run([sys.executable, "-m", "pip", "--python", str(python), "install", "--no-deps", "--no-index", "-q",
          str(wheel)], tmp_path, os.environ.copy())
 
-    # From a folder outside the clone, with nothing of the clone on the path, on one CPU device (the xdist
-    # workers already share the cores).
     cwd = tmp_path / "elsewhere"
     cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS")}
     env |= {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
             "PATH": f"{venv / 'bin'}{os.pathsep}{env.get('PATH', '')}"}
+    return {"python": python, "labram": str(venv / "bin" / "labram"), "cwd": cwd, "env": env, "site": site}
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("demo-run")  # one worker installs the wheel and runs the demo once (conftest's demo_run)
+def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(demo_run):
+    python, labram, cwd, env = demo_run["python"], demo_run["labram"], demo_run["cwd"], demo_run["env"]
     package = Path(run([str(python), "-c", "import labram_jax, data_prep; print(labram_jax.__file__); "
                         "print(data_prep.__file__)"], cwd, env).split()[0]).parent
-    assert package == site / "labram_jax"
+    assert package == demo_run["site"] / "labram_jax"
     sample = package / "sample_data" / "eegmat"
     assert len(list(sample.glob("Subject*_[12].edf"))) == 8 and (package / "sample_data" / "README.md").is_file()
-    labram = str(venv / "bin" / "labram")
 
-    # The README's main job (fewer steps than its default): every stage, its exports and logs, the .pth.
-    out = run([labram, "demo", "--out", "d", "--steps", "12"], cwd, env)
+    # The README's main job: every stage, its exports and logs, the .pth.
+    out = demo_run["stdout"]
     assert f"1. prep: {sample} -> d/data/" in out
     for stage in ("2. tokenizer", "3. pretrain", "4. finetune", "5. evaluate", "6. convert"):
         assert stage in out

@@ -1,9 +1,10 @@
 """`labram plot`: the curves of real runs, and the ROC curve and confusion matrix of a fine-tuning evaluation.
 
-Three tiny runs on the bundled EEGMAT recordings (subjects 00-01 train, 02 validates, 03 tests): a tokenizer, a
-pretraining run against it and a fine-tuning run with a best checkpoint, conftest's eegmat_runs, trained once for
-this module and test_train's learning test (the tests that use them are marked slow). Every drawn series is read back from the figure and compared with what the
-run wrote (metrics.jsonl, the per-window test outputs) or with scikit-learn.
+The runs of the README's main job, `labram demo` from the installed wheel on the bundled EEGMAT recordings
+(subjects 00-01 train, 02 validates, 03 tests): a tokenizer, a pretraining run against it and a fine-tuning run
+with a best checkpoint, conftest's demo_run, run once for this module, test_install and test_train's learning
+test (the tests that use them are marked slow). Every drawn series is read back from the figure and compared
+with what the run wrote (metrics.jsonl, the per-window test outputs) or with scikit-learn.
 """
 import json
 import shutil
@@ -43,11 +44,11 @@ def lines(fig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
-def test_curves_are_the_logged_series(eegmat_runs):
-    workdirs = [eegmat_runs[s] for s in ("tokenizer", "pretrain", "finetune")]
+@pytest.mark.xdist_group("demo-run")  # one worker runs the demo once
+def test_curves_are_the_logged_series(demo_run):
+    workdirs = [demo_run[s] for s in ("tokenizer", "pretrain", "finetune")]
     figures = dict(plots.figures(workdirs))
-    series = {s: logged(eegmat_runs[s]) for s in ("tokenizer", "pretrain", "finetune")}
+    series = {s: logged(demo_run[s]) for s in ("tokenizer", "pretrain", "finetune")}
     wanted = ["loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "masked_accuracy"]
     val = sorted({k for s in series.values() for k in s if k.startswith("val/")})
     assert {"val/loss", "val/balanced_accuracy", "val/roc_auc"} <= set(val)
@@ -62,33 +63,33 @@ def test_curves_are_the_logged_series(eegmat_runs):
             np.testing.assert_allclose(values, series[stage][key][1], rtol=0, atol=0, err_msg=f"{stage} {key}")
     assert set(lines(figures["codebook_usage.png"])) == {"tokenizer"}
     assert set(lines(figures["masked_accuracy.png"])) == {"pretrain"}
-    assert series["finetune"]["val/loss"][0] == [50, 100]  # eval_every=50 of 100 steps
+    assert series["finetune"]["val/loss"][0] == [25, 50, 75, 100]  # the demo: eval_every=25 of 100 steps
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
+@pytest.mark.xdist_group("demo-run")  # one worker runs the demo once
 @pytest.mark.parametrize("split", ["test", "best_test"])
-def test_outputs_reproduce_the_test_metrics(eegmat_runs, split):
+def test_outputs_reproduce_the_test_metrics(demo_run, split):
     """The trainer's final test evaluation (and that of the best checkpoint) writes the per-window outputs its
     metrics came from."""
-    out = outputs.load(eegmat_runs["finetune"] / "outputs" / f"{split}.npz")
-    manifest = json.loads((eegmat_runs["data"] / "test" / "manifest.json").read_text())
-    assert out["kind"] == "binary" and len(out["labels"]) == manifest["windows"] == 60
-    assert out["logits"].shape in ((60,), (60, 1)) and set(np.unique(out["labels"])) == {0, 1}
-    final = [r for r in map(json.loads, (eegmat_runs["finetune"] / "metrics.jsonl").read_text().splitlines())
+    out = outputs.load(demo_run["finetune"] / "outputs" / f"{split}.npz")
+    manifest = json.loads((demo_run["data"] / "test" / "manifest.json").read_text())
+    assert out["kind"] == "binary" and len(out["labels"]) == manifest["windows"] == 48
+    assert out["logits"].shape in ((48,), (48, 1)) and set(np.unique(out["labels"])) == {0, 1}
+    final = [r for r in map(json.loads, (demo_run["finetune"] / "metrics.jsonl").read_text().splitlines())
              if f"{split}/roc_auc" in r][-1]
     for key, value in paper_metrics.binary_metrics(out["labels"], out["logits"]).items():
         assert value == final[f"{split}/{key}"], key
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
-def test_roc_and_confusion_of_one_or_several_runs(eegmat_runs, tmp_path):
+@pytest.mark.xdist_group("demo-run")  # one worker runs the demo once
+def test_roc_and_confusion_of_one_or_several_runs(demo_run, tmp_path):
     again = tmp_path / "finetune_again"
-    shutil.copytree(eegmat_runs["finetune"], again)
-    figures = dict(plots.figures([eegmat_runs["finetune"], again]))
+    shutil.copytree(demo_run["finetune"], again)
+    figures = dict(plots.figures([demo_run["finetune"], again]))
     for split in ("test", "best_test"):
-        out = outputs.load(eegmat_runs["finetune"] / "outputs" / f"{split}.npz")
+        out = outputs.load(demo_run["finetune"] / "outputs" / f"{split}.npz")
         prob = 1 / (1 + np.exp(-out["logits"].reshape(-1).astype(np.float64)))
         fpr, tpr, _ = skm.roc_curve(out["labels"], prob)
         auc = skm.roc_auc_score(out["labels"], prob)
@@ -129,10 +130,10 @@ def test_multiclass_roc_is_one_vs_rest(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xdist_group("eegmat-runs")  # one worker trains the runs once
-def test_labram_plot_writes_the_pngs(eegmat_runs, tmp_path, capsys):
+@pytest.mark.xdist_group("demo-run")  # one worker runs the demo once
+def test_labram_plot_writes_the_pngs(demo_run, tmp_path, capsys):
     out = tmp_path / "plots"
-    workdirs = [str(eegmat_runs[s]) for s in ("tokenizer", "pretrain", "finetune")]
+    workdirs = [str(demo_run[s]) for s in ("tokenizer", "pretrain", "finetune")]
     assert main(["plot", *workdirs, "--out", str(out)]) == 0
     names = [name for name, _ in plots.figures([Path(w) for w in workdirs])]
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
