@@ -17,7 +17,6 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from labram_jax import __version__
