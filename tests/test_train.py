@@ -2,8 +2,9 @@
 non-finite steps, mismatched checkpoints, the huge recipe ahead of time, LoRA and linear probing, and seeds.
 
 Mechanics run on synthetic windows (4 channels x 2 patches, a 10 Hz rhythm in class 1) and a 100-wide, 2-block
-LaBraM with a 64-code tokenizer (the synthetic fixture is conftest's); the learning test runs the three stages on the bundled EEGMAT recordings. Most
-runs use one of the session's 8 simulated devices; the equality tests compare them with meshes over all 8.
+LaBraM with a 64-code tokenizer (the synthetic fixture is conftest's); the learning test reads the three stages of
+the README's main job on the bundled EEGMAT recordings (conftest's demo_run). Most runs use one of the session's 8
+simulated devices; the equality tests compare them with meshes over all 8.
 """
 import json
 import os
