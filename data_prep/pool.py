@@ -63,7 +63,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
     and spawning would import everything again in every worker.
     """
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([fn.__module__, *preload])
+    context.set_forkserver_preload(["data_prep.forkserver_signals", fn.__module__, *preload])
     items = iter(items)
     pending: collections.deque[tuple[T, Future]] = collections.deque()
     executor = _pool(workers, context)
