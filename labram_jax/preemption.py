@@ -99,9 +99,10 @@ class StopAgreement:
 
         self.signals = signals
         self._pending: jax.Array | None = None
-        if jax.process_count() > 1:
+        self._processes = jax.process_count()
+        if self._processes > 1:
             devices = [min((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
-                       for p in range(jax.process_count())]
+                       for p in range(self._processes)]
             self._mine = next(d for d in devices if d.process_index == jax.process_index())
             self._flags = NamedSharding(Mesh(np.array(devices), ("process",)), PartitionSpec("process"))
             self._any = jax.jit(jnp.any, out_shardings=NamedSharding(self._flags.mesh, PartitionSpec()))
@@ -111,13 +112,11 @@ class StopAgreement:
         import numpy as np
 
         flag = jax.device_put(np.array([self.signals.requested]), self._mine)
-        return self._any(jax.make_array_from_single_device_arrays((jax.process_count(),), self._flags, [flag]))
+        return self._any(jax.make_array_from_single_device_arrays((self._processes,), self._flags, [flag]))
 
     def __call__(self, final: bool = False) -> bool:
         """final=True: the last call of the run, which also waits for this boundary's answer."""
-        import jax
-
-        if jax.process_count() == 1:
+        if self._processes == 1:
             return self.signals.requested
         current, previous = self._dispatch(), self._pending
         self._pending = current
