@@ -96,6 +96,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("kind", DAMAGE)
+# A damaged array fails one of Orbax's concurrent shard reads; the others are abandoned mid-await and report
+# themselves when collected, after the test has passed.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_step_is_set_aside_and_the_one_before_restored(tmp_path, capsys, kind):
     ckpt = saved(tmp_path)
     harm, said = DAMAGE[kind]
@@ -126,7 +129,7 @@ def test_a_missing_loader_state_names_the_step_and_the_file(tmp_path):
 
 # -- the trainer's failure paths ---------------------------------------------------------------------------------
 def head(path: Path) -> np.ndarray:
-    return np.asarray(load_model(path).head.kernel.value)
+    return np.asarray(load_model(path).head.kernel[...])
 
 
 @pytest.mark.parametrize("crash", ["moving the old aside", "swapping the fresh one in", "removing the old"])
@@ -169,12 +172,12 @@ def test_non_finite_loss_lets_the_save_in_flight_commit_and_closes_the_logs(tmp_
     windows[13] = synthetic_window(13, 1, rng, scale=np.inf)
     with np.errstate(invalid="ignore"):  # the manifest's mean and std of Inf
         write_split(tmp_path / "data" / "train", windows)
-    # Each save commits (renames its folder) 2 s after it starts writing: the save before the bad step is
+    # Each save commits (renames its folder) 1 s after it starts writing: the save before the bad step is
     # still in flight when the bad step is found.
     finalize = atomicity.AtomicRenameTemporaryPath.finalize
 
     async def slow_finalize(self):
-        await asyncio.sleep(2)
+        await asyncio.sleep(1)
         await finalize(self)
     monkeypatch.setattr(atomicity.AtomicRenameTemporaryPath, "finalize", slow_finalize)
     closed = []
