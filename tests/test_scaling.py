@@ -202,6 +202,7 @@ def test_killed_grid_resumes(tmp_path):
     assert rerun.returncode == 0, output
     assert "point 0 000-0.1M-0.2h: finished, skipped" in output and "resumed from step" in output
     assert {p: p.stat().st_mtime_ns for p in first.rglob("*") if p.is_file()} == finished  # not touched
+    assert not (tmp_path / "xla_cache").exists()  # the session's JAX_COMPILATION_CACHE_DIR is kept
     assert len((second / "sessions.jsonl").read_text().splitlines()) == 2
     with open(tmp_path / "results.csv") as f:
         rows = list(csv.DictReader(f))
