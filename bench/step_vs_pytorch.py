@@ -46,8 +46,10 @@ def report(first_step_s: float, seconds: float, steps: int, extra: dict | None =
 
 
 # -- labram-jax ---------------------------------------------------------------------------------------------------
-def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PATCHES, batch_size: int = BATCH):
-    """(trainer, batch) for one LaBraM size and stage, on the benchmark's batch (or another shape)."""
+def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PATCHES, batch_size: int = BATCH,
+             overrides: tuple[str, ...] = ()):
+    """(trainer, batch) for one LaBraM size and stage, on the benchmark's batch (or another shape), with config
+    `overrides` (`key=value`, as `labram train --set`) applied last."""
     sys.path[:0] = [str(ROOT), str(ROOT / "experiments")]
     import jax
     import numpy as np
@@ -59,7 +61,7 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
     from labram_jax.checkpoint import save_model
     from labram_jax.models.vqnsp import VQNSP
     from labram_jax.train import launch
-    from labram_jax.train.config import DataConfig
+    from labram_jax.train.config import DataConfig, override
     from labram_jax.train.trainer import Trainer
 
     size = configs.SIZES[model]
@@ -74,6 +76,7 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
         exp = exp.replace(tokenizer=exp.tokenizer.replace(kmeans_init=False))
     exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,
                                                            warmup_steps=10, batch_size=batch_size))
+    exp = override(exp, *overrides)
     launch.use_cores(exp)  # as `labram train` does, before anything touches a device
     if stage == "pretrain":
         tokenizer = save_model(VQNSP(exp.tokenizer, rngs=nnx.Rngs(0)), Path(tempfile.mkdtemp()) / "tokenizer")
