@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 import labram_jax
 from labram_jax import recipes
@@ -170,7 +171,7 @@ def test_train_runs_a_recipe_file(tmp_path, capsys):
 
 def test_train_simulates_devices_in_a_fresh_process(tmp_path):
     """The multi-host and device flags act before JAX starts its backend, as in experiments/*.py."""
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"} | {"XLA_FLAGS": FAST_COMPILE}
     run = subprocess.run([sys.executable, "-m", "labram_jax.cli", "train", "finetune_eegmat", "--workdir",
                           str(tmp_path), "--aot", "--simulate-devices", "4", "--set", *SMALL, "mesh.fsdp=2"],
                          env=env | {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}, capture_output=True, text=True,

@@ -15,6 +15,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE
 
 from labram_jax.convert.pth import read_pth
 
@@ -69,7 +70,8 @@ def install_wheel(tmp_path: Path) -> dict:
 @pytest.mark.slow
 @pytest.mark.xdist_group("demo-run")  # one worker installs the wheel and runs the demo once (conftest's demo_run)
 def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(demo_run):
-    python, labram, cwd, env = demo_run["python"], demo_run["labram"], demo_run["cwd"], demo_run["env"]
+    python, labram, cwd = demo_run["python"], demo_run["labram"], demo_run["cwd"]
+    env = demo_run["env"] | {"XLA_FLAGS": FAST_COMPILE}  # the demo kept XLA's defaults; these commands train 5 steps
     package = Path(run([str(python), "-c", "import labram_jax, data_prep; print(labram_jax.__file__); "
                         "print(data_prep.__file__)"], cwd, env).split()[0]).parent
     assert package == demo_run["site"] / "labram_jax"

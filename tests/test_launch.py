@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import FAST_COMPILE
 
 from labram_jax.recipes import finetune_eegmat
 from labram_jax.train import launch
@@ -40,8 +41,8 @@ def test_a_train_command_uses_every_core_unless_told(tmp_path, env, expected):
     """The recipe's step compiled ahead of time by the command a user runs, in a fresh process without the
     session's 8 simulated devices: one device per core (2 on CI's 2 cores), or the count JAX_NUM_CPU_DEVICES
     sets."""
-    child = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    child |= {"JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **env}
+    child = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    child |= {"XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT), **env}
     sets = ["model.depth=1", "train.batch_size=16"]
     run = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
                           str(tmp_path), "--aot", "--set", *sets], env=child, capture_output=True, text=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state, window_source
 from labram_jax.data.records import Window
@@ -185,7 +186,7 @@ def test_two_jax_processes_split_the_epoch(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # One CPU device per process, not the 8 simulated devices this test session sets up.
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = os.environ | {"XLA_FLAGS": FAST_COMPILE}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(port), str(i), str(folder),
                                str(tmp_path / f"ids{i}.json")], env=env, stderr=subprocess.PIPE, text=True)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 from flax import nnx
 
 from labram_jax import configs
@@ -266,10 +267,10 @@ def recipe_command(workdir: Path, data: Path) -> list[str]:
 
 
 def child_env() -> dict[str, str]:
-    """One CPU device (not the session's 8, nor a device per core: the xdist workers already share the cores) and
-    the repository on the path."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return env | {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1", "PYTHONPATH": str(ROOT)}
+    """One CPU device (not the session's 8, nor a device per core: the xdist workers already share the cores),
+    the session's compilation setting and the repository on the path."""
+    return os.environ | {"XLA_FLAGS": FAST_COMPILE, "JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "1",
+                         "PYTHONPATH": str(ROOT)}
 
 
 def completed_steps(workdir: Path) -> list[int]:

@@ -97,9 +97,11 @@ def test_two_processes_train_like_one(tmp_path):
     data = write_data(tmp_path / "data")
     child = tmp_path / "child.py"
     child.write_text(CHILD)
+    from conftest import FAST_COMPILE  # not at the top: the children import this module, and conftest sets 8 devices
+
     port, workdir = free_port(), tmp_path / "run"
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
-    env |= {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+    env = {k: v for k, v in os.environ.items() if k != "JAX_NUM_CPU_DEVICES"}
+    env |= {"XLA_FLAGS": f"{FAST_COMPILE} --xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
             "PYTHONPATH": str(ROOT)}
     children = [subprocess.Popen([sys.executable, str(child), str(workdir), str(data), str(port), str(i),
                                   str(Path(__file__).parent)],
