@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 
 import labram_jax
 from labram_jax import recipes
 from labram_jax.cli import _parser, main
 from labram_jax.convert import read_pth
 from labram_jax.train import launch
+from conftest import FAST_COMPILE
 
 REFERENCE = Path(__file__).parent / "fixtures" / "reference_tiny"
 ROOT = Path(__file__).resolve().parents[1]

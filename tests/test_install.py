@@ -15,9 +15,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import FAST_COMPILE
 
 from labram_jax.convert.pth import read_pth
+from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import FAST_COMPILE
 
 from labram_jax.recipes import finetune_eegmat
 from labram_jax.train import launch
 from labram_jax.train.config import override
+from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state, window_source
 from labram_jax.data.records import Window
 from labram_jax.data.shards import write_shard
 from labram_jax.errors import UserError
+from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(2, 1), (3, 2), (5, 3), (4, 3)]  # (channels, patches), cycled over the windows

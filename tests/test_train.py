@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
 from flax import nnx
 
 from labram_jax import configs
@@ -34,6 +33,7 @@ from labram_jax.train.checkpoints import Checkpoints
 from labram_jax.train.config import DataConfig, Experiment, MeshConfig, TrainConfig, override
 from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
+from conftest import FAST_COMPILE
 
 ROOT = Path(__file__).resolve().parents[1]
 CHANNELS, PATCHES = 4, 2
