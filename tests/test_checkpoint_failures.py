@@ -97,7 +97,7 @@ DAMAGE = {
 
 @pytest.mark.parametrize("kind", DAMAGE)
 # A damaged array fails one of Orbax's concurrent shard reads; the others are abandoned mid-await and report
-# themselves when collected, after the test has passed.
+# themselves when collected: during this test (ignored here), or during a later one (setup.cfg's filter).
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_a_damaged_step_is_set_aside_and_the_one_before_restored(tmp_path, capsys, kind):
     ckpt = saved(tmp_path)
