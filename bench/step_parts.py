@@ -101,10 +101,11 @@ def torch_parts(parts: list[str], reps: int, reference: str, threads: int) -> di
     import numpy as np
     import torch
 
-    from step_vs_pytorch import _finetune_step, _import_reference, _reference_optimizer
+    from peer import import_original
+    from step_vs_pytorch import _finetune_step, _reference_optimizer
     if threads == 1:
         torch.set_num_threads(1)
-    _import_reference(reference)
+    import_original(reference)
     import modeling_finetune
     torch.manual_seed(0)
     net = modeling_finetune.labram_base_patch200_200(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True,

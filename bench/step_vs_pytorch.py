@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from peer import import_original
+
 BATCH, CHANNELS, PATCHES = 32, 23, 10
 ROOT = Path(__file__).resolve().parents[1]
 START = time.perf_counter()
@@ -88,7 +90,7 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
     batch["mask"][:] = True
     batch["valid"][:] = True
     batch["label"][:] = np.arange(batch_size) % 2
-    return trainer, trainer._global(batch)
+    return trainer, trainer.global_batch(batch)
 
 
 def run_jax(model: str, stage: str, steps: int) -> None:
@@ -109,14 +111,6 @@ def run_jax(model: str, stage: str, steps: int) -> None:
 
 
 # -- the original ---------------------------------------------------------------------------------------------------
-def _import_reference(reference: str) -> None:
-    import types
-    for name in ("torchvision", "torchvision.transforms", "torchvision.transforms.functional",
-                 "torchvision.datasets", "torchvision.ops"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.path.insert(0, reference)
-
-
 def _reference_function(reference: str, file: str, name: str):
     """One function of the original's file, without importing the file (its utils import pulls h5py, pyhealth,
     sklearn and pandas, which the models never need)."""
@@ -150,7 +144,7 @@ def _reference_optimizer(model, depth: int, lr: float, betas, layer_decay: float
 def run_torch(model: str, stage: str, steps: int, reference: str, peer: str) -> None:
     import numpy as np
     import torch
-    _import_reference(reference)
+    import_original(reference)
     dims = {"base": dict(embed_dim=200, depth=12, heads=10), "large": dict(embed_dim=400, depth=24, heads=16),
             "huge": dict(embed_dim=800, depth=48, heads=16)}[model]
     torch.manual_seed(0)

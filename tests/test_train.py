@@ -146,7 +146,7 @@ def test_three_stages_learn_on_real_eeg(demo_run):
 def one_step(exp: Experiment, workdir: Path, devices=None) -> tuple[Trainer, float]:
     """A trainer after one step on the first batch of its loader."""
     trainer = Trainer(exp, workdir, devices=devices)
-    batch = trainer._global(first_batch(trainer))
+    batch = trainer.global_batch(first_batch(trainer))
     trainer.state, m = trainer._step(trainer.state, batch, jax.random.fold_in(jax.random.key(0), 0))
     return trainer, float(m["loss"])
 

@@ -15,6 +15,8 @@ Batch fields (B = global batch size / process count):
   target          float32 [B]             the label as a float, NaN when missing
   dataset         int32   [B]             index of the source (order of the `sources` dict)
   valid           bool    [B]             False for the rows that pad the last batch of a finite pass
+A caller's batch may add `bool_masked_pos` bool [B, N*A] (True = masked, channel-major): the pretraining step then
+uses that mask instead of drawing one (bench/train_vs_pytorch.py passes the original engine's masks so).
 
 Packing (`pack_tokens` > 0, for pretraining and tokenizer training on mixtures): instead of padding every window
 to the grid, windows are packed into rows of `pack_tokens` patch tokens with up to `pack_windows` windows each

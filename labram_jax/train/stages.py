@@ -162,7 +162,9 @@ def _pretrain_loss(model: LaBraMForMEM, batch: Batch, rng, exp: Experiment, toke
     packing = Packing.of(batch)
     tokens = _pretrain_targets(tokenizer, batch)
     if packing is None:
-        masked = random_mask(masking_rng, batch["mask"], exp.train.mask_ratio)
+        # A batch may bring its mask (the original engine's bool_masked_pos, for step-by-step parity runs).
+        masked = batch["bool_masked_pos"] if "bool_masked_pos" in batch else random_mask(
+            masking_rng, batch["mask"], exp.train.mask_ratio)
         x_rec, x_rec_sym = model(batch["x"], batch["input_chans"], masked, mask=batch["mask"], rng=drop_rng)
         losses = mem_loss(x_rec, x_rec_sym, tokens, masked, batch["mask"])
     else:  # each window masked and scored as alone, the batch's loss the mean over its windows

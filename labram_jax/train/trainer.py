@@ -282,7 +282,8 @@ class Trainer:
                             seed=self.exp.train.seed, workers=d.workers, weights=weights,
                             pack_tokens=d.pack_tokens, pack_windows=d.pack_windows, pack_buffer=d.pack_buffer)
 
-    def _global(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def global_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """A batch of this process's rows (host arrays) as one global array per field, placed on the mesh."""
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
@@ -294,7 +295,7 @@ class Trainer:
         size = max(size - size % self.batch_multiple, self.batch_multiple)
         chunks: dict[str, list[np.ndarray]] = {}
         for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
-            out = multihost_utils.process_allgather(self._outputs(self.state, self._global(batch)), tiled=True)
+            out = multihost_utils.process_allgather(self._outputs(self.state, self.global_batch(batch)), tiled=True)
             for key, value in out.items():
                 chunks.setdefault(key, []).append(np.asarray(value))
         out = {k: np.concatenate(v) for k, v in chunks.items()}
@@ -389,7 +390,7 @@ class Trainer:
         in_flight: dict | None = None
         while step < t.steps:
             data_state = save_state(iterator)  # the position before this step's batch
-            batch = self._global(next(iterator))
+            batch = self.global_batch(next(iterator))
             if in_flight is not None:
                 jax.block_until_ready(in_flight)  # at most one step queued behind the running one
             self.state, m = step_program(self.state, batch, jax.random.fold_in(base_rng, step))
@@ -478,8 +479,10 @@ class Trainer:
             self.state = current
 
     # -- cost ---------------------------------------------------------------------------------------------------
-    def lower(self) -> Any:
-        batch = self.abstract_batch()
+    def lower(self, batch: dict[str, Any] | None = None) -> Any:
+        """The train step lowered for this run's state and `batch`'s shapes (default: the pipeline's batch)."""
+        batch = self.abstract_batch() if batch is None else jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype, sharding=self.batch_sharding), batch)
         rng = jax.eval_shape(lambda: jax.random.key(0))
         return self._step.lower(self.state, batch, rng)
 
@@ -499,9 +502,14 @@ class Trainer:
                   "dataset": ((b,), jnp.int32), "valid": ((b,), jnp.bool_)}
         return {k: jax.ShapeDtypeStruct(s, dt, sharding=self.batch_sharding) for k, (s, dt) in shapes.items()}
 
-    def compiled_step(self) -> Any:
+    def compiled_step(self, batch: dict[str, Any] | None = None) -> Any:
         """The train step compiled for this run's state and batch shapes, once: the loop runs it and step_flops
-        reads its cost, so a run that reports MFU does not compile its step twice (minutes for a pod model)."""
+        reads its cost, so a run that reports MFU does not compile its step twice (minutes for a pod model).
+
+        `batch`: compile for that batch's fields and shapes instead (not cached), e.g. one carrying the
+        pretraining mask in `bool_masked_pos`."""
+        if batch is not None:
+            return self.lower(batch).compile()
         if self._compiled is None:
             self._compiled = self.lower().compile()
         return self._compiled
