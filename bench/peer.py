@@ -48,8 +48,9 @@ def import_original(reference: str) -> None:
     sys.path.insert(0, reference)
 
 
-def tokenizer(size: str, decay: float = 0.99) -> Any:
-    """A fresh VQ-NSP tokenizer without k-means init (its codebook l2-normalised randn, as the reference sets).
+def tokenizer(size: str, decay: float = 0.99, kmeans_init: bool = False) -> Any:
+    """A fresh VQ-NSP tokenizer, by default without k-means init (its codebook l2-normalised randn, as the
+    reference sets); with it, the codebook is k-means of the first training batch, as run_vqnsp_training.py's.
 
     The original trains one tokenizer, the base one, for every model size; TINY is the reference set's.
     """
@@ -57,7 +58,7 @@ def tokenizer(size: str, decay: float = 0.99) -> Any:
     if size != "tiny":
         return modeling_vqnsp.vqnsp_encoder_base_decoder_3x200x12(
             pretrained=False, as_tokenzer=False, EEG_size=1600, n_code=8192, code_dim=64, decay=decay,
-            quantize_kmeans_init=False)
+            quantize_kmeans_init=kmeans_init)
     encoder, decoder = modeling_vqnsp.get_model_default_params(), modeling_vqnsp.get_model_default_params()
     common = dict(embed_dim=TINY["embed_dim"], num_heads=TINY["num_heads"], mlp_ratio=TINY["mlp_ratio"], num_classes=0)
     encoder.update(depth=TINY_TOKENIZER["encoder_depth"], out_chans=TINY["out_chans"], **common)
@@ -66,7 +67,7 @@ def tokenizer(size: str, decay: float = 0.99) -> Any:
                    **common)
     return modeling_vqnsp.VQNSP(encoder, decoder, n_embed=TINY_TOKENIZER["codebook_size"],
                                 embed_dim=TINY_TOKENIZER["code_dim"], decoder_out_dim=200, decay=decay,
-                                quantize_kmeans_init=False)
+                                quantize_kmeans_init=kmeans_init)
 
 
 def pretrain_model(size: str, vocab_size: int) -> Any:

@@ -92,10 +92,22 @@ class TokenizerConfig:
     kmeans_init: bool = True
     kmeans_iters: int = 10
     decoder_out_dim: int = PATCH_SIZE  # one amplitude (or phase) per FFT bin of a patch
+    # > 0: a code that no real patch picked in this many consecutive codebook updates is re-seeded from a patch of
+    # the current batch (NormEMAVectorQuantizer). 0, the original's behaviour, adds no state. A code used
+    # uniformly misses a batch of P patches with probability (1 - 1/codebook_size)^P, so K must be large enough
+    # that a live code is not taken for dead: with P below the codebook size, tens of steps.
+    dead_code_restart: int = 0
+    # Which patches seed the dead codes: "random" real patches of the batch, or those "farthest" from their code
+    # (the largest quantisation error first).
+    dead_code_seeds: Literal["random", "farthest"] = "random"
 
     def __post_init__(self) -> None:
         if self.decoder.in_chans != self.code_dim:
             raise UserError(f"decoder.in_chans ({self.decoder.in_chans}) must equal code_dim ({self.code_dim})")
+        if self.dead_code_restart < 0:
+            raise UserError(f"tokenizer.dead_code_restart must be >= 0 (0 = off), not {self.dead_code_restart}")
+        if self.dead_code_seeds not in ("random", "farthest"):
+            raise UserError(f"tokenizer.dead_code_seeds must be 'random' or 'farthest', not {self.dead_code_seeds!r}")
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)

@@ -27,8 +27,10 @@ from labram_jax.train import outputs  # noqa: E402
 Series = tuple[np.ndarray, np.ndarray]  # steps, values
 # The training curves in the order they are drawn, with their axis labels.
 CURVES = {"loss": "training loss", "lr": "learning rate", "grad_norm": "gradient norm (before clipping)",
-          "codebook_usage": "codebook usage (share of the codes in a batch)",
-          "codebook_perplexity": "codebook perplexity", "masked_accuracy": "masked-token accuracy"}
+          "codebook_usage": "codebook usage (share of the codes, a pass of the training windows)",
+          "codebook_perplexity": "codebook perplexity (a pass of the training windows)",
+          "batch_codebook_usage": "codebook usage (share of the codes in a batch)",
+          "batch_codebook_perplexity": "codebook perplexity (a batch)", "masked_accuracy": "masked-token accuracy"}
 # The evaluations whose per-window outputs the trainer writes.
 EVALUATIONS = {"test": "test split, final model", "best_test": "test split, best validation checkpoint"}
 

@@ -90,7 +90,8 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(demo_run):
     # 7. plot: each stage's curves, and the fine-tuned model's ROC and confusion matrix on the held-out subject.
     plots = cwd / "d" / "plots"
     assert "7. plot: each stage's curves -> " in out
-    expected = {"tokenizer": {"loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "val_loss"},
+    expected = {"tokenizer": {"loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity",
+                              "batch_codebook_usage", "batch_codebook_perplexity", "val_loss"},
                 "pretrain": {"loss", "lr", "grad_norm", "masked_accuracy", "val_loss"},
                 "finetune": {"loss", "lr", "grad_norm", "val_loss", "val_balanced_accuracy", "val_roc_auc",
                              "roc_test", "confusion_test", "roc_best_test", "confusion_best_test"}}

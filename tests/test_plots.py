@@ -49,7 +49,8 @@ def test_curves_are_the_logged_series(demo_run):
     workdirs = [demo_run[s] for s in ("tokenizer", "pretrain", "finetune")]
     figures = dict(plots.figures(workdirs))
     series = {s: logged(demo_run[s]) for s in ("tokenizer", "pretrain", "finetune")}
-    wanted = ["loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "masked_accuracy"]
+    wanted = ["loss", "lr", "grad_norm", "codebook_usage", "codebook_perplexity", "batch_codebook_usage",
+              "batch_codebook_perplexity", "masked_accuracy"]
     val = sorted({k for s in series.values() for k in s if k.startswith("val/")})
     assert {"val/loss", "val/balanced_accuracy", "val/roc_auc"} <= set(val)
     expected = [f"{k.replace('/', '_')}.png" for k in wanted + val]

@@ -123,8 +123,9 @@ def test_three_stages_learn_on_real_eeg(demo_run):
         first, last = first_last(metrics(demo_run[stage], "loss"))
         report[stage] = (first, last)
         assert last < 0.95 * first, (stage, first, last)
-    usage = metrics(demo_run["tokenizer"], "codebook_usage")
-    perplexity = metrics(demo_run["tokenizer"], "codebook_perplexity")
+    usage = metrics(demo_run["tokenizer"], "batch_codebook_usage")
+    perplexity = metrics(demo_run["tokenizer"], "batch_codebook_perplexity")
+    passes = metrics(demo_run["tokenizer"], "codebook_usage")  # over the training windows, at each validation
     tokenizer = load_model(demo_run["tokenizer"] / "export")
     codes = set()
     for batch in eval_dataset([eegmat / "val"], LoaderConfig(batch_size=32, max_channels=20, max_patches=5)):
@@ -139,6 +140,7 @@ def test_three_stages_learn_on_real_eeg(demo_run):
           f"{summary['test/roc_auc']:.3f})")
     # k-means on the first batch starts from every code in use, so usage cannot grow: it must not collapse.
     assert usage[0] > 0.9 and usage[-1] > 0.5 and len(codes) >= 128
+    assert len(passes) == 6 and passes[-1] > 0.5
     assert summary["val/balanced_accuracy"] > 0.65 and summary["test/balanced_accuracy"] > 0.65
 
 

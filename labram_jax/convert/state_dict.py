@@ -17,7 +17,7 @@ from flax import nnx
 from labram_jax import configs
 from labram_jax.errors import UserError, key_mismatch
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
-from labram_jax.models.vqnsp import VQNSP
+from labram_jax.models.vqnsp import VQNSP, CodeAge
 
 # The model kinds (the vocabulary: labram_jax.train.stages): the original's three models.
 ModelKind = Literal["classify", "pretrain", "tokenizer"]
@@ -38,10 +38,15 @@ def rename(key: str, rules: Renames) -> str:
 
 
 def _variables(node: nnx.Module, prefix: tuple = ()) -> Iterator[tuple[tuple, nnx.Variable]]:
-    """(path, variable) in torch's state_dict order: a module's own tensors first, then its children."""
+    """(path, variable) in torch's state_dict order: a module's own tensors first, then its children.
+
+    State the original has no key for (CodeAge) is left out: a .pth holds the original's keys only, and one
+    loads into a model with that state, which keeps its fresh value."""
     children = []
     items = enumerate(node) if isinstance(node, nnx.List) else vars(node).items()
     for name, value in items:
+        if isinstance(value, CodeAge):
+            continue
         if isinstance(value, nnx.Variable):
             yield prefix + (name,), value
         elif isinstance(value, (nnx.Module, nnx.List)):

@@ -20,6 +20,11 @@ class Codebook(nnx.Variable):
     """Quantizer state: updated by EMA and k-means, never by gradients."""
 
 
+class CodeAge(Codebook):
+    """Quantizer state the original does not have (the dead-code restart's counter): training checkpoints and
+    exports keep it; the original's state dict, and so a .pth, does not (labram_jax.convert.state_dict)."""
+
+
 def l2norm(x: jax.Array) -> jax.Array:
     """torch's F.normalize: x / max(|x|, 1e-12)."""
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
@@ -52,6 +57,9 @@ class NormEMAVectorQuantizer(nnx.Module):
         self.cfg = cfg
         self.cluster_size = Codebook(jnp.zeros((cfg.codebook_size,)), out_sharding=("codebook",))
         self.embedding = EmbeddingEMA(cfg, rngs)
+        if cfg.dead_code_restart:
+            # Per code, the consecutive codebook updates in which no real patch picked it.
+            self.unused_steps = CodeAge(jnp.zeros((cfg.codebook_size,), jnp.int32), out_sharding=("codebook",))
 
     def __call__(self, z: jax.Array, *, padding: jax.Array | None = None, train: bool = False,
                  rng: jax.Array | None = None, packing: Packing | None = None
@@ -83,15 +91,21 @@ class NormEMAVectorQuantizer(nnx.Module):
         dist = ((flat ** 2).sum(1, keepdims=True) + (codebook ** 2).sum(1)
                 - 2 * jnp.einsum("bd,nd->bn", flat, codebook, precision=jax.lax.Precision.HIGHEST))
         ids = jnp.argmin(dist, axis=1)
-        z_q = codebook[ids].reshape(z.shape)
+        assigned = codebook[ids]
+        z_q = assigned.reshape(z.shape)
         if train:
-            self._ema_update(flat, ids, weights)
+            bins = self._ema_update(flat, ids, weights)
+            if cfg.dead_code_restart:
+                rng = jax.random.key(0) if rng is None else rng
+                # Its own stream: the k-means init draws from `rng` itself.
+                self._restart_dead_codes(flat, weights, bins, assigned, jax.random.fold_in(rng, 1))
         error = (jax.lax.stop_gradient(z_q) - z) ** 2
         loss = cfg.beta * (masked_mean(error, padding) if packing is None else packing.window_mean(error))
         z_q = z + jax.lax.stop_gradient(z_q - z)
         return z_q, loss, ids.reshape(z.shape[:-1])
 
-    def _ema_update(self, flat: jax.Array, ids: jax.Array, weights: jax.Array | None) -> None:
+    def _ema_update(self, flat: jax.Array, ids: jax.Array, weights: jax.Array | None) -> jax.Array:
+        """One normalised-EMA step of the codebook; returns how many real patches picked each code."""
         cfg = self.cfg
         onehot = jax.nn.one_hot(ids, cfg.codebook_size, dtype=flat.dtype)
         if weights is not None:
@@ -103,6 +117,37 @@ class NormEMAVectorQuantizer(nnx.Module):
         weight = self.embedding.weight[...]
         means = jnp.where((bins == 0)[:, None], weight, means)  # unused codes keep their vector
         self.embedding.weight[...] = l2norm(cfg.decay * weight + (1 - cfg.decay) * means)
+        return bins
+
+    def _restart_dead_codes(self, flat: jax.Array, weights: jax.Array | None, bins: jax.Array,
+                            assigned: jax.Array, rng: jax.Array) -> None:
+        """Re-seed every code unused for dead_code_restart updates with a real patch of this batch (l2-normalised,
+        as the codebook), as SoundStream and vector-quantize-pytorch's threshold_ema_dead_code do.
+
+        The r-th dead code takes the r-th candidate: a random order of the real patches ("random"), or the patches
+        by decreasing distance to their code ("farthest"); with more dead codes than real patches the candidates
+        repeat, and a batch without a real patch restarts nothing. The EMA reads only the weight, so the new vector
+        holds; the statistics follow (cluster sizes of one patch, embed_avg the seed) so the state stays coherent.
+        A restarted code's counter starts again, so it has dead_code_restart updates to win patches.
+        """
+        cfg, emb = self.cfg, self.embedding
+        n = flat.shape[0]
+        real = jnp.ones((n,), bool) if weights is None else weights > 0
+        age = jnp.where(bins > 0, 0, self.unused_steps[...] + 1)
+        if cfg.dead_code_seeds == "random":
+            score = jax.random.uniform(rng, (n,))
+        else:  # cosine distance to the code: flat and the codes are unit vectors
+            score = 1.0 - (flat * assigned).sum(-1)
+        candidates = jnp.argsort(jnp.where(real, -score, jnp.inf))  # real patches first, best candidates first
+        dead = (age >= cfg.dead_code_restart) & real.any()
+        rank = jnp.cumsum(dead) - 1
+        seeds = flat[candidates[rank % jnp.maximum(real.sum(), 1)]]
+        keep = ~dead[:, None]
+        emb.weight[...] = jnp.where(keep, emb.weight[...], seeds)
+        emb.embed_avg[...] = jnp.where(keep, emb.embed_avg[...], seeds)
+        emb.cluster_size[...] = jnp.where(dead, 1.0, emb.cluster_size[...])
+        self.cluster_size[...] = jnp.where(dead, 1.0, self.cluster_size[...])
+        self.unused_steps[...] = jnp.where(dead, 0, age)
 
     def _kmeans_init(self, flat: jax.Array, weights: jax.Array | None, rng: jax.Array) -> None:
         """On the first batch (initted == 0): cosine k-means from random samples, as the original's init_embed_."""

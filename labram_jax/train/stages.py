@@ -126,9 +126,15 @@ class Stage:
 
 
 def codebook_stats(tokens: jax.Array, padding: jax.Array, codebook_size: int) -> dict[str, jax.Array]:
-    """Share of the codebook the batch's real patches use, and the perplexity of their code distribution."""
+    """Share of the codebook the batch's real patches use, and the perplexity of their code distribution (a
+    batch of P patches uses at most P codes: the trainer's pass over the training windows gives the real usage)."""
     counts = jnp.zeros((codebook_size,), jnp.float32).at[tokens.reshape(-1)].add(
         padding.reshape(-1).astype(jnp.float32))
+    return {f"batch_{k}": v for k, v in usage_and_perplexity(counts).items()}
+
+
+def usage_and_perplexity(counts: jax.Array) -> dict[str, jax.Array]:
+    """From how many patches picked each code: the share of codes used, and exp of the codes' entropy."""
     p = counts / jnp.maximum(counts.sum(), 1)
     entropy = -(p * jnp.log(jnp.where(p > 0, p, 1.0))).sum()
     return {"codebook_usage": (counts > 0).mean(), "codebook_perplexity": jnp.exp(entropy)}
@@ -147,7 +153,7 @@ def _tokenizer_loss(model: VQNSP, batch: Batch, rng, exp: Experiment, frozen) ->
 
 def _tokenizer_outputs(model: VQNSP, batch: Batch, exp: Experiment, frozen) -> dict[str, jax.Array]:
     out = model(batch["x"], batch["input_chans"], mask=batch["mask"])
-    return {"loss": out["loss"]}
+    return {k: out[k] for k in ("loss", "rec_loss", "rec_angle_loss")}
 
 
 def _pretrain_targets(tokenizer: VQNSP, batch: Batch) -> jax.Array:

@@ -41,7 +41,7 @@ from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
 from labram_jax.train.progress import Progress
-from labram_jax.train.stages import STAGES, check_labels
+from labram_jax.train.stages import STAGES, check_labels, usage_and_perplexity
 
 State = dict[str, Any]
 
@@ -177,6 +177,9 @@ class Trainer:
         outputs = jax.jit(self._eval_outputs, in_shardings=(self.shardings, self.batch_sharding))
         # Evaluation runs a window at a time under vmap, where the activations' batch is the vmapped axis.
         self._step, self._outputs = UnderPrecision(step, precision, self.mesh), UnderPrecision(outputs, precision)
+        # The tokenizer's codes of whole batches under the mesh, as the step runs the model (train_pass).
+        self._tokens = UnderPrecision(jax.jit(self._batch_tokens, in_shardings=(self.shardings, self.batch_sharding)),
+                                      precision, self.mesh)
         self._compiled: Any = None
 
     # -- model construction ------------------------------------------------------------------------------------
@@ -274,6 +277,12 @@ class Trainer:
 
         return jax.vmap(one)(batch) | {"label": batch["label"], "target": batch["target"], "valid": batch["valid"]}
 
+    def _batch_tokens(self, state: State, batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+        """The eval-mode token ids of a padded batch [B, N*A] and which are real patches: the encoder only."""
+        model = self._merge(state, state["params"], state["rest"])
+        real = batch["mask"].reshape(batch["mask"].shape[0], -1)
+        return {"tokens": model.tokenize(batch["x"], batch["input_chans"], mask=batch["mask"]), "real": real}
+
     # -- data ---------------------------------------------------------------------------------------------------
     def loader_config(self, batch_size: int) -> LoaderConfig:
         d = self.exp.data
@@ -301,6 +310,8 @@ class Trainer:
         out = {k: np.concatenate(v) for k, v in chunks.items()}
         valid = out["valid"].astype(bool)
         result = {"loss": float(np.mean(out["loss"][valid]))}
+        if self.exp.stage == "tokenizer":  # the reconstruction alone, without the codebook's commitment term
+            result |= {k: float(np.mean(out[k][valid])) for k in ("rec_loss", "rec_angle_loss")}
         if self.exp.stage == "finetune":
             labels = out["label"] if self.exp.task_kind != "regression" else out["target"]
             result |= paper_metrics.task_metrics(self.exp.task_kind, labels[valid], out["logits"][valid])
@@ -308,6 +319,20 @@ class Trainer:
                 eval_outputs.save(self.workdir / "outputs" / f"{save_as}.npz", self.exp.task_kind, labels[valid],
                                   out["logits"][valid])
         return {f"{split}/{k}": v for k, v in result.items()}
+
+    def train_pass(self) -> dict[str, float]:
+        """The tokenizer's codebook usage and perplexity over one pass of every training window (real patches
+        only, every process's share gathered first): per-batch usage is bounded by the batch's patches, so a
+        codebook larger than a batch only shows its health over a whole split."""
+        size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
+        size = max(size - size % self.batch_multiple, self.batch_multiple)
+        counts = np.zeros((self.exp.tokenizer.codebook_size,), np.int64)
+        for batch in eval_dataset({str(p): [p] for p in self.exp.data.train}, self.loader_config(size)):
+            placed = multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
+            out = multihost_utils.process_allgather(self._tokens(self.state, placed), tiled=True)
+            real = np.asarray(out["real"], bool)
+            counts += np.bincount(np.asarray(out["tokens"])[real], minlength=counts.size)
+        return {k: float(v) for k, v in usage_and_perplexity(counts.astype(np.float32)).items()}
 
     # -- exports ------------------------------------------------------------------------------------------------
     def model(self) -> nnx.Module:
@@ -451,6 +476,8 @@ class Trainer:
     def _validate(self, step: int, logger: MetricLogger, metric: str, higher: bool, meta: dict,
                   summary: dict) -> dict:
         result = self.evaluate("val")
+        if self.exp.stage == "tokenizer":
+            result |= self.train_pass()
         logger.write(step, result)
         summary |= result
         value = result.get(metric)
