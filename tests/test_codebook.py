@@ -19,14 +19,14 @@ from labram_jax import configs
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch, state_dict, to_pytorch
 from labram_jax.data.records import Window
-from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
 from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP, NormEMAVectorQuantizer, l2norm
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig, override
 from labram_jax.train.trainer import Trainer
+from test_train import PATCHES, write_split
 
 ONE = jax.devices()[:1]
-MAX_CHANNELS, PATCHES = 4, 2
+MAX_CHANNELS = 4
 
 
 # -- data and runs -----------------------------------------------------------------------------------------------
@@ -41,16 +41,6 @@ def windows(count: int, seed: int = 0) -> list[Window]:
                           channel_names=tuple(f"C{k}" for k in range(channels)), recording=f"syn/{i}",
                           start=0.0, dataset="syn", subject=f"S{i % 2}", label=i % 2))
     return out
-
-
-def write_split(folder: Path, items: list[Window]) -> Path:
-    folder.mkdir(parents=True)
-    write_shard(folder / "syn-00000.array_record", items)
-    stats = DatasetStats()
-    for window in items:
-        stats.add(window)
-    write_manifest(folder, {"syn": stats}, {"sfreq": 200.0, "window_s": PATCHES})
-    return folder
 
 
 @pytest.fixture(scope="module")
