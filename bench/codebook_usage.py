@@ -10,7 +10,8 @@ k-means init on the first batch, EMA 0.99) on the same windows for the same step
 - `original`: the original's engine_for_vqnsp.train_one_epoch, over shuffled batches of the same windows;
 - `ours`: `labram train train_tokenizer` with those settings;
 - `restart`: ours with `tokenizer.dead_code_restart=30`, dead codes re-seeded from random patches of the batch;
-- `restart_farthest`: the same, re-seeded from the batch's worst-quantised patches first.
+- `restart_farthest`: the same, re-seeded from the batch's worst-quantised patches first;
+- `restart_k10`, `restart_farthest_k10`, ...: the same with another K.
 Each --set is applied to our arms after these (--set tokenizer.dead_code_restart=K to try another K).
 
 Every `--every` steps each arm counts the codes of every training patch in eval mode (codebook_usage: the share of
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("original", "ours", "restart", "restart_farthest")
+# Our arms by name: restart[_farthest][_kK], K (default 30) the updates a code may go unused before its restart.
+ARM = re.compile(r"ours|(?P<restart>restart)(?P<farthest>_farthest)?(?:_k(?P<k>[1-9]\d*))?")
 KEYS = ("codebook_usage", "codebook_perplexity", "val/loss", "val/rec_loss", "val/rec_angle_loss")
 
 
@@ -64,9 +68,10 @@ def run_ours(arm: str, shards: Path, out: Path, s: dict[str, Any], every: int, s
                    "train.warmup_epochs=0", f"train.batch_size={s['batch']}", f"train.lr={s['lr']}",
                    f"train.min_lr={s['min_lr']}", f"train.warmup_steps={s['warmup_steps']}",
                    f"train.eval_every={every}", f"train.save_every={every}", "train.log_every=10"]
-    if arm.startswith("restart"):
-        assignments.append("tokenizer.dead_code_restart=30")
-    if arm == "restart_farthest":
+    restart = ARM.fullmatch(arm)
+    if restart.group("restart"):
+        assignments.append(f"tokenizer.dead_code_restart={restart.group('k') or 30}")
+    if restart.group("farthest"):
         assignments.append("tokenizer.dead_code_seeds=farthest")
     exp = override(exp, *assignments, *sets)
     assert (exp.train.weight_decay, exp.train.b1, exp.train.b2) == (s["weight_decay"], s["b1"], s["b2"])
@@ -221,8 +226,8 @@ def main() -> None:
     if args.shards is None or args.out is None:
         parser.error("--shards and --out are required")
     arms = args.arms.split(",")
-    if unknown := set(arms) - set(ARMS):
-        parser.error(f"--arms: unknown {sorted(unknown)} (arms: {', '.join(ARMS)})")
+    if unknown := [a for a in arms if a != "original" and not ARM.fullmatch(a)]:
+        parser.error(f"--arms: unknown {unknown} (arms: {', '.join(ARMS)}, or restart[_farthest]_kK)")
     s = schedule(args.steps, args.batch)
     for arm in arms:
         out = args.out / arm
