@@ -125,7 +125,6 @@ def original_worker(spec_path: Path) -> None:
     import engine_for_vqnsp
     import optim_factory
     import utils
-    from train_vs_pytorch import _Recorder, _Wrapped
 
     data = np.load(out / "windows.npz")
     train, test, names = data["train"], data["test"], [str(n) for n in data["names"]]
@@ -153,8 +152,8 @@ def original_worker(spec_path: Path) -> None:
             picks = [np.random.default_rng([start, i]).choice(len(train), s["batch"], replace=False)
                      for i in range(n)]
         batches = [torch.from_numpy(train[p]) for p in picks]
-        scaler = _Recorder(utils.NativeScalerWithGradNormCount(), optimizer)
-        engine_for_vqnsp.train_one_epoch(_Wrapped(model), [batches], optimizer, torch.device("cpu"), 0, scaler,
+        scaler = peer.Recorder(utils.NativeScalerWithGradNormCount(), optimizer)
+        engine_for_vqnsp.train_one_epoch(peer.Wrapped(model), [batches], optimizer, torch.device("cpu"), 0, scaler,
                                          clip_grad=None, start_steps=start, lr_schedule_values=lr_schedule,
                                          ch_names_list=[names])
         start += n

@@ -48,6 +48,39 @@ def import_original(reference: str) -> None:
     sys.path.insert(0, reference)
 
 
+class Recorder:
+    """The original's loss scaler with a record of each step's loss and lr: the engines call it once a step, after
+    setting the step's lr, with the step's loss (divided by the accumulation steps, 1 here)."""
+
+    def __init__(self, scaler: Any, optimizer: Any):
+        self.scaler, self.optimizer, self.losses, self.lrs = scaler, optimizer, [], []
+
+    def __call__(self, loss: Any, optimizer: Any, **kwargs: Any) -> Any:
+        self.losses.append(loss.item())
+        self.lrs.append(max(group["lr"] for group in optimizer.param_groups))
+        return self.scaler(loss, optimizer, **kwargs)
+
+    def state_dict(self) -> dict:
+        # A disabled GradScaler (no CUDA) has an empty state, where the engines read its scale for their logs.
+        return self.scaler.state_dict() or {"scale": 1.0}
+
+
+class Wrapped:
+    """The engines reach the tokenizer through `model.module` (as under DistributedDataParallel)."""
+
+    def __init__(self, module: Any):
+        self.module = module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> Any:
+        return self.module.train(mode)
+
+    def parameters(self) -> Any:
+        return self.module.parameters()
+
+
 def tokenizer(size: str, decay: float = 0.99, kmeans_init: bool = False) -> Any:
     """A fresh VQ-NSP tokenizer, by default without k-means init (its codebook l2-normalised randn, as the
     reference sets); with it, the codebook is k-means of the first training batch, as run_vqnsp_training.py's.

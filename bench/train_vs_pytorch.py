@@ -127,39 +127,6 @@ def batches_digest(spec: Spec) -> str:
 
 
 # -- the original -------------------------------------------------------------------------------------------------
-class _Recorder:
-    """The original's loss scaler with a record of each step's loss and lr: the engines call it once a step, after
-    setting the step's lr, with the step's loss (divided by the accumulation steps, 1 here)."""
-
-    def __init__(self, scaler: Any, optimizer: Any):
-        self.scaler, self.optimizer, self.losses, self.lrs = scaler, optimizer, [], []
-
-    def __call__(self, loss: Any, optimizer: Any, **kwargs: Any) -> Any:
-        self.losses.append(loss.item())
-        self.lrs.append(max(group["lr"] for group in optimizer.param_groups))
-        return self.scaler(loss, optimizer, **kwargs)
-
-    def state_dict(self) -> dict:
-        # A disabled GradScaler (no CUDA) has an empty state, where the engines read its scale for their logs.
-        return self.scaler.state_dict() or {"scale": 1.0}
-
-
-class _Wrapped:
-    """The engines reach the tokenizer through `model.module` (as under DistributedDataParallel)."""
-
-    def __init__(self, module: Any):
-        self.module = module
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> Any:
-        return self.module.train(mode)
-
-    def parameters(self) -> Any:
-        return self.module.parameters()
-
-
 def start_from(model: Any, folder: str, stage: str) -> Any:
     """`model` with the weights of FOLDER/STAGE.pth where a folder is given; a fine-tuning head of another width
     stays as the model initialised it, as run_class_finetuning.py drops it."""
@@ -222,12 +189,12 @@ def run_original(spec: Spec, reference: str, out: Path) -> None:
     warmup = dict(warmup_epochs=1, warmup_steps=s["warmup_steps"]) if s["warmup_steps"] else {}
     lr_schedule = utils.cosine_scheduler(s["lr"], s["min_lr"], 1, spec.steps, **warmup)
     wd_schedule = utils.cosine_scheduler(s["weight_decay"], s["weight_decay"], 1, spec.steps)
-    scaler = _Recorder(utils.NativeScalerWithGradNormCount(), optimizer)
+    scaler = peer.Recorder(utils.NativeScalerWithGradNormCount(), optimizer)
     masks = []
     common = dict(device=torch.device("cpu"), epoch=0, loss_scaler=scaler, log_writer=None, start_steps=0,
                   lr_schedule_values=lr_schedule)
     if spec.stage == "tokenizer":
-        engine_for_vqnsp.train_one_epoch(_Wrapped(model), [data], optimizer, clip_grad=s["clip_grad"],
+        engine_for_vqnsp.train_one_epoch(peer.Wrapped(model), [data], optimizer, clip_grad=s["clip_grad"],
                                          lr_scheduler=None, ch_names_list=[spec.ch_names], **common)
     elif spec.stage == "pretrain":
         draw = engine_for_pretraining.random_masking
