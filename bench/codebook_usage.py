@@ -170,7 +170,7 @@ def score(model: Any, train: np.ndarray, test: np.ndarray, chans: list[int], tor
     updates only its usage statistic, which training never reads)."""
     model.eval()
     counts = np.zeros(model.quantize.num_tokens, np.int64)
-    losses: dict[str, list[float]] = {"val/loss": [], "val/rec_loss": [], "val/rec_angle_loss": []}
+    sums = {"val/loss": 0.0, "val/rec_loss": 0.0, "val/rec_angle_loss": 0.0}  # window-weighted
     with torch.no_grad():
         for i in range(0, len(train), 64):
             x = torch.from_numpy(train[i:i + 64]) / 100
@@ -179,14 +179,13 @@ def score(model: Any, train: np.ndarray, test: np.ndarray, chans: list[int], tor
         for i in range(0, len(test), 64):
             x = torch.from_numpy(test[i:i + 64]) / 100
             loss, log = model(x, input_chans=chans)
-            weight = len(x)
-            losses["val/loss"] += [float(loss)] * weight
-            losses["val/rec_loss"] += [float(log["val/rec_loss"])] * weight
-            losses["val/rec_angle_loss"] += [float(log["val/rec_angle_loss"])] * weight
+            for key, value in (("val/loss", loss), ("val/rec_loss", log["val/rec_loss"]),
+                               ("val/rec_angle_loss", log["val/rec_angle_loss"])):
+                sums[key] += float(value) * len(x)
     model.train()
     p = counts[counts > 0] / counts.sum()
     return {"codebook_usage": float((counts > 0).mean()), "codebook_perplexity": float(np.exp(-(p * np.log(p)).sum()))
-            } | {k: float(np.mean(v)) for k, v in losses.items()}
+            } | {k: v / len(test) for k, v in sums.items()}
 
 
 # -- the figure ---------------------------------------------------------------------------------------------------

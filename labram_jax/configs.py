@@ -94,8 +94,9 @@ class TokenizerConfig:
     decoder_out_dim: int = PATCH_SIZE  # one amplitude (or phase) per FFT bin of a patch
     # > 0: a code that no real patch picked in this many consecutive codebook updates is re-seeded from a patch of
     # the current batch (NormEMAVectorQuantizer). 0, the original's behaviour, adds no state. A code used
-    # uniformly misses a batch of P patches with probability (1 - 1/codebook_size)^P, so K must be large enough
-    # that a live code is not taken for dead: with P below the codebook size, tens of steps.
+    # uniformly misses a batch of P patches with probability (1 - 1/codebook_size)^P, so a K too small takes live
+    # codes for dead. On EEGMAT (3,200 patches a batch, 8,192 codes) K=10 kept the most codes in use with the
+    # lowest held-out loss, ahead of K=30 (bench/RESULTS.md).
     dead_code_restart: int = 0
     # Which patches seed the dead codes: "random" real patches of the batch, or those "farthest" from their code
     # (the largest quantisation error first).

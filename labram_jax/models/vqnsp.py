@@ -77,10 +77,10 @@ class NormEMAVectorQuantizer(nnx.Module):
         flat = z.reshape(-1, cfg.code_dim)
         weights = None if padding is None else jnp.asarray(padding, jnp.float32).reshape(-1)
         codebook = self.embedding.weight[...]
+        rng = jax.random.key(0) if rng is None else rng
         if cfg.kmeans_init:
             # The original k-means-initialises an empty codebook on its first forward in any mode; in eval we use
             # that codebook for this call without storing it, so eval stays free of side effects.
-            rng = jax.random.key(0) if rng is None else rng
             if train:
                 self._kmeans_init(flat, weights, rng)
                 codebook = self.embedding.weight[...]
@@ -96,7 +96,6 @@ class NormEMAVectorQuantizer(nnx.Module):
         if train:
             bins = self._ema_update(flat, ids, weights)
             if cfg.dead_code_restart:
-                rng = jax.random.key(0) if rng is None else rng
                 # Its own stream: the k-means init draws from `rng` itself.
                 self._restart_dead_codes(flat, weights, bins, assigned, jax.random.fold_in(rng, 1))
         error = (jax.lax.stop_gradient(z_q) - z) ** 2

@@ -14,7 +14,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -296,15 +296,19 @@ class Trainer:
         return multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
 
     # -- evaluation ---------------------------------------------------------------------------------------------
+    def _over_split(self, program: Callable, paths: tuple[str, ...]) -> Iterator[dict[str, np.ndarray]]:
+        """`program(state, batch)` over one pass of the windows of `paths` (1.5 x the training batch, as the
+        original, unless data.eval_batch_size says), every process's share gathered."""
+        size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
+        size = max(size - size % self.batch_multiple, self.batch_multiple)
+        for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
+            yield multihost_utils.process_allgather(program(self.state, self.global_batch(batch)), tiled=True)
+
     def evaluate(self, split: str, save_as: str = "") -> dict[str, float]:
         """The stage's metrics over a whole split, every process's share gathered first. save_as: fine-tuning
         also writes the per-window labels and logits to outputs/SAVE_AS.npz (labram_jax.train.outputs)."""
-        paths = getattr(self.exp.data, split)
-        size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
-        size = max(size - size % self.batch_multiple, self.batch_multiple)
         chunks: dict[str, list[np.ndarray]] = {}
-        for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
-            out = multihost_utils.process_allgather(self._outputs(self.state, self.global_batch(batch)), tiled=True)
+        for out in self._over_split(self._outputs, getattr(self.exp.data, split)):
             for key, value in out.items():
                 chunks.setdefault(key, []).append(np.asarray(value))
         out = {k: np.concatenate(v) for k, v in chunks.items()}
@@ -324,12 +328,8 @@ class Trainer:
         """The tokenizer's codebook usage and perplexity over one pass of every training window (real patches
         only, every process's share gathered first): per-batch usage is bounded by the batch's patches, so a
         codebook larger than a batch only shows its health over a whole split."""
-        size = self.exp.data.eval_batch_size or int(self.exp.train.batch_size * 1.5)
-        size = max(size - size % self.batch_multiple, self.batch_multiple)
         counts = np.zeros((self.exp.tokenizer.codebook_size,), np.int64)
-        for batch in eval_dataset({str(p): [p] for p in self.exp.data.train}, self.loader_config(size)):
-            placed = multihost_utils.host_local_array_to_global_array(batch, self.mesh, self.batch_sharding.spec)
-            out = multihost_utils.process_allgather(self._tokens(self.state, placed), tiled=True)
+        for out in self._over_split(self._tokens, self.exp.data.train):
             real = np.asarray(out["real"], bool)
             counts += np.bincount(np.asarray(out["tokens"])[real], minlength=counts.size)
         return {k: float(v) for k, v in usage_and_perplexity(counts.astype(np.float32)).items()}
