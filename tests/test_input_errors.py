@@ -171,11 +171,17 @@ def test_training_windows_without_labels_stop_before_the_first_step(tmp_path):
     ("binary", 1, [0, 2], r"val split \S+: labels 2 are not 0 or 1 \(task_kind binary\)"),
     ("multiclass", 3, [0, 1, 3], r"val split \S+: labels 3 are outside 0..2 \(model.num_classes=3\)"),
     ("multiclass", 3, [0, 1.5], r"val split \S+: labels 1.5 are outside 0..2 \(model.num_classes=3\)"),
+    ("binary,class_weights=1", 1, [0, 1],
+     r"train.class_weights needs 2 positive weights, one per class \(task_kind binary\), got 1.0"),
+    ("multiclass,class_weights=1,0,2", 3, [0, 1],
+     r"train.class_weights needs 3 positive weights, one per class \(task_kind multiclass\), got 1.0,0.0,2.0"),
+    ("regression,class_weights=1,2", 1, [0.5], r"train.class_weights weighs classes; task_kind regression has none"),
 ])
 def test_labels_must_fit_the_task(tmp_path, kind, classes, labels, message):
     data = labelled(tmp_path, windows(8), windows(8, label=lambda i: labels[i % len(labels)]))
+    kind, _, weights = kind.partition(",class_weights=")
     exp = override(experiment("finetune", data), f"task_kind={kind}", f"model.num_classes={classes}",
-                   f"data.val={data / 'val'}")
+                   f"data.val={data / 'val'}", f"train.class_weights={weights}")
     with pytest.raises(UserError, match=rf"^{message}$"):
         stages.check_labels(exp)
 

@@ -40,3 +40,27 @@ def test_the_stage_picks_the_default_metric_and_its_direction():
     assert STAGES["finetune"].best_metric(finetune.replace(task_kind="regression")) == ("val/r2", True)
     assert STAGES["pretrain"].best_metric(Experiment("pretrain")) == ("val/loss", False)
     assert STAGES["finetune"].best_metric(override(finetune, "train.best_metric=val/loss")) == ("val/loss", False)
+
+
+def test_class_weights_weigh_each_window_by_its_label_and_default_to_the_original():
+    import jax.numpy as jnp
+    import numpy as np
+
+    from labram_jax.train.stages import classification_loss
+
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(size=(6, 1)).astype(np.float32), np.array([0, 1, 1, 0, 0, 1], np.int32)
+    valid = np.array([1, 1, 1, 1, 1, 0], bool)
+    batch = {"label": jnp.asarray(y), "valid": jnp.asarray(valid)}
+    per = np.maximum(z[:, 0], 0) - z[:, 0] * y + np.log1p(np.exp(-np.abs(z[:, 0])))
+    w = np.where(y == 1, 3.0, 1.0) * valid  # torch's weighted mean: sum(w * loss) / sum(w)
+    np.testing.assert_allclose(classification_loss(jnp.asarray(z), batch, "binary", 0.0, (1.0, 3.0)),
+                               (w * per).sum() / w.sum(), rtol=1e-6)
+    np.testing.assert_allclose(classification_loss(jnp.asarray(z), batch, "binary", 0.0),
+                               per[valid].mean(), rtol=1e-6)
+    logits = rng.normal(size=(6, 3)).astype(np.float32)
+    logp = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    nll, wc = -logp[np.arange(6), y], np.array([0.5, 2.0, 1.0])[y] * valid
+    np.testing.assert_allclose(classification_loss(jnp.asarray(logits), batch, "multiclass", 0.0, (0.5, 2.0, 1.0)),
+                               (wc * nll).sum() / wc.sum(), rtol=1e-6)
+    assert TrainConfig().class_weights == ()

@@ -59,6 +59,10 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per step; the batch is split, gradients averaged
     layer_decay: float | None = None
     label_smoothing: float = 0.0
+    # Fine-tuning (binary, multiclass): a loss weight per class, indexed by label, the loss then the weighted mean
+    # over the batch's windows (torch's CrossEntropyLoss(weight=...)); empty = unweighted, as the original.
+    # Against class imbalance: (1, 3) on EEGMAT's 3:1 rest to task puts the 0.5 threshold at balanced odds.
+    class_weights: tuple[float, ...] = ()
     mask_ratio: float = 0.5  # pretraining
     mode: Literal["full", "linear_probe", "lora"] = "full"
     lora_rank: int = 8

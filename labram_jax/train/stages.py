@@ -67,10 +67,14 @@ def random_mask(rng: jax.Array, windows: jax.Array, ratio: float) -> jax.Array:
     return real & jnp.take_along_axis(masked, jnp.argsort(order, axis=1), 1)
 
 
-def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: float) -> jax.Array:
+def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: float,
+                        class_weights: tuple[float, ...] = ()) -> jax.Array:
     """BCE on one logit (binary), label-smoothed CE (timm's LabelSmoothingCrossEntropy) or MSE (regression);
-    averaged over the valid rows of the batch."""
+    averaged over the valid rows of the batch, weighted by their label's class weight where class_weights are
+    given (a weighted mean, as torch's CrossEntropyLoss(weight=...))."""
     valid = batch["valid"].astype(jnp.float32)
+    if class_weights:
+        valid = valid * jnp.asarray(class_weights, jnp.float32)[batch["label"]]
     logits = logits.astype(jnp.float32)
     if kind == "binary":
         y = batch["label"].astype(jnp.float32)
@@ -199,9 +203,10 @@ def _finetune_loss(model: LaBraM, batch: Batch, rng, exp: Experiment, frozen) ->
         logits = model(batch["x"], None, packing=packing, rng=rng)
         windows = {k: batch[k].reshape(-1) for k in ("label", "target", "valid")}
         return classification_loss(logits.reshape(-1, logits.shape[-1]), windows, exp.task_kind,
-                                   exp.train.label_smoothing), {}
+                                   exp.train.label_smoothing, exp.train.class_weights), {}
     logits = model(batch["x"], batch["input_chans"], mask=batch["mask"], rng=rng)
-    return classification_loss(logits, batch, exp.task_kind, exp.train.label_smoothing), {}
+    return classification_loss(logits, batch, exp.task_kind, exp.train.label_smoothing,
+                               exp.train.class_weights), {}
 
 
 def _finetune_outputs(model: LaBraM, batch: Batch, exp: Experiment, frozen) -> dict[str, jax.Array]:
@@ -264,6 +269,14 @@ def check_labels(exp: Experiment) -> None:
                         f"model.num_classes=1 (it is {classes})")
     if kind == "multiclass" and classes < 2:
         raise UserError(f"task_kind multiclass needs model.num_classes >= 2 (it is {classes})")
+    weights = exp.train.class_weights
+    if weights:
+        wanted = {"binary": 2, "multiclass": classes}.get(kind)
+        if wanted is None:
+            raise UserError("train.class_weights weighs classes; task_kind regression has none")
+        if len(weights) != wanted or min(weights) <= 0:
+            raise UserError(f"train.class_weights needs {wanted} positive weights, one per class (task_kind {kind}), "
+                            f"got {','.join(map(str, weights))}")
     for split in ("train", "val", "test"):
         for path in getattr(exp.data, split):
             labels, windows = _label_counts(str(path))
