@@ -48,7 +48,7 @@ STAGES = ("tokenizer", "pretrain", "finetune")
 MODELS = {"tiny": (configs.tiny, configs.tokenizer_tiny, 256), "base": (configs.base, configs.tokenizer_base, 8192)}
 BATCH = 64
 # Steps of the tokenizer and of pretraining, and fine-tuning epochs, per budget.
-BUDGETS = {"default": (1500, 3000, 50), "quick": (300, 600, 15)}
+BUDGETS = {"default": (1000, 3000, 30), "quick": (300, 600, 10)}
 
 
 def experiments(model: str, quick: bool, labelled: Path, unlabelled: Path, workdir: Path) -> dict[str, Experiment]:

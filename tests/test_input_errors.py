@@ -215,9 +215,10 @@ def test_an_unknown_best_metric_is_an_error(tmp_path):
 
 
 def test_recipes_evaluate_every_epoch_and_name_their_metric(recipes, tmp_path):
+    # run_class_finetuning.py's choice; EEGMAT's recipe is ours, tuned on 3:1 data where accuracy picks "all rest"
     for name, recipe in recipes.items():
         t = recipe.config().train
-        assert (t.eval_epochs, t.best_metric) == (1.0, "val/accuracy"), name  # run_class_finetuning.py's choice
+        assert (t.eval_epochs, t.best_metric) == (1.0, "val/roc_auc" if name == "eegmat" else "val/accuracy"), name
     write_split(tmp_path / "train", windows(40))
     exp = launch.resolve_epochs(override(experiment("finetune", tmp_path), "train.epochs=3",
                                          "train.eval_epochs=1"))
