@@ -17,10 +17,11 @@ or a seed that finished is not run again, one that was stopped resumes from its 
 saves and exits 75, as `labram train`; a rerun with other flags than the first stops with exit 2.
 
 summary.json: {"test_subjects", "val_subjects", "train_subjects", "seeds", "model", "quick",
-"pretraining_hours" (EEG the pretraining saw), "wall_hours" (every stage of the study, summed over reruns),
-"tokenizer": {"codebook_usage", "codebook_perplexity"} (a pass of the pretraining windows),
-"pretraining": {"masked_accuracy"} (last logged), "arms": {"pretrained"|"scratch": {"balanced_accuracy"|"roc_auc"|
-"pr_auc": {"mean", "std", "per_seed"}}}, "stage_hours": {...}}.
+"pretraining_hours" (EEG the pretraining saw), "wall_hours" (the stages' wall times summed, each as the run that
+finished it measured it: a stage stopped and resumed counts its resumed part), "tokenizer": {"codebook_usage",
+"codebook_perplexity"} (a pass of the pretraining windows), "pretraining": {"masked_accuracy"} (last logged),
+"arms": {"pretrained"|"scratch": {"balanced_accuracy"|"roc_auc"|"pr_auc": {"mean", "std", "per_seed"}}},
+"stage_hours": {...}}.
 """
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from labram_jax import configs
 from labram_jax.errors import UserError
 from labram_jax.recipes import finetune_eegmat, pretrain_base, train_tokenizer
-from labram_jax.train.config import DataConfig, Experiment, TrainConfig, override
+from labram_jax.train.config import DataConfig, Experiment, override
 
 CBRAMOD_TEST, CBRAMOD_VAL = "32,33,34,35", "28,29,30,31"
 SECONDS = 5
@@ -69,13 +70,15 @@ def experiments(model: str, quick: bool, labelled: Path, unlabelled: Path, workd
         # (bench/RESULTS.md, "Codebook usage"); the lr is the original's base lr at this batch, unscaled, as the demo.
         "tokenizer": token.replace(
             tokenizer=tokenizer(codebook_size=codes, dead_code_restart=10), data=unlabelled_data,
-            train=dataclasses.replace(token.train, epochs=0.0, warmup_epochs=0.0, steps=tokenizer_steps, batch_size=BATCH, lr=5e-5,
-                                      log_every=50, save_every=500)),
-        # The demo's pretraining settings for a small model at batch 64 (lr 1e-3; the recipe's 5e-4 is for 512).
+            train=dataclasses.replace(token.train, epochs=0.0, warmup_epochs=0.0, steps=tokenizer_steps,
+                                      batch_size=BATCH, lr=5e-5, log_every=50, save_every=500)),
+        # tiny: the demo's lr for a small model at batch 64 (1e-3); base: the recipe's 5e-4, which the original
+        # does not scale with the batch.
         "pretrain": pretrain.replace(
             tokenizer=tokenizer(codebook_size=codes), tokenizer_checkpoint=str(workdir / "tokenizer" / "export"),
             data=unlabelled_data,
-            train=dataclasses.replace(pretrain.train, epochs=0.0, warmup_epochs=0.0, steps=pretrain_steps, batch_size=BATCH, lr=1e-3,
+            train=dataclasses.replace(pretrain.train, epochs=0.0, warmup_epochs=0.0, steps=pretrain_steps,
+                                      batch_size=BATCH, lr=1e-3 if model == "tiny" else pretrain.train.lr,
                                       log_every=50, save_every=500)),
         "finetune": recipe.replace(
             model=transformer(**{f.name: getattr(recipe.model, f.name) for f in dataclasses.fields(recipe.model)
@@ -361,9 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     except preemption.Preempted as stop:
         print(f"preempted: {stop}", file=sys.stderr)
         return preemption.EXIT_CODE
-    for arm in ARMS:
-        print(f"{arm}: " + ", ".join(f"{m} {summary['arms'][arm][m]['mean']:.3f} ± {summary['arms'][arm][m]['std']:.3f}"
-                                     for m in METRICS))
+    for arm, scores in summary["arms"].items():
+        print(f"{arm}: " + ", ".join(f"{m} {scores[m]['mean']:.3f} ± {scores[m]['std']:.3f}" for m in METRICS))
     print(f"summary: {Path(args.workdir) / 'summary.json'} ({summary['wall_hours']:.2f} h)")
     return 0
 
