@@ -85,7 +85,8 @@ def experiments(model: str, quick: bool, labelled: Path, unlabelled: Path, workd
                                  if f.name in ("num_classes", "drop_path_rate", "init_values", "qkv_bias")}),
             data=DataConfig(train=(str(labelled / "train"),), val=(str(labelled / "val"),),
                             test=(str(labelled / "test"),), **shapes),
-            train=dataclasses.replace(recipe.train, epochs=epochs, warmup_epochs=epochs / 10, save_every=10**9)),
+            # no periodic checkpoint: a run lasts minutes, a kill loses at most it, and SIGTERM still saves
+            train=dataclasses.replace(recipe.train, epochs=epochs, save_every=10**9)),
     }
 
 
@@ -175,10 +176,12 @@ def plan(args: argparse.Namespace) -> Study:
             raise UserError(f"--set {assignment!r}: keys start with a stage, one of {', '.join(STAGES)}")
         by_stage.setdefault(stage, []).append(rest)
     stages = {name: override(exp, *by_stage.get(name, [])) for name, exp in stages.items()}
-    for name in ("tokenizer", "pretrain"):  # a tenth of the steps warm up, unless set
-        if not any(key.startswith("train.warmup_steps=") for key in by_stage.get(name, [])):
-            t = stages[name].train
-            stages[name] = stages[name].replace(train=dataclasses.replace(t, warmup_steps=t.steps // 10))
+    for name, exp in stages.items():  # a tenth of the steps (fine-tuning: of the epochs) warm up, unless set
+        t, keys = exp.train, {key.partition("=")[0] for key in by_stage.get(name, [])}
+        if name == "finetune" and "train.warmup_epochs" not in keys:
+            stages[name] = exp.replace(train=dataclasses.replace(t, warmup_epochs=t.epochs / 10))
+        elif name != "finetune" and "train.warmup_steps" not in keys:
+            stages[name] = exp.replace(train=dataclasses.replace(t, warmup_steps=t.steps // 10))
     study_args = {"data": str(data.resolve()), "test_subjects": test, "val_subjects": val, "seeds": seeds,
                   "model": args.model, "quick": args.quick, "set": args.set}
     return Study(workdir, data, train, val, test, seeds, stages, study_args)

@@ -95,3 +95,21 @@ def test_a_bad_study_stops_with_one_line(tmp_path, flags, message):
                            *flags], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr, proc.stderr
     assert not (tmp_path / "w").exists()
+
+
+def test_a_stage_budget_set_by_hand_keeps_a_tenth_of_warmup(tmp_path):
+    sys.path.insert(0, str(SCRIPT.parent))
+    import pretraining_benefit
+
+    def stages(*sets: str) -> dict:
+        flags = ["--data", str(EEGMAT), "--workdir", str(tmp_path), "--test-subjects", "3", "--val-subjects", "2"]
+        return pretraining_benefit.plan(pretraining_benefit.parse(flags + (["--set", *sets] if sets else []))).stages
+
+    default = stages()
+    assert [default[s].train.warmup_steps for s in ("tokenizer", "pretrain")] == [100, 300]
+    assert (default["finetune"].train.epochs, default["finetune"].train.warmup_epochs) == (30, 3)
+    assert default["finetune"].train.class_weights == (1.0, 3.0)  # the finetune_eegmat recipe, at the tiny size
+    assert default["finetune"].model.depth == default["pretrain"].model.depth == 2
+    changed = stages("tokenizer.train.steps=40", "pretrain.train.warmup_steps=7", "finetune.train.epochs=1")
+    assert [changed[s].train.warmup_steps for s in ("tokenizer", "pretrain")] == [4, 7]
+    assert changed["finetune"].train.warmup_epochs == pytest.approx(0.1)
