@@ -198,7 +198,7 @@ def _check_rerun(study: Study) -> None:
                             f"({', '.join(f'{k}={first.get(k)}' for k in changed)}); use another --workdir")
     else:
         study.workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(study.args, indent=1))
+        _write(path, study.args)
 
 
 def _done(path: Path) -> dict | None:
