@@ -28,19 +28,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import time
 from pathlib import Path
 
+from data_prep.builders.eegmat import FILE_NAME
 from labram_jax import configs
 from labram_jax.errors import UserError
+from labram_jax.files import write_json
 from labram_jax.recipes import finetune_eegmat, pretrain_base, train_tokenizer
 from labram_jax.train.config import DataConfig, Experiment, override
+from labram_jax.train.launch import parse_seeds
+from labram_jax.train.metrics import mean_std
 
 CBRAMOD_TEST, CBRAMOD_VAL = "32,33,34,35", "28,29,30,31"
 SECONDS = 5
 PRETRAIN_STRIDE = 1  # seconds between the starts of pretraining windows
+LABELLED, UNLABELLED = Path("data", "labelled"), Path("data", "unlabelled")  # the builds, in the workdir
 ARMS = ("pretrained", "scratch")
 METRICS = ("balanced_accuracy", "roc_auc", "pr_auc")
 STAGES = ("tokenizer", "pretrain", "finetune")
@@ -54,10 +58,11 @@ BATCH = 64
 BUDGETS = {"default": (1000, 3000, 30), "quick": (300, 1500, 10)}
 
 
-def experiments(model: str, quick: bool, labelled: Path, unlabelled: Path, workdir: Path) -> dict[str, Experiment]:
+def experiments(model: str, quick: bool, workdir: Path) -> dict[str, Experiment]:
     """The study's three stages; fine-tuning is the finetune_eegmat recipe at the model's size and the budget's
     epochs, from scratch (`init` is set for the pretrained arm)."""
     transformer, tokenizer, codes = MODELS[model]
+    labelled, unlabelled = workdir / LABELLED, workdir / UNLABELLED
     tokenizer_steps, pretrain_steps, epochs = BUDGETS["quick" if quick else "default"]
     shapes = dict(max_channels=20, max_patches=SECONDS)
     unlabelled_data = DataConfig(train=(str(unlabelled / "train"),), **shapes)
@@ -81,8 +86,8 @@ def experiments(model: str, quick: bool, labelled: Path, unlabelled: Path, workd
                                       batch_size=BATCH, lr=1e-3 if model == "tiny" else pretrain.train.lr,
                                       log_every=50, save_every=500)),
         "finetune": recipe.replace(
-            model=transformer(**{f.name: getattr(recipe.model, f.name) for f in dataclasses.fields(recipe.model)
-                                 if f.name in ("num_classes", "drop_path_rate", "init_values", "qkv_bias")}),
+            model=transformer(**{k: getattr(recipe.model, k) for k in ("num_classes", "drop_path_rate", "init_values",
+                                                                        "qkv_bias")}),
             data=DataConfig(train=(str(labelled / "train"),), val=(str(labelled / "val"),),
                             test=(str(labelled / "test"),), **shapes),
             # no periodic checkpoint: a run lasts minutes, a kill loses at most it, and SIGTERM still saves
@@ -98,8 +103,7 @@ def _subjects(text: str, flag: str) -> list[int]:
 
 
 def _found_subjects(data: Path) -> list[int]:
-    found = sorted({int(m[1]) for p in data.glob("*.edf") if (m := re.match(r"^Subject(\d+)_[12]\.edf$", p.name,
-                                                                               re.IGNORECASE))})
+    found = sorted({int(m[1]) for p in data.glob("*.edf") if (m := FILE_NAME.match(p.name))})
     if not found:
         raise UserError(f"--data {data}: no EEGMAT recordings (SubjectNN_1.edf, SubjectNN_2.edf)")
     return found
@@ -136,14 +140,6 @@ class Study:
     stages: dict[str, Experiment]
     args: dict
 
-    @property
-    def labelled(self) -> Path:
-        return self.workdir / "data" / "labelled"
-
-    @property
-    def unlabelled(self) -> Path:
-        return self.workdir / "data" / "unlabelled"
-
 
 def plan(args: argparse.Namespace) -> Study:
     """The study the flags ask for, every input checked; one line naming what is wrong."""
@@ -163,12 +159,8 @@ def plan(args: argparse.Namespace) -> Study:
     train = [s for s in found if s not in test and s not in val]
     if not train:
         raise UserError(f"no training subjects: every subject in {data} is a test or validation subject")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",")]
-    except ValueError:
-        raise UserError(f"--seeds {args.seeds!r} is not a comma-separated list of integers") from None
-    stages = experiments(args.model, args.quick, workdir / "data" / "labelled", workdir / "data" / "unlabelled",
-                         workdir)
+    seeds = parse_seeds(args.seeds)
+    stages = experiments(args.model, args.quick, workdir)
     by_stage: dict[str, list[str]] = {}
     for assignment in args.set:
         stage, _, rest = assignment.partition(".")
@@ -206,36 +198,31 @@ def _done(path: Path) -> dict | None:
 
 
 def _write(path: Path, record: dict) -> dict:
-    from labram_jax.files import write_json
-
     write_json(path, record)
     return record
 
 
-def _metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def build_data(study: Study) -> float:
+def build_data(study: Study) -> dict:
     """The labelled split and the pretraining corpus (training and validation subjects, test ones left out);
-    returns the hours of EEG the pretraining corpus covers."""
+    returns the hours of EEG the pretraining corpus covers and the builds' wall time."""
     from data_prep.builders import build_eegmat
 
     record = _done(study.workdir / "data" / "done.json")
     if record is None:
         tic = time.perf_counter()
-        build_eegmat(study.data, study.labelled, seconds=SECONDS,
+        build_eegmat(study.data, study.workdir / LABELLED, seconds=SECONDS,
                      splits={"train": study.train, "val": study.val, "test": study.test})
-        report = build_eegmat(study.data, study.unlabelled, seconds=SECONDS, stride=PRETRAIN_STRIDE,
+        report = build_eegmat(study.data, study.workdir / UNLABELLED, seconds=SECONDS, stride=PRETRAIN_STRIDE,
                               splits={"train": study.train + study.val})
         record = _write(study.workdir / "data" / "done.json",
                         {"pretraining_hours": report["totals"]["hours_written"],
                          "wall_s": time.perf_counter() - tic})
-    return record["pretraining_hours"]
+    return record
 
 
 def run_stage(name: str, exp: Experiment, workdir: Path, progress: bool) -> dict:
     """One training run, or its record when it has finished before."""
+    from labram_jax.plots import read_metrics
     from labram_jax.train.launch import resolve_epochs
     from labram_jax.train.trainer import Trainer
 
@@ -245,23 +232,18 @@ def run_stage(name: str, exp: Experiment, workdir: Path, progress: bool) -> dict
     tic = time.perf_counter()
     trainer = Trainer(resolve_epochs(exp), workdir)  # the recipe's epochs, counted in the built data
     summary = trainer.train(progress)
-    logged = _metrics(workdir)
+    logged = read_metrics(workdir)  # by step: a resumed run logs some steps twice
     record: dict = {"wall_s": time.perf_counter() - tic}
     if name == "tokenizer":  # the codes of every pretraining window, with the final tokenizer
         record |= {k: float(v) for k, v in trainer.train_pass().items()}
     elif name == "pretrain":
-        record["masked_accuracy"] = [r["masked_accuracy"] for r in logged if "masked_accuracy" in r][-1]
+        record["masked_accuracy"] = float(logged["masked_accuracy"][1][-1])
     else:
+        steps = logged["val/roc_auc"][0]
         record |= {"test": {k.split("/", 1)[1]: summary[k] for k in summary if k.startswith("best_test/")},
-                   "val": [{k: r[k] for k in ("step", *(f"val/{m}" for m in METRICS))}
-                           for r in logged if "val/roc_auc" in r]}
+                   "val": [{"step": int(step), **{f"val/{m}": float(logged[f"val/{m}"][1][i]) for m in METRICS}}
+                           for i, step in enumerate(steps)]}
     return _write(workdir / "result.json", record)
-
-
-def mean_std(values: list[float]) -> dict:
-    import numpy as np
-
-    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "per_seed": values}
 
 
 def run(study: Study, progress: bool = True) -> dict:
@@ -273,7 +255,7 @@ def run(study: Study, progress: bool = True) -> dict:
                 raise preemption.Preempted(f"stopped before {what}; the same command resumes there")
 
         _check_rerun(study)
-        hours = build_data(study)
+        data = build_data(study)
         records = {}
         for name in ("tokenizer", "pretrain"):
             boundary(name)
@@ -291,16 +273,17 @@ def run(study: Study, progress: bool = True) -> dict:
                 print(f"finetune {arm} seed {seed}: " + ", ".join(f"{m} {result['test'][m]:.3f}" for m in METRICS),
                       flush=True)
                 runs[arm].append(result)
-    data_s = _done(study.workdir / "data" / "done.json")["wall_s"]
-    stage_s = {"data": data_s, **{k: v["wall_s"] for k, v in records.items()},
+    stage_s = {"data": data["wall_s"], **{k: v["wall_s"] for k, v in records.items()},
                **{f"finetune_{arm}": sum(r["wall_s"] for r in runs[arm]) for arm in ARMS}}
     summary = {
         "test_subjects": study.test, "val_subjects": study.val, "train_subjects": study.train, "seeds": study.seeds,
         "model": study.args["model"], "quick": study.args["quick"],
-        "pretraining_hours": hours, "wall_hours": sum(stage_s.values()) / 3600,
+        "pretraining_hours": data["pretraining_hours"], "wall_hours": sum(stage_s.values()) / 3600,
         "tokenizer": {k: records["tokenizer"][k] for k in ("codebook_usage", "codebook_perplexity")},
         "pretraining": {"masked_accuracy": records["pretrain"]["masked_accuracy"]},
-        "arms": {arm: {m: mean_std([r["test"][m] for r in runs[arm]]) for m in METRICS} for arm in ARMS},
+        "arms": {arm: {m: {"mean": mean, "std": std, "per_seed": [r["test"][m] for r in runs[arm]]}
+                       for m, (mean, std) in mean_std([{m: r["test"][m] for m in METRICS} for r in runs[arm]]).items()}
+                 for arm in ARMS},
         "stage_hours": {k: v / 3600 for k, v in stage_s.items()},
     }
     _write(study.workdir / "summary.json", summary)

@@ -5,7 +5,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -71,7 +70,6 @@ def test_the_study_stops_on_sigterm_resumes_and_writes_its_summary(tmp_path):
 
     results = sorted(workdir.glob("finetune/*/*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    tic = time.perf_counter()
     code, _, err = finished(study(workdir))  # everything done: nothing trains again
     assert code == 0, err
     assert [p.stat().st_mtime_ns for p in results] == stamps

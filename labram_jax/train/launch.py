@@ -220,7 +220,7 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
         exp = _explicit_steps(override(recipe(), *args.set), args.set)
         if args.data:
             exp = _split_folders(args.data, exp)
-        seeds = _seeds(args.seeds)
+        seeds = parse_seeds(args.seeds)
         if not args.aot:
             if not exp.data.train:
                 raise UserError("no training data: give --data DIR (a builder's output with train/, or a folder of "
@@ -255,7 +255,7 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
     return 0
 
 
-def _seeds(text: str) -> list[int]:
+def parse_seeds(text: str) -> list[int]:
     try:
         return [int(s) for s in text.split(",")] if text else []
     except ValueError:
