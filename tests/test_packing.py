@@ -199,6 +199,36 @@ def test_block_diagonal_attention_in_every_path(windows):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_drop_path_draws_per_window_in_a_packed_row(scan):
+    """Stochastic depth drops a window, not a packed row: within a window every token is kept or dropped
+    together, and the windows of one row are drawn independently, at the block's rate."""
+    from labram_jax.models.labram import LaBraM
+
+    rows, rate = 64, 0.5
+    layout = [[0, 1, 2]] * rows  # three windows of 40 tokens, then padding
+    segments = np.full((rows, T), -1, np.int32)
+    for slot in range(3):
+        segments[:, 40 * slot:40 * (slot + 1)] = slot
+    packing = Packing(jnp.asarray(segments), jnp.zeros((rows, T), jnp.int32), jnp.zeros((rows, T), jnp.int32), W)
+    # depth 2: the first block's drop-path rate is 0 (torch.linspace), the second's is the model's rate
+    model = LaBraM(configs.tiny(depth=2, drop_path_rate=rate, scan_blocks=scan), rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (rows, W + T, model.cfg.embed_dim))
+    first = model.blocks[0](x, packing.attention_mask())
+    out = model.run_blocks(x, None, jax.random.key(2), packing=packing)
+    # both branches of the second block dropped: its output is its input, token for token
+    unchanged = np.asarray(jnp.abs(out - first).max(-1) < 1e-4)  # [B, W+T]; a kept branch moves it by 2e-3 or more
+    sequence = np.asarray(packing.sequence())
+    dropped = np.zeros((rows, len(layout[0])), bool)
+    for slot in range(3):
+        tokens = unchanged[sequence == slot].reshape(rows, -1)
+        assert (tokens == tokens[:, :1]).all(), f"window {slot}: tokens of one window dropped apart"
+        dropped[:, slot] = tokens[:, 0]
+    # P(both branches dropped) = rate^2 = 0.25 per window, drawn per window: rows whose windows disagree
+    assert 0.1 < dropped.mean() < 0.4, dropped.mean()
+    assert (dropped.any(axis=1) & ~dropped.all(axis=1)).mean() > 0.2, "the windows of a row drop together"
+
+
 # -- the loader ---------------------------------------------------------------------------------------------------
 # Montages cut from the fixture's real 23-channel recordings: (channels, patches), cycled over the windows.
 MONTAGES = [(23, 4), (12, 3), (6, 2), (19, 4), (4, 4), (23, 1)]

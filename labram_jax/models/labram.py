@@ -77,6 +77,7 @@ class Transformer(nnx.Module):
                    packing: Packing | None = None) -> jax.Array:
         """The blocks over [B, 1+L, D]; padding [B, L] (True = real patch) hides padded tokens as keys. With
         packing, over [B, W+T, D] and each token attends only within its window."""
+        windows = None if packing is None else packing.sequence()  # drop path draws per window
         if packing is not None:
             mask = packing.attention_mask()
         else:
@@ -86,10 +87,10 @@ class Transformer(nnx.Module):
             x = dropout(x, self.cfg.drop_rate, drop_rng)  # pos_drop
         x = residual_stream(x)
         if self.cfg.scan_blocks:
-            return _scanned_blocks(self.blocks, x, mask, rng, self.cfg.remat)
+            return _scanned_blocks(self.blocks, x, mask, rng, self.cfg.remat, windows)
         for i, block in enumerate(self.blocks):
             x = residual_stream(_remat(block, self.cfg.remat)(x, mask, None if rng is None else
-                                                              jax.random.fold_in(rng, i)))
+                                                              jax.random.fold_in(rng, i), windows=windows))
         return x
 
     def patch_tokens(self, x: jax.Array, input_chans: jax.Array, padding: jax.Array | None
@@ -130,11 +131,11 @@ def _remat(block: Block, policy: str):
     if policy == "none":
         return block
     call = nnx.remat(Block.__call__, policy=REMAT_POLICIES[policy])
-    return lambda x, mask, rng: call(block, x, mask, rng)
+    return lambda x, mask, rng, windows=None: call(block, x, mask, rng, None, windows)
 
 
 def _scanned_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array | None, rng: jax.Array | None,
-                    policy: str) -> jax.Array:
+                    policy: str, windows: jax.Array | None = None) -> jax.Array:
     """The blocks as one lax.scan over their parameters stacked at call time, so XLA compiles one block, not
     depth of them (minutes less for LaBraM-Huge's 48). The parameters stay one module per block (state-dict keys,
     layer decay and checkpoints are unchanged); each block's drop-path rate and index travel through the scan. The
@@ -146,7 +147,8 @@ def _scanned_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array | None, rng:
     def body(h, per_block):
         state, rate, i = per_block
         block_rng = None if rng is None else jax.random.fold_in(rng, i)
-        return residual_stream(nnx.merge(graphdef, state, copy=True)(h, mask, block_rng, drop_path_rate=rate)), None
+        return residual_stream(nnx.merge(graphdef, state, copy=True)(h, mask, block_rng, drop_path_rate=rate,
+                                                                     windows=windows)), None
 
     if policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])

@@ -118,12 +118,20 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None) -> jax.Array:
+def drop_path(x: jax.Array, rate: float | jax.Array, rng: jax.Array | None,
+              windows: jax.Array | None = None) -> jax.Array:
     """Stochastic depth as timm's drop_path: drop the whole residual branch per sample, rescale the rest. A traced
-    rate (blocks under a scan) of 0 keeps every sample and divides by 1, as the static rate 0 skips."""
+    rate (blocks under a scan) of 0 keeps every sample and divides by 1, as the static rate 0 skips.
+
+    windows [B, L] (packed rows: each token's window slot, -1 for padding): the sample is a window, not a row,
+    so each window of a row is dropped or kept on its own draw, as it would be alone in an unpacked batch."""
     if (isinstance(rate, float) and rate == 0.0) or rng is None:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    if windows is None:
+        keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+    else:  # one draw per slot (slots < L); padding takes slot 0's, and no real token attends to it
+        draws = jax.random.bernoulli(rng, 1.0 - rate, windows.shape)
+        keep = jnp.take_along_axis(draws, jnp.maximum(windows, 0), axis=1)[..., None]
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
@@ -401,16 +409,17 @@ class Block(nnx.Module):
             self.gamma_1 = self.gamma_2 = None
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None, rng: jax.Array | None = None,
-                 drop_path_rate: jax.Array | None = None) -> jax.Array:
+                 drop_path_rate: jax.Array | None = None, windows: jax.Array | None = None) -> jax.Array:
         """x [B, L, D]; mask: the attention mask (see Attention); drop_path_rate: this block's, when the blocks
-        run under a scan (one graph for all of them) rather than from the block's own attribute."""
+        run under a scan (one graph for all of them) rather than from the block's own attribute; windows [B, L]:
+        each position's window slot in a packed row (drop_path)."""
         rate = self.drop_path_rate if drop_path_rate is None else drop_path_rate
         rngs = jax.random.split(rng, 5) if rng is not None else [None] * 5
         h = self.attn(self.norm1(x), mask, (rngs[0], rngs[1]))
         if self.gamma_1 is not None:
             h = self.gamma_1[...] * h
-        x = x + drop_path(h, rate, rngs[2])
+        x = x + drop_path(h, rate, rngs[2], windows)
         h = self.mlp(self.norm2(x), rngs[3])
         if self.gamma_2 is not None:
             h = self.gamma_2[...] * h
-        return x + drop_path(h, rate, rngs[4])
+        return x + drop_path(h, rate, rngs[4], windows)

@@ -82,12 +82,17 @@ class Packing:
         first = jnp.argmax(self.segments[:, None, :] == jnp.arange(self.num_windows)[:, None], axis=-1)
         return jnp.take_along_axis(self.channels, first, axis=1)
 
-    def attention_mask(self) -> jax.Array:
-        """[B, 1, W+T, W+T] True where a query may attend to a key: within its window, cls slots first (slot w is
-        window w's cls). Padding attends only to padding, so it never reaches a real token."""
+    def sequence(self) -> jax.Array:
+        """[B, W+T] the window slot of each position of the blocks' input (cls slots first: slot w is window w's
+        cls), -1 for padding."""
         b = self.segments.shape[0]
         slots = jnp.broadcast_to(jnp.arange(self.num_windows, dtype=self.segments.dtype), (b, self.num_windows))
-        sequence = jnp.concatenate([slots, self.segments], axis=1)
+        return jnp.concatenate([slots, self.segments], axis=1)
+
+    def attention_mask(self) -> jax.Array:
+        """[B, 1, W+T, W+T] True where a query may attend to a key: within its window. Padding attends only to
+        padding, so it never reaches a real token."""
+        sequence = self.sequence()
         return (sequence[:, :, None] == sequence[:, None, :])[:, None]
 
 
