@@ -67,14 +67,28 @@ def random_mask(rng: jax.Array, windows: jax.Array, ratio: float) -> jax.Array:
     return real & jnp.take_along_axis(masked, jnp.argsort(order, axis=1), 1)
 
 
+def window_weights(batch: Batch, class_weights: tuple[float, ...] = ()) -> jax.Array:
+    """Each window's weight in a loss: 1 for a real window (0 for a row or slot that pads the batch), times its
+    label's class weight where class_weights are given."""
+    valid = batch["valid"].astype(jnp.float32)
+    if class_weights:
+        valid = valid * jnp.asarray(class_weights, jnp.float32)[batch["label"]]
+    return valid
+
+
+def loss_weight(batch: Batch, exp: Experiment) -> jax.Array:
+    """What a batch's loss is a mean over: its windows (each stage's loss averages per-window terms; fine-tuning
+    weighs them by class). Gradient accumulation weighs each micro-batch by it, so that k micro-batches make the
+    loss and the gradient of the one batch they form, however many windows each holds (packing)."""
+    return window_weights(batch, exp.train.class_weights if exp.stage == "finetune" else ()).sum()
+
+
 def classification_loss(logits: jax.Array, batch: Batch, kind: str, smoothing: float,
                         class_weights: tuple[float, ...] = ()) -> jax.Array:
     """BCE on one logit (binary), label-smoothed CE (timm's LabelSmoothingCrossEntropy) or MSE (regression);
     averaged over the valid rows of the batch, weighted by their label's class weight where class_weights are
     given (a weighted mean, as torch's CrossEntropyLoss(weight=...))."""
-    valid = batch["valid"].astype(jnp.float32)
-    if class_weights:
-        valid = valid * jnp.asarray(class_weights, jnp.float32)[batch["label"]]
+    valid = window_weights(batch, class_weights)
     logits = logits.astype(jnp.float32)
     if kind == "binary":
         y = batch["label"].astype(jnp.float32)

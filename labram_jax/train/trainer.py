@@ -41,7 +41,7 @@ from labram_jax.train.logger import MetricLogger, device_peak_flops
 from labram_jax.train.lora import add_lora, merge_lora
 from labram_jax.train.optim import OptimConfig, cosine_schedule, make_optimizer, skip_unless
 from labram_jax.train.progress import Progress
-from labram_jax.train.stages import STAGES, check_labels, usage_and_perplexity
+from labram_jax.train.stages import STAGES, check_labels, loss_weight, usage_and_perplexity
 
 State = dict[str, Any]
 
@@ -247,14 +247,22 @@ class Trainer:
                 return loss, (aux, nnx.state(model, nnx.Not(nnx.Param)))
 
             (loss, (aux, new_rest)), g = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+            if accum > 1:  # a micro-batch weighs as the windows its loss averages over
+                g = jax.tree.map(lambda a: a * loss_weight(mb, exp), g)
             return (jax.tree.map(jnp.add, grads, g), new_rest, i + 1), (loss, aux)
 
         zeros = jax.tree.map(jnp.zeros_like, state["params"])
         if accum == 1:  # not as a loop of one: XLA's CPU backend ran the step's matmuls inside a loop 1.7x slower
             (grads, rest, _), (loss, aux) = one((zeros, state["rest"], 0), jax.tree.map(lambda a: a[0], micro))
         else:
+            # The mean over the whole batch's windows, not over micro-batches: they differ where micro-batches
+            # hold different numbers of windows (packing) or of class weight. Equal micro-batches weigh equally,
+            # as the original's loss / update_freq.
             (grads, rest, _), (losses, aux) = jax.lax.scan(one, (zeros, state["rest"], 0), micro)
-            grads, loss, aux = jax.tree.map(lambda g: g / accum, grads), losses.mean(), jax.tree.map(jnp.mean, aux)
+            weights = jax.vmap(lambda mb: loss_weight(mb, exp))(micro)
+            total = jnp.maximum(weights.sum(), jnp.finfo(jnp.float32).tiny)
+            mean = lambda values: (values * weights).sum() / total
+            grads, loss, aux = jax.tree.map(lambda g: g / total, grads), mean(losses), jax.tree.map(mean, aux)
         grad_norm = optax.tree.norm(grads)
         updates, opt = self.tx.update(grads, state["opt"], state["params"])
         params = optax.apply_updates(state["params"], updates)
