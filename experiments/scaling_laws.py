@@ -3,7 +3,7 @@
     python experiments/scaling_laws.py run --config toy --workdir runs/scaling_toy          # 3 x 3 on the CPU
     python experiments/scaling_laws.py run --config pod --workdir W --data shards/ --list   # the points
     python experiments/scaling_laws.py run --config pod --workdir W --data shards/ --point 7
-    python experiments/scaling_laws.py fit W/results.csv --out W/fit [--n-column non_embedding_params]
+    python experiments/scaling_laws.py fit W/results.csv --out W/fit [--n-column non_embedding_params] [--budget C ...]
 
 `run` without --point runs every unfinished point in turn (each resumes from its checkpoints, finished ones are
 skipped), then writes results.csv and the fit; after a scheduler has run the points, the same command only collects
@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
     fit.add_argument("--out", required=True)
     fit.add_argument("--n-column", default="params", help="the column used as N (default params)")
     fit.add_argument("--bootstrap", type=int, default=200, help="bootstrap resamples for the intervals")
+    fit.add_argument("--budget", type=float, action="append", default=[], metavar="C",
+                     help="a compute budget in FLOPs for fit.json's compute-optimal rows (repeatable; default: "
+                          "every decade the runs' FLOPs span)")
     return p
 
 
@@ -82,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "fit":
             from labram_jax.scaling.fit import fit_results, summary
 
-            print(summary(fit_results(args.results, args.out, n_column=args.n_column, samples=args.bootstrap),
-                          args.out))
+            if any(not c > 0 for c in args.budget):
+                raise UserError(f"--budget {args.budget}: budgets are positive numbers of FLOPs")
+            print(summary(fit_results(args.results, args.out, n_column=args.n_column, samples=args.bootstrap,
+                                      budgets=args.budget), args.out))
             return 0
         grid = override(CONFIGS[args.config](), *args.set)
         if args.list:

@@ -19,7 +19,7 @@ from labram_jax import configs, from_pytorch, mem_loss
 from labram_jax.data.pipeline import (LoaderConfig, first_fit_decreasing, make_dataset, restore_state,
                                       save_state)
 from labram_jax.data.records import Window
-from labram_jax.data.shards import write_shard
+from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
 from labram_jax.models.layers import attention_with_dropout, fused_attention, softmax_attention
 from labram_jax.models.packing import Packing
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig
@@ -382,3 +382,53 @@ def test_packed_training_on_a_mixture(mixture, stage, tmp_path):
     moved = jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()), before,
                          jax.device_get(trainer.state["params"]))
     assert max(jax.tree.leaves(moved)) > 0
+
+
+def shaped_window(i: int, channels: int, patches: int, dataset: str) -> Window:
+    """Window i of the fixture's real recordings cut to `channels` x `patches`."""
+    inputs = np.load(FIXTURES / "inputs.npz")
+    signal = np.roll(inputs["x"][i % 2] * 100, i, axis=-1)[:channels, :patches]
+    return Window(signal=signal.astype(np.float32), channel_rows=inputs["input_chans"][1:channels + 1].astype(np.int16),
+                  channel_names=tuple(map(str, inputs["ch_names"][:channels])), recording=f"{dataset}/{i}",
+                  start=0.0, dataset=dataset, label=i)
+
+
+@pytest.fixture(scope="module")
+def built_mixture(tmp_path_factory) -> tuple[Path, Path]:
+    """Two built folders with manifests, as `labram prep` leaves them: 20 windows of 23 channels x 4 s (92 tokens:
+    one to a row of 96) and 20 of 6 channels x 2 s (12 tokens: three to a row)."""
+    root = tmp_path_factory.mktemp("built-mixture")
+    folders = []
+    for name, channels, patches in (("long", 23, 4), ("short", 6, 2)):
+        windows = [shaped_window(i, channels, patches, name) for i in range(20)]
+        stats = DatasetStats()
+        for window in windows:
+            stats.add(window)
+        (root / name).mkdir()
+        write_shard(root / name / f"{name}-00000.array_record", windows)
+        write_manifest(root / name, {name: stats}, {"sfreq": 200.0, "window_s": patches})
+        folders.append(root / name)
+    return tuple(folders)
+
+
+def test_packed_epoch_sees_every_window_once(built_mixture, tmp_path):
+    """train.epochs=1 with packing: the budget counts the rows the windows pack into, not one window a row, and
+    the run logs the real windows and patch tokens it has seen (cumulative, padding left out)."""
+    from labram_jax.train.launch import resolve_epochs
+
+    exp = Experiment(
+        stage="tokenizer", tokenizer=configs.tokenizer_tiny(),
+        data=DataConfig(train=tuple(map(str, built_mixture)), max_channels=23, max_patches=4, pack_tokens=96,
+                        pack_windows=3, pack_buffer=16),
+        train=TrainConfig(epochs=1.0, batch_size=4, lr=1e-3, min_lr=1e-4, log_every=1, save_every=1000))
+    exp = resolve_epochs(exp)
+    Trainer(exp, tmp_path, devices=jax.devices()[:1]).train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    seen = [(r["windows_seen"], r["tokens_seen"]) for r in records if "loss" in r]
+    assert len(seen) == exp.train.steps
+    windows, tokens = seen[-1]
+    # 40 windows in about 27 rows: 6 steps of 4 rows; within one batch (4 rows of at most 3 windows)
+    assert abs(windows - 40) <= 4 * 3, (exp.train.steps, windows)
+    # every window seen is a whole window of 92 or 12 real tokens
+    assert any(tokens == 92 * k + 12 * (windows - k) for k in range(windows + 1)), (windows, tokens)
+    assert all(b > a for (a, _), (b, _) in zip(seen, seen[1:]))

@@ -1,8 +1,10 @@
 """The scaling-law tool: nested data subsets, the grid's points and model ladder, the fit and its files, and a
 killed grid that resumes."""
 import csv
+import dataclasses
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -110,6 +112,26 @@ def test_point_experiment_budget():
         points(grid.replace(sizes=("7M",)))
 
 
+def test_point_budget_counts_packed_rows(tmp_path):
+    """With packing a batch row holds several windows: the budget's steps pass over the subset's windows `epochs`
+    times, counted in the rows they pack into (two 100-token windows to a row of 256), not one window a row."""
+    from labram_jax import demo
+
+    names = " ".join(f"C{k}" for k in range(20))
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "manifest.json").write_text(json.dumps(
+            {"windows": 75, "channel_sets": {names: 75}, "preprocessing": {"window_s": 5}}))
+    stages = demo.experiments(Path(), Path())
+    pretrain = stages["pretrain"]
+    grid = GridConfig(pretrain=pretrain.replace(data=dataclasses.replace(pretrain.data, pack_tokens=256,
+                                                                         pack_windows=4)),
+                      tokenizer=stages["tokenizer"], sizes=("0.1M",), hours=(0.2,), epochs=3, seed=7)
+    subset = Subset((str(tmp_path / "a"), str(tmp_path / "b")), 0.2, 150, 4, 15000)
+    exp = point_experiment(grid, points(grid)[0], Prepared((subset,), ("val",), "tok"))
+    assert exp.train.steps == 15  # ceil(3 epochs x 75 rows / 16), not the 29 of one window a row
+
+
 def _synthetic(seed=0):
     n, d = np.meshgrid(np.logspace(6, 9, 6), np.logspace(8, 11, 6), indexing="ij")  # 3 decades each
     n, d = n.ravel(), d.ravel()
@@ -127,11 +149,56 @@ def test_fit_recovers_a_known_law():
         assert low <= getattr(law, key) <= high
     iso = scaling_fit.isoflop(n, d, loss)
     assert abs(iso.a - TRUTH.a) < 0.05 and abs(iso.b - TRUTH.b) < 0.05
-    # the compute-optimal allocation spends the budget and has the exponents
-    c = np.array([1e18, 1e21])
-    n_opt, d_opt = law.optimal(c)
-    np.testing.assert_allclose(6 * n_opt * d_opt, c)
-    assert np.isclose(np.log(n_opt[1] / n_opt[0]) / np.log(1e3), law.a)
+    # at 6N a token, the compute-optimal allocation spends the budget and is Chinchilla's closed form
+    rows = scaling_fit.optimal(law, scaling_fit.Cost(), [1e18, 1e21], n)
+    n_opt, d_opt = np.array([r["params"] for r in rows]), np.array([r["tokens"] for r in rows])
+    np.testing.assert_allclose(6 * n_opt * d_opt, [1e18, 1e21])
+    g = (law.alpha * law.A / (law.beta * law.B)) ** (1 / (law.alpha + law.beta))
+    np.testing.assert_allclose(n_opt, g * (np.array([1e18, 1e21]) / 6) ** law.a, rtol=1e-6)
+
+
+def _cost_ratio(n):
+    """FLOPs per token over 6N falling with size, as LaBraM's objective's: 3.57 at 0.5M parameters, 2.10 at 369M."""
+    return 3.57 * (np.asarray(n) / 5e5) ** (np.log(2.10 / 3.57) / np.log(369e6 / 5e5))
+
+
+def test_optimal_allocation_under_the_records_cost(tmp_path):
+    """Runs whose FLOPs per token are not 6N: fit --budget writes compute-optimal rows that minimise the fitted
+    law under the records' own cost, which a 6ND allocation would not."""
+    n, d, loss = _synthetic(2)
+    flops = 6 * n * _cost_ratio(n) * d
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["size", "params", "tokens", "loss", "flops"])
+        writer.writerows(zip([f"{x:.0e}" for x in n], n, d, loss, flops))
+    out = tmp_path / "fit"
+    run = subprocess.run([sys.executable, str(ROOT / "experiments" / "scaling_laws.py"), "fit", str(path), "--out",
+                          str(out), "--budget", "1e18", "--budget", "1e20", "--bootstrap", "20"],
+                         capture_output=True, text=True, env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr
+    saved = json.loads((out / "fit.json").read_text())
+    assert "compute-optimal at C = 1e+18 FLOPs (cost per token: records)" in run.stdout
+    assert saved["cost"]["source"] == "records"
+    np.testing.assert_allclose(saved["cost"]["per_token_over_6n"], _cost_ratio(np.unique(n)), rtol=1e-9)
+    law = scaling_fit.Law(**{k: saved[k] for k in ("E", "A", "alpha", "B", "beta")})
+    brute = np.geomspace(1e3, 1e12, 200001)
+    six_nd = scaling_fit.optimal(law, scaling_fit.Cost(), [1e18, 1e20], n)
+    for row, budget, plain in zip(saved["optimal"], (1e18, 1e20), six_nd):
+        assert row["flops"] == budget and set(row) == {"flops", "params", "tokens", "loss", "ci"}
+        # the budget is spent at the records' cost, and no other size does better under it
+        np.testing.assert_allclose(row["tokens"] * 6 * row["params"] * _cost_ratio(row["params"]), budget, rtol=1e-6)
+        best = brute[np.argmin(law(brute, budget / (6 * brute * _cost_ratio(brute))))]
+        np.testing.assert_allclose(row["params"], best, rtol=1e-3)
+        assert row["loss"] == pytest.approx(float(law(row["params"], row["tokens"])))
+        for key in ("params", "tokens", "loss"):
+            low, high = row["ci"][key]
+            assert low <= row[key] <= high
+        assert abs(np.log(row["params"] / plain["params"])) > 0.05  # 6ND would allocate otherwise
+    # every run is placed at its recorded FLOPs in the iso-FLOP view
+    assert min(saved["isoflop"]["levels"]) >= flops.min() and max(saved["isoflop"]["levels"]) <= flops.max()
+    for name in ("loss_vs_tokens.png", "isoflop.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_isoflop_needs_three_sizes_by_three_budgets():

@@ -27,6 +27,7 @@ from labram_jax.checkpoint import load_model, save_model
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state
 from labram_jax.data.records import Window
 from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
+from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import launch
 from labram_jax.train.checkpoints import Checkpoints
@@ -243,6 +244,28 @@ def test_resume_onto_another_mesh(synthetic, tmp_path):
     moved.train()
     assert len(metrics(tmp_path, "loss")) == 4  # steps 1-2 logged by the sharded run, 3-4 by this one
     assert int(moved.state["step"]) == 4
+    # the counts go on from the checkpoint: 8 windows of 4 channels x 2 patches a step
+    assert metrics(tmp_path, "windows_seen") == [8, 16, 24, 32]
+    assert metrics(tmp_path, "tokens_seen") == [64, 128, 192, 256]
+
+
+def test_resume_with_another_data_layout_is_refused_or_forced(synthetic, tmp_path, capsys):
+    """A checkpoint's data position means something only in its layout (processes, batch size, packing): a resume
+    under another stops before any step naming both values, and train.force_resume goes on from the weights with
+    a fresh pass of the data."""
+    exp = experiment("finetune", synthetic, steps=2, save_every=2)
+    Trainer(exp, tmp_path, devices=ONE).train(progress=False)
+    longer = override(exp, "train.steps=4")
+    for changes, saved, now in ((["data.pack_tokens=16", "data.pack_windows=2"], "pack_tokens=0",
+                                 "pack_tokens=16, pack_windows=2, pack_buffer=256"),
+                                (["train.batch_size=16"], "batch_size=8", "batch_size=16")):
+        with pytest.raises(UserError, match=f"saved with {saved} but this run has {now}; .*train.force_resume"):
+            Trainer(override(longer, *changes), tmp_path, devices=ONE).train(progress=False)
+        assert len(metrics(tmp_path, "loss")) == 2  # no step ran
+    Trainer(override(longer, "train.batch_size=16", "train.force_resume=true"), tmp_path,
+            devices=ONE).train(progress=False)
+    assert "batch_size 8 -> 16): train.force_resume starts a fresh pass of the data" in capsys.readouterr().out
+    assert metrics(tmp_path, "windows_seen") == [8, 16, 32, 48]
 
 
 @pytest.mark.parametrize("changes", [

@@ -187,6 +187,22 @@ def first_fit_decreasing(sizes: Sequence[int], capacity: int, max_items: int) ->
     return bins
 
 
+def packed_rows(sizes: Sequence[int], cfg: LoaderConfig) -> int:
+    """About how many rows one pass over windows of these token counts packs into: the packer's rule (first-fit
+    decreasing over chunks of pack_buffer windows) on a seeded shuffle of them. The stream's own order gives
+    chunks of other compositions, so the count can differ by a few rows; a row count per chunk composition is
+    computed once (a corpus of one window shape has one)."""
+    order = np.random.default_rng(cfg.seed).permutation(len(sizes))
+    shuffled = np.asarray(sizes, np.int64)[order]
+    rows, known = 0, {}
+    for start in range(0, len(shuffled), cfg.pack_buffer):
+        chunk = tuple(sorted(shuffled[start:start + cfg.pack_buffer].tolist(), reverse=True))
+        if chunk not in known:
+            known[chunk] = len(first_fit_decreasing(chunk, cfg.pack_tokens, cfg.pack_windows))
+        rows += known[chunk]
+    return rows
+
+
 def _packed_row(windows: Sequence[dict[str, Any]], tokens: int, slots: int) -> dict[str, np.ndarray]:
     x = np.zeros((tokens, PATCH), np.float32)
     segments = np.full(tokens, -1, np.int32)

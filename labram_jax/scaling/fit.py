@@ -3,8 +3,14 @@ iso-FLOP view (its second approach).
 
 Fit: minimise the Huber loss (delta 1e-3) of log L-hat - log L over (a, b, e, alpha, beta) with A = exp(a),
 B = exp(b), E = exp(e), so that log L-hat = LSE(a - alpha log N, b - beta log D, e); L-BFGS-B from the best starts
-of Chinchilla's grid of initialisations. Intervals: percentile bootstrap over runs. Compute-optimal allocation for
-C = 6 N D: N* = G (C/6)^a and D* = (C/6)^b / G with a = beta / (alpha + beta), b = alpha / (alpha + beta).
+of Chinchilla's grid of initialisations. Intervals: percentile bootstrap over runs.
+
+Compute: a run of N parameters on D tokens costs C = c(N) D, with c(N) the records' own FLOPs per token (their
+`flops` / `tokens`, per size, interpolated log-log between the sizes and extrapolated along the end segments; 6N
+where the records carry no FLOPs). LaBraM's objective is not 6N a token (two student passes, the frozen
+tokenizer's forward, the lm head: 3.6 x 6N at 0.5M parameters, 2.1 x at 369M), so the compute-optimal
+N*(C) = argmin_N L(N, C / c(N)) is found numerically; with c(N) = 6N it is Chinchilla's N* ~ C^a,
+a = beta / (alpha + beta), which `a` and `b` report.
 
 Everything here is a pure function of arrays; fit_results reads and writes the files.
 """
@@ -56,14 +62,70 @@ class Law:
     def b(self) -> float:
         return self.alpha / (self.alpha + self.beta)
 
-    def optimal(self, flops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Compute-optimal (N*, D*) for budgets C = 6 N D."""
-        g = (self.alpha * self.A / (self.beta * self.B)) ** (1 / (self.alpha + self.beta))
-        c = np.asarray(flops, float) / 6
-        return g * c ** self.a, c ** self.b / g
-
     def as_dict(self) -> dict[str, float]:
         return {k: float(getattr(self, k)) for k in KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Training FLOPs per token as a function of N: log-log interpolation between the measured sizes, extrapolated
+    along the end segments (one size: proportional to N); 6N without measurements."""
+
+    sizes: tuple[float, ...] = ()  # N of each measured size, ascending
+    per_token: tuple[float, ...] = ()  # its FLOPs per token
+
+    def __call__(self, n: np.ndarray) -> np.ndarray:
+        n = np.asarray(n, float)
+        if not self.sizes:
+            return 6 * n
+        if len(self.sizes) == 1:
+            return self.per_token[0] * n / self.sizes[0]
+        x, xs, ys = np.log(n), np.log(self.sizes), np.log(self.per_token)
+        slope_lo, slope_hi = (ys[1] - ys[0]) / (xs[1] - xs[0]), (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+        y = np.where(x < xs[0], ys[0] + (x - xs[0]) * slope_lo,
+                     np.where(x > xs[-1], ys[-1] + (x - xs[-1]) * slope_hi, np.interp(x, xs, ys)))
+        return np.exp(y)
+
+    @classmethod
+    def of_records(cls, n: np.ndarray, tokens: np.ndarray, flops: np.ndarray | None) -> Cost:
+        """Each size's FLOPs per token (the geometric mean over its runs); 6N where flops is None."""
+        if flops is None:
+            return cls()
+        sizes = np.unique(n)
+        per_token = [float(np.exp(np.mean(np.log(flops[n == s] / tokens[n == s])))) for s in sizes]
+        return cls(tuple(map(float, sizes)), tuple(per_token))
+
+    def as_dict(self) -> dict:
+        return {"source": "records" if self.sizes else "6N", "sizes": list(self.sizes),
+                "per_token": list(self.per_token),
+                "per_token_over_6n": [c / (6 * n) for n, c in zip(self.sizes, self.per_token)]}
+
+
+SEARCH_DECADES = 6  # N* is searched this many decades either side of the sizes measured
+
+
+def optimal(law: Law, cost: Cost, budgets: Sequence[float], sizes: Sequence[float]) -> list[dict[str, float]]:
+    """For each budget C: N* = argmin_N L(N, C / c(N)), D* = C / c(N*) and L* = L(N*, D*); a dense search in log N
+    refined by a bounded scalar minimisation."""
+    lo, hi = np.log(min(sizes)) - SEARCH_DECADES * np.log(10), np.log(max(sizes)) + SEARCH_DECADES * np.log(10)
+    grid = np.linspace(lo, hi, 4001)
+    rows = []
+    for c in budgets:
+        loss = lambda x: float(law(np.exp(x), c / cost(np.exp(x))))
+        values = law(np.exp(grid), c / cost(np.exp(grid)))
+        i = int(np.argmin(values))
+        bounds = (grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)])
+        x = optimize.minimize_scalar(loss, bounds=bounds, method="bounded", options={"xatol": 1e-10}).x
+        n = float(np.exp(x))
+        rows.append({"flops": float(c), "params": n, "tokens": float(c / cost(n)), "loss": loss(x)})
+    return rows
+
+
+def default_budgets(flops: np.ndarray) -> list[float]:
+    """Every power of ten within the records' compute (the nearest one where none lies within)."""
+    lo, hi = np.log10(flops.min()), np.log10(flops.max())
+    decades = list(range(int(np.ceil(lo)), int(np.floor(hi)) + 1)) or [int(round((lo + hi) / 2))]
+    return [float(10.0 ** k) for k in decades]
 
 
 def _objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.ndarray,
@@ -121,22 +183,33 @@ def _theta(law: Law) -> np.ndarray:
     return np.array([np.log(law.A), np.log(law.B), np.log(law.E), law.alpha, law.beta])
 
 
-def bootstrap(n: Sequence[float], d: Sequence[float], loss: Sequence[float], law: Law, *, samples: int = 200,
-              seed: int = 0, delta: float = DELTA) -> dict[str, list[float]]:
-    """95% percentile intervals of every key, refitting runs resampled with replacement.
+def bootstrap_laws(n: Sequence[float], d: Sequence[float], loss: Sequence[float], law: Law, *, samples: int = 200,
+                   seed: int = 0, delta: float = DELTA) -> list[Law]:
+    """The law refitted to runs resampled with replacement, `samples` times.
 
     Each refit is warm-started from the full fit: a resample's optimum lies near it, and a search of the whole
     grid of starts for every resample would cost 16x more.
     """
     n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
     rng = np.random.default_rng(seed)
-    draws = []
+    laws = []
     for _ in range(samples):
         pick = rng.integers(0, len(n), len(n))
         log_n, log_d, log_l = np.log(n[pick]), np.log(d[pick]), np.log(loss[pick])
-        draws.append(_law(_minimise(_theta(law)[None], log_n, log_d, log_l, delta)).as_dict())
-    return {k: [float(np.percentile([x[k] for x in draws], 2.5)), float(np.percentile([x[k] for x in draws], 97.5))]
-            for k in KEYS}
+        laws.append(_law(_minimise(_theta(law)[None], log_n, log_d, log_l, delta)))
+    return laws
+
+
+def interval(values: Sequence[float]) -> list[float]:
+    """The 95% percentile interval."""
+    return [float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))]
+
+
+def bootstrap(n: Sequence[float], d: Sequence[float], loss: Sequence[float], law: Law, *, samples: int = 200,
+              seed: int = 0, delta: float = DELTA) -> dict[str, list[float]]:
+    """95% percentile intervals of every key over bootstrap_laws."""
+    draws = [x.as_dict() for x in bootstrap_laws(n, d, loss, law, samples=samples, seed=seed, delta=delta)]
+    return {k: interval([x[k] for x in draws]) for k in KEYS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,13 +221,15 @@ class IsoFlop:
     curves: list[dict[str, list[float]]]  # per level: n, loss (interpolated), and the parabola's coefficients
     optimal_n: list[float | None]  # the minimum where it lies inside the sizes measured at that level
     a: float | None  # N* ~ C^a over the levels with an interior minimum
-    b: float | None  # D* = C / (6 N*) ~ C^b
+    b: float | None  # D* = C / c(N*) ~ C^b
 
 
-def isoflop(n: Sequence[float], d: Sequence[float], loss: Sequence[float], *, levels: int = 8) -> IsoFlop | None:
-    """The iso-FLOP view, or None unless the grid has at least 3 sizes with at least 3 budgets each."""
+def isoflop(n: Sequence[float], d: Sequence[float], loss: Sequence[float], *, flops: Sequence[float] | None = None,
+            cost: Cost = Cost(), levels: int = 8) -> IsoFlop | None:
+    """The iso-FLOP view, or None unless the grid has at least 3 sizes with at least 3 budgets each. Runs are
+    placed at their recorded `flops` (else 6ND), and D* = C / cost(N*)."""
     n, d, loss = (np.asarray(v, float) for v in (n, d, loss))
-    c = 6 * n * d
+    c = 6 * n * d if flops is None else np.asarray(flops, float)
     sizes = [s for s in np.unique(n) if len(np.unique(d[n == s])) >= 3]
     if len(sizes) < 3:
         return None
@@ -175,15 +250,18 @@ def isoflop(n: Sequence[float], d: Sequence[float], loss: Sequence[float], *, le
         optimal.append(float(np.exp(vertex)) if inside else None)
         curves.append({"n": ns.tolist(), "loss": ls.tolist(), "parabola": coef.tolist()})
     known = [(lv, o) for lv, o in zip(np.exp(chosen), optimal) if o is not None]
-    a = float(np.polyfit(np.log([k for k, _ in known]), np.log([o for _, o in known]), 1)[0]) \
-        if len(known) >= 2 else None
-    return IsoFlop(levels=np.exp(chosen).tolist(), curves=curves, optimal_n=optimal, a=a,
-                   b=None if a is None else 1 - a)
+    a = b = None
+    if len(known) >= 2:
+        level, best = np.log([k for k, _ in known]), np.array([o for _, o in known])
+        a = float(np.polyfit(level, np.log(best), 1)[0])
+        b = float(np.polyfit(level, level - np.log(cost(best)), 1)[0])
+    return IsoFlop(levels=np.exp(chosen).tolist(), curves=curves, optimal_n=optimal, a=a, b=b)
 
 
 # -- files ------------------------------------------------------------------------------------------------------
 def read_results(path: str | os.PathLike, n_column: str = "params") -> dict[str, np.ndarray]:
-    """The columns n (from n_column), tokens and loss of a results CSV, and `size` where present."""
+    """The columns n (from n_column), tokens and loss of a results CSV, `size` where present, and `flops` where
+    every run has it (the grid's analytic training FLOPs)."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such file")
@@ -206,22 +284,42 @@ def read_results(path: str | os.PathLike, n_column: str = "params") -> dict[str,
     if len(rows) < 6:
         raise UserError(f"{path}: {len(rows)} runs; fitting 5 parameters needs at least 6")
     result = {k: np.array(v) for k, v in out.items()}
+    if "flops" in columns:
+        flops = []
+        for line, row in enumerate(rows, start=2):
+            try:
+                flops.append(float(row["flops"]))
+            except (TypeError, ValueError):
+                flops.append(float("nan"))
+            if not np.isfinite(flops[-1]) or flops[-1] <= 0:
+                raise UserError(f"{path} line {line}: column 'flops' is {row['flops']!r}, not a positive number")
+        result["flops"] = np.array(flops)
     result["label"] = np.array([row.get("size") or f"{float(row[n_column]):.3g}" for row in rows])
     return result
 
 
 def fit_results(csv_path: str | os.PathLike, out: str | os.PathLike, *, n_column: str = "params",
-                samples: int = 200, seed: int = 0) -> dict:
-    """fit.json, predictions.csv and the plots for a results CSV; returns fit.json's content."""
+                samples: int = 200, seed: int = 0, budgets: Sequence[float] = ()) -> dict:
+    """fit.json, predictions.csv and the plots for a results CSV; returns fit.json's content. budgets: the
+    compute budgets C of the `optimal` rows (default: every decade the records' compute spans)."""
     from labram_jax.scaling import plots
 
     data = read_results(csv_path, n_column)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     law = fit_law(data["n"], data["tokens"], data["loss"])
-    iso = isoflop(data["n"], data["tokens"], data["loss"])
+    flops = data.get("flops")
+    cost = Cost.of_records(data["n"], data["tokens"], flops)
+    iso = isoflop(data["n"], data["tokens"], data["loss"], flops=flops, cost=cost)
+    budgets = list(budgets) or default_budgets(cost(data["n"]) * data["tokens"] if flops is None else flops)
+    laws = bootstrap_laws(data["n"], data["tokens"], data["loss"], law, samples=samples, seed=seed)
+    best = optimal(law, cost, budgets, data["n"])
+    draws = [optimal(x, cost, budgets, data["n"]) for x in laws]
+    for i, row in enumerate(best):
+        row["ci"] = {k: interval([draw[i][k] for draw in draws]) for k in ("params", "tokens", "loss")}
     result = law.as_dict() | {
-        "ci": bootstrap(data["n"], data["tokens"], data["loss"], law, samples=samples, seed=seed),
+        "ci": {k: interval([x.as_dict()[k] for x in laws]) for k in KEYS},
+        "cost": cost.as_dict(), "optimal": best,
         # An exponent at its bound means the grid does not resolve that axis (its term is flat or a step).
         "at_bound": [k for k in ("alpha", "beta") if min(abs(getattr(law, k) - b) for b in EXPONENT_BOUNDS) < 1e-6],
         "n_column": n_column, "runs": int(len(data["n"])), "huber_delta": DELTA, "bootstrap_samples": samples,
@@ -233,13 +331,16 @@ def fit_results(csv_path: str | os.PathLike, out: str | os.PathLike, *, n_column
         writer.writerow(["label", n_column, "tokens", "loss", "predicted", "log_residual"])
         for row in zip(data["label"], data["n"], data["tokens"], data["loss"], predicted):
             writer.writerow([*row, float(np.log(row[3] / row[4]))])
-    plots.write_all(out, data, law, iso, n_column)
+    plots.write_all(out, data, law, iso, n_column, cost, best)
     return result
 
 
 def summary(result: dict, out: str | os.PathLike) -> str:
     """The fitted numbers in one line, and a warning where an exponent ended at its bound."""
     line = f"fit: {json.dumps({k: round(result[k], 4) for k in KEYS})} -> {out}"
+    for row in result["optimal"]:
+        line += (f"\ncompute-optimal at C = {row['flops']:.3g} FLOPs (cost per token: {result['cost']['source']}): "
+                 f"N* = {row['params']:.3g}, D* = {row['tokens']:.3g} tokens, loss {row['loss']:.4g}")
     if result["at_bound"]:
         line += (f"\nwarning: {', '.join(result['at_bound'])} at the bound of its search: the grid does not "
                  "resolve that axis (more sizes or budgets, or longer runs)")

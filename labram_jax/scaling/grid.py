@@ -197,17 +197,21 @@ def tokens_per_step(exp: Experiment) -> int:
 
 def point_experiment(grid: GridConfig, point: Point, prepared: Prepared) -> Experiment:
     """The point's pretraining run: the recipe with the rung's model, its subset and its budget."""
+    from labram_jax.train.launch import epoch_rows
+
     subset = prepared.subsets[grid.hours.index(point.hours)]
     base, t = grid.pretrain, grid.pretrain.train
-    steps = max(1, math.ceil(grid.epochs * subset.windows / t.batch_size))
     eval_every = max(1, round(grid.eval_tokens / tokens_per_step(base))) if grid.eval_tokens else 0
     tokenizer = grid.pretrain.tokenizer if grid.tokenizer_checkpoint else grid.tokenizer.tokenizer
-    return base.replace(
+    exp = base.replace(
         model=model_config(grid, point.size), tokenizer=tokenizer, tokenizer_checkpoint=prepared.tokenizer,
         data=dataclasses.replace(base.data, train=subset.folders, val=prepared.eval, test=(), weights=()),
-        train=dataclasses.replace(t, steps=steps, warmup_steps=int(grid.warmup * steps), epochs=0.0,
-                                  warmup_epochs=0.0, eval_every=eval_every, save_every=grid.save_every,
-                                  seed=grid.seed))
+        train=dataclasses.replace(t, seed=grid.seed))
+    rows = epoch_rows(exp) if exp.data.pack_tokens else subset.windows  # packed: rows of several windows
+    steps = max(1, math.ceil(grid.epochs * rows / t.batch_size))
+    return exp.replace(train=dataclasses.replace(exp.train, steps=steps, warmup_steps=int(grid.warmup * steps),
+                                                 epochs=0.0, warmup_epochs=0.0, eval_every=eval_every,
+                                                 save_every=grid.save_every))
 
 
 def _xla_step_flops(trainer, cache: Path) -> float | None:
@@ -274,24 +278,27 @@ def _result(grid: GridConfig, point: Point, exp: Experiment, prepared: Prepared,
 
     subset = prepared.subsets[grid.hours.index(point.hours)]
     metrics = _records(pdir / "metrics.jsonl")
-    held_out = {r["step"]: r["val/loss"] for r in metrics if r.get("val/loss") is not None}  # a resume: last wins
-    steps, batch = exp.train.steps, exp.train.batch_size
+    # by step (a resume logs some twice: the last wins), with the real windows and tokens seen by then
+    held_out = {r["step"]: r for r in metrics if r.get("val/loss") is not None}
+    steps = exp.train.steps
+    seen = held_out[steps]
     params, non_embedding = parameter_counts(exp.model)
     wall = _wall_seconds(_records(pdir / "sessions.jsonl"), metrics, time.time())
     devices = jax.device_count()
     row = {"point": point.index, "size": point.size, "params": params, "non_embedding_params": non_embedding,
-           "hours": subset.hours, "tokens": steps * batch * subset.tokens_per_window,
-           "hours_seen": steps * batch * subset.hours / subset.windows, "examples": steps * batch, "steps": steps,
-           "loss": held_out[steps], "best_loss": min(held_out.values()), "train_loss": summary.get("loss"),
+           "hours": subset.hours, "tokens": seen["tokens_seen"],
+           "hours_seen": seen["windows_seen"] * subset.hours / subset.windows, "examples": seen["windows_seen"],
+           "steps": steps, "loss": seen["val/loss"], "best_loss": min(r["val/loss"] for r in held_out.values()),
+           "train_loss": summary.get("loss"),
            "flops": analytic_step * steps, "xla_flops": xla_step * steps if xla_step else None,
            "flops_ratio": analytic_step / xla_step if xla_step else None, "wall_s": wall,
            "device_kind": jax.devices()[0].device_kind, "device_count": devices,
            "device_hours": wall * devices / 3600, "seed": exp.train.seed, "workdir": str(pdir)}
     if jax.process_index() == 0:
         with open(pdir / "scaling.jsonl", "w") as f:
-            for step, loss in sorted(held_out.items()):
-                f.write(json.dumps({"event": "eval", "step": step, "examples": step * batch,
-                                    "tokens": step * batch * subset.tokens_per_window, "loss": loss}) + "\n")
+            for step, r in sorted(held_out.items()):
+                f.write(json.dumps({"event": "eval", "step": step, "examples": r["windows_seen"],
+                                    "tokens": r["tokens_seen"], "loss": r["val/loss"]}) + "\n")
             f.write(json.dumps({"event": "result", **row, "config": dataclasses.asdict(exp)}, default=str) + "\n")
     return row
 

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 import numpy as np  # noqa: E402
 
-from labram_jax.scaling.fit import IsoFlop, Law  # noqa: E402
+from labram_jax.scaling.fit import Cost, IsoFlop, Law, optimal  # noqa: E402
 
 
 def _sizes(data: dict[str, np.ndarray]) -> list[tuple[str, float]]:
@@ -24,7 +24,7 @@ def _plain_loss_ticks(ax: plt.Axes) -> None:
         formatter(ScalarFormatter(useOffset=False))
 
 
-def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str) -> plt.Figure:
+def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str, best: list[dict]) -> plt.Figure:
     fig, ax = plt.subplots(figsize=(6.4, 4.6))
     d = np.geomspace(data["tokens"].min() / 1.5, data["tokens"].max() * 1.5, 100)
     colors = plt.cm.viridis(np.linspace(0, 0.9, len(_sizes(data))))
@@ -32,6 +32,10 @@ def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str) -> plt.
         mine = data["n"] == n
         ax.scatter(data["tokens"][mine], data["loss"][mine], color=color, label=f"{label} ({n:.3g} {n_column})")
         ax.plot(d, law(n, d), color=color, lw=1.2)
+    for row in best:  # the fitted law's compute-optimal runs
+        ax.scatter(row["tokens"], row["loss"], marker="*", s=90, color="k", zorder=3)
+        ax.annotate(f"C={row['flops']:.0e}: N*={row['params']:.2g}", (row["tokens"], row["loss"]), fontsize=6,
+                    xytext=(4, 4), textcoords="offset points")
     ax.axhline(law.E, color="gray", ls=":", lw=1, label=f"E = {law.E:.3g}")
     ax.set(xscale="log", yscale="log", xlabel="tokens (channel-patches)", ylabel="held-out masked-code loss",
            title=f"L = E + A/N^{law.alpha:.2f} + B/D^{law.beta:.2f}")
@@ -41,7 +45,7 @@ def loss_vs_tokens(data: dict[str, np.ndarray], law: Law, n_column: str) -> plt.
     return fig
 
 
-def isoflop_curves(iso: IsoFlop, law: Law) -> plt.Figure:
+def isoflop_curves(iso: IsoFlop, law: Law, cost: Cost, at_budgets: list[dict], sizes: np.ndarray) -> plt.Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.4))
     colors = plt.cm.plasma(np.linspace(0, 0.85, len(iso.levels)))
     for color, level, curve, best in zip(colors, iso.levels, iso.curves, iso.optimal_n):
@@ -53,14 +57,17 @@ def isoflop_curves(iso: IsoFlop, law: Law) -> plt.Figure:
         if best is not None:
             left.axvline(best, color=color, ls=":", lw=0.8)
     left.set(xscale="log", yscale="log", xlabel="parameters N", ylabel="loss at C (interpolated)",
-             title="iso-FLOP curves (C = 6ND)")
+             title="iso-FLOP curves (C: " + ("the runs' FLOPs)" if cost.sizes else "6ND)"))
     _plain_loss_ticks(left)
     left.legend(fontsize=7)
     known = [(c, n) for c, n in zip(iso.levels, iso.optimal_n) if n is not None]
     c = np.geomspace(min(iso.levels), max(iso.levels), 50)
     if known:
         right.scatter([k for k, _ in known], [n for _, n in known], color="k", label="iso-FLOP minima")
-    right.plot(c, law.optimal(c)[0], color="C0", label=f"parametric fit: N* ~ C^{law.a:.2f}")
+    right.plot(c, [row["params"] for row in optimal(law, cost, c, sizes)], color="C0",
+               label="parametric fit: argmin L(N, C / c(N))")
+    right.scatter([row["flops"] for row in at_budgets], [row["params"] for row in at_budgets], marker="*", s=90,
+                  color="C0", zorder=3, label="compute-optimal at the budgets")
     if iso.a is not None:
         ck = np.array([k for k, _ in known])
         scale = np.exp(np.mean(np.log([n for _, n in known]) - iso.a * np.log(ck)))
@@ -87,10 +94,11 @@ def residuals(data: dict[str, np.ndarray], law: Law) -> plt.Figure:
     return fig
 
 
-def write_all(out: Path, data: dict[str, np.ndarray], law: Law, iso: IsoFlop | None, n_column: str) -> list[Path]:
-    figures = {"loss_vs_tokens.png": loss_vs_tokens(data, law, n_column), "residuals.png": residuals(data, law)}
+def write_all(out: Path, data: dict[str, np.ndarray], law: Law, iso: IsoFlop | None, n_column: str, cost: Cost,
+              best: list[dict]) -> list[Path]:
+    figures = {"loss_vs_tokens.png": loss_vs_tokens(data, law, n_column, best), "residuals.png": residuals(data, law)}
     if iso is not None:
-        figures["isoflop.png"] = isoflop_curves(iso, law)
+        figures["isoflop.png"] = isoflop_curves(iso, law, cost, best, data["n"])
     for name, fig in figures.items():
         fig.savefig(out / name, dpi=120)
         plt.close(fig)

@@ -34,10 +34,6 @@ class Subset:
     recordings: int
     patches: int  # real channel-patches (tokens) in the subset
 
-    @property
-    def tokens_per_window(self) -> float:
-        return self.patches / self.windows
-
 
 def _scan(sources: Sequence[str]) -> tuple[object, dict[str, list[int]], dict[str, tuple[float, int]]]:
     """The records of `sources` grouped by recording (storage order), with each recording's seconds and patches."""

@@ -74,6 +74,9 @@ class TrainConfig:
     remat: Literal["none", "block", "dots"] = "none"
     scan_blocks: bool = False  # the blocks as one lax.scan: one block to compile (pods, AOT), slower on CPU
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
+    # Resume a checkpoint whose data position was saved under another data layout (process count, batch size,
+    # packing): the weights go on, the data starts a fresh pass. Without it such a resume stops with exit 2.
+    force_resume: bool = False
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # steps between validations; 0 = only at the end

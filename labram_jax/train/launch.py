@@ -39,24 +39,45 @@ def _split_folders(data: list[str], exp: Experiment) -> Experiment:
     return exp.replace(data=dataclasses.replace(exp.data, train=tuple(train), val=tuple(val), test=tuple(test)))
 
 
-def _windows(folders: tuple[str, ...]) -> int:
-    total = 0
-    for folder in folders:
-        manifest = read_manifest(folder)
+def _manifests(folders: tuple[str, ...]) -> list[tuple[str, dict]]:
+    found = [(folder, read_manifest(folder)) for folder in folders]
+    for folder, manifest in found:
         if manifest is None:
             raise UserError(f"{folder}: no manifest.json to count epochs by; give train.steps (and train.eval_every) "
                             "instead of train.epochs (and train.eval_epochs)")
-        total += manifest["windows"]
-    return total
+    return found
+
+
+def _window_sizes(folders: tuple[str, ...]) -> list[int]:
+    """The patch tokens (channels x patches) of every window of the folders, from their manifests."""
+    sizes = []
+    for folder, manifest in _manifests(folders):
+        for names, count in manifest["channel_sets"].items():
+            channels = len(names.split())
+            sizes += [channels * _window_patches(folder, manifest, channels)] * count
+    return sizes
+
+
+def epoch_rows(exp: Experiment) -> int:
+    """The batch rows one pass over the training windows fills: one a window, or with packing the rows the packer
+    makes of them (pipeline.packed_rows), a row then holding several windows."""
+    t, d = exp.train, exp.data
+    if not d.pack_tokens:
+        return sum(m["windows"] for _, m in _manifests(d.train))
+    from labram_jax.data.pipeline import LoaderConfig, packed_rows
+
+    cfg = LoaderConfig(batch_size=t.batch_size, max_channels=d.max_channels, max_patches=d.max_patches, seed=t.seed,
+                       pack_tokens=d.pack_tokens, pack_windows=d.pack_windows, pack_buffer=d.pack_buffer)
+    return packed_rows(_window_sizes(d.train), cfg)
 
 
 def resolve_epochs(exp: Experiment) -> Experiment:
     """Recipes state the original's epochs; steps (training, warmup, between evaluations) follow from the training
-    windows in the data manifests and the global batch."""
+    windows in the data manifests and the global batch (with packing, from the rows they pack into)."""
     t = exp.train
     if t.epochs <= 0 and t.eval_epochs <= 0:
         return exp
-    steps_per_epoch = max(_windows(exp.data.train) // t.batch_size, 1)
+    steps_per_epoch = max(epoch_rows(exp) // t.batch_size, 1)
     changes: dict = {"eval_epochs": 0.0}
     if t.epochs > 0:
         changes |= {"steps": int(t.epochs * steps_per_epoch), "warmup_steps": int(t.warmup_epochs * steps_per_epoch),
@@ -66,8 +87,9 @@ def resolve_epochs(exp: Experiment) -> Experiment:
     return exp.replace(train=dataclasses.replace(t, **changes))
 
 
-def _window_patches(folder: str, manifest: dict) -> int:
-    """The longest window of a folder in patches (seconds), as its manifest's preprocessing states it."""
+def _window_patches(folder: str, manifest: dict, channels: int | None = None) -> int:
+    """The patches (seconds) of a folder's windows of `channels` channels (None: its longest window), as its
+    manifest's preprocessing states them."""
     params = manifest.get("preprocessing", {})
     window = params.get("window_s", params.get("window"))
     if isinstance(window, int):
@@ -75,6 +97,8 @@ def _window_patches(folder: str, manifest: dict) -> int:
     if isinstance(window, str) and window.startswith("auto"):  # labram prep's rule, applied per channel set
         from data_prep.plan import default_window
 
+        if channels is not None:
+            return default_window(channels)
         return max(default_window(len(names.split())) for names in manifest["channel_sets"])
     raise UserError(f"{folder}/manifest.json: preprocessing states no window length (window_s or window); "
                     "set data.max_patches")

@@ -22,8 +22,9 @@ from tqdm import tqdm
 class Progress:
     """A Tracker (labram_jax.train.logger) of the logged records that also advances with every step."""
 
-    def __init__(self, total: int, start: int, batch_size: int, *, enabled: bool = True,
+    def __init__(self, total: int, start: int, batch_size: float, *, enabled: bool = True,
                  stream: TextIO | None = None):
+        # batch_size: windows a step, until the logged records say how many a step has seen (packing)
         self.total, self.batch_size, self.stream = total, batch_size, stream or sys.stderr
         self.enabled = enabled and jax.process_index() == 0
         self.step, self.loss = start, None
@@ -50,13 +51,16 @@ class Progress:
             return
         if "loss" in metrics:  # a training record (evaluations name their split: "val/loss")
             self.loss = metrics["loss"]
+            if metrics.get("windows_seen"):  # a packed batch row holds several windows: count the real ones
+                self.batch_size = metrics["windows_seen"] / step
             if self.bar is not None:
                 self.bar.set_postfix_str(self._status())
             else:
                 self._line(f"step {step}/{self.total} ({100 * step // self.total}%): "
                            + self._status(elapsed=True))
             return
-        self._line(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+        self._line(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+                                                              if not k.endswith("_seen")))
 
     def close(self) -> None:
         if self.bar is not None:

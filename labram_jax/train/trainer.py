@@ -120,6 +120,28 @@ class UnderPrecision:
             return self.fn.lower(*args)
 
 
+class SeenCounter:
+    """The real windows and patch tokens (padding left out) the training steps have consumed, over all processes
+    and sessions: the x of a loss curve or a scaling law, exact whatever the packing."""
+
+    def __init__(self, resumed: dict | None):
+        self._base = np.asarray([0, 0] if resumed is None else [resumed["windows_seen"], resumed["tokens_seen"]],
+                                np.int64)
+        self._local = np.zeros(2, np.int64)  # this process's, since this session started
+
+    def add(self, batch: dict[str, np.ndarray]) -> None:
+        """Count a batch of this process's rows, before it goes to the devices."""
+        self._local += (int(np.count_nonzero(batch["valid"])), int(np.count_nonzero(batch["mask"])))
+
+    def total(self) -> dict[str, int]:
+        """The global counts; a collective where there are several processes (every process calls it)."""
+        local = self._local
+        if jax.process_count() > 1:
+            local = np.asarray(multihost_utils.process_allgather(local)).reshape(-1, 2).sum(0)
+        windows, tokens = (self._base + local).tolist()
+        return {"windows_seen": windows, "tokens_seen": tokens}
+
+
 class Trainer:
     def __init__(self, exp: Experiment, workdir: str | os.PathLike, *, abstract: bool = False,
                  devices: Sequence[jax.Device] | None = None):
@@ -398,16 +420,33 @@ class Trainer:
         iterator = iter(make_dataset(sources, self.loader_config(t.batch_size)))
         meta: dict[str, Any] = {"best": None}
         resumed = ckpt.restore_latest(self.state, self.shardings)
+        layout = self.data_layout()
         if resumed is not None:
             start, self.state, data_state, meta = resumed
-            restore_state(iterator, data_state)
+            saved = meta.get("data_layout", layout)  # a checkpoint from before layouts were recorded: trusted
+            changed = [k for k in {**saved, **layout} if saved.get(k) != layout.get(k)]
+            if not changed:
+                restore_state(iterator, data_state)
+            elif t.force_resume:
+                print(f"resuming the weights of step {start} with another data layout ("
+                      + ", ".join(f"{k} {saved.get(k)} -> {layout.get(k)}" for k in changed)
+                      + "): train.force_resume starts a fresh pass of the data")
+            else:
+                raise UserError(
+                    f"{ckpt.directory / str(start)}: its data position was saved with "
+                    + ", ".join(f"{k}={saved[k]}" for k in changed if k in saved) + " but this run has "
+                    + ", ".join(f"{k}={layout[k]}" for k in changed if k in layout)
+                    + "; resume with the same, or set train.force_resume=true to go on from its weights with a "
+                    "fresh pass of the data")
             print(f"resumed from step {start} in {ckpt.directory}")
+        meta = dict(meta, data_layout=layout)
         # The logs lose what was written after the checkpoint resumed from, which the run writes again.
         logger = closing.enter_context(contextlib.closing(
             MetricLogger(self.workdir, resumed_from=None if resumed is None else start)))
         if jax.process_index() == 0:  # after the resume: a mismatched run must not overwrite the record of the first
             write_json(self.workdir / "config.json", dataclasses.asdict(exp), default=str)
         step = int(self.state["step"])
+        seen = SeenCounter(meta.get("seen"))
         live = Progress(t.steps, step, t.batch_size, enabled=progress)
         logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
@@ -423,7 +462,9 @@ class Trainer:
         in_flight: dict | None = None
         while step < t.steps:
             data_state = save_state(iterator)  # the position before this step's batch
-            batch = self.global_batch(next(iterator))
+            batch = next(iterator)
+            seen.add(batch)
+            batch = self.global_batch(batch)
             if in_flight is not None:
                 jax.block_until_ready(in_flight)  # at most one step queued behind the running one
             self.state, m = step_program(self.state, batch, jax.random.fold_in(base_rng, step))
@@ -447,19 +488,21 @@ class Trainer:
                     record["mfu_analytic"] = analytic / elapsed / peak
                 if flops and peak:
                     record |= {"flops_xla": flops, "mfu": flops / elapsed / peak}
+                record |= seen.total()
                 logger.write(step, record)
                 summary |= record
                 last_log = now
             if evals:
-                meta = self._validate(step, logger, best_metric, higher, meta, summary)
+                meta = self._validate(step, logger, best_metric, higher, meta, summary, seen)
             if saves:
-                ckpt.save(step, self.state, save_state(iterator), meta)
+                ckpt.save(step, self.state, save_state(iterator), meta | {"seen": seen.total()})
             ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
             if stop():
                 check_finite(unchecked)  # never save a step whose loss or gradient was not finite
-                self._preempted(step, ckpt, save_state(iterator), meta)
+                self._preempted(step, ckpt, save_state(iterator), meta | {"seen": seen.total()})
         if exp.data.val:
-            meta = self._validate(step, logger, best_metric, higher, meta, summary)
+            meta = self._validate(step, logger, best_metric, higher, meta, summary, seen)
+        meta |= {"seen": seen.total()}
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, save_state(iterator), meta)
         if stop(final=True):  # a signal during the last step or the final validation: the rest can run later
@@ -473,6 +516,15 @@ class Trainer:
             logger.write(step, {k: v for k, v in summary.items() if k.startswith(("test/", "best_test/"))})
         return summary
 
+    def data_layout(self) -> dict[str, int]:
+        """What a saved data position means: each process reads its slice [i::processes] of the shuffled windows
+        in batches of batch_size / processes rows, packed as the pack_* settings say. (The device count is not
+        in it: a process's batches are the same on any mesh.)"""
+        d = self.exp.data
+        packing = {"pack_tokens": d.pack_tokens, "pack_windows": d.pack_windows,
+                   "pack_buffer": d.pack_buffer} if d.pack_tokens else {"pack_tokens": 0}
+        return {"processes": jax.process_count(), "batch_size": self.exp.train.batch_size, **packing}
+
     def _preempted(self, step: int, ckpt: Checkpoints, data_state: Any, meta: dict) -> NoReturn:
         """Save the step reached; train()'s exit closes the checkpoints (waiting for the commit) and the logs
         before the caller reports it."""
@@ -482,11 +534,11 @@ class Trainer:
                                    "the same command resumes from it")
 
     def _validate(self, step: int, logger: MetricLogger, metric: str, higher: bool, meta: dict,
-                  summary: dict) -> dict:
+                  summary: dict, seen: SeenCounter) -> dict:
         result = self.evaluate("val")
         if self.exp.stage == "tokenizer":
             result |= self.train_pass()
-        logger.write(step, result)
+        logger.write(step, result | seen.total())  # a held-out loss against the data it was trained on
         summary |= result
         value = result.get(metric)
         best = meta.get("best")
