@@ -38,6 +38,7 @@ from data_prep.engine import (DEFAULT_SHARD_WINDOWS, JOURNAL_FORMAT, collect, fi
                               totals, write_folder)
 from data_prep.plan import Item, Params, PrepError, Rule
 from data_prep.progress import Progress
+from labram_jax import host
 from labram_jax.data.shards import SHARD_SUFFIX, write_manifest
 from labram_jax.files import write_json
 from labram_jax.preemption import Preempted, StopSignals
@@ -155,7 +156,7 @@ def run(inputs: list[str], out: str | os.PathLike, *, params: Params = Params(),
     report. Raises PrepError (or discover.DiscoveryError) for usage errors only; a recording that fails is
     rejected in the report.
     """
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or host.cpu_count()  # the container's CPU quota, not the machine's cores
     for name, value in (("--workers", workers), ("--shard-windows", shard_windows), ("--num-shards", num_shards)):
         _positive(name, value)
     if not 0 <= shard_index < num_shards:

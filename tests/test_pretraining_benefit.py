@@ -105,7 +105,7 @@ def test_a_stage_budget_set_by_hand_keeps_a_tenth_of_warmup(tmp_path):
 
     default = stages()
     assert [default[s].train.warmup_steps for s in ("tokenizer", "pretrain")] == [100, 300]
-    assert (default["finetune"].train.epochs, default["finetune"].train.warmup_epochs) == (30, 3)
+    assert (default["finetune"].train.epochs, default["finetune"].train.warmup_epochs) == (50, 5)
     assert default["finetune"].train.class_weights == (1.0, 3.0)  # the finetune_eegmat recipe, at the tiny size
     assert default["finetune"].model.depth == default["pretrain"].model.depth == 2
     changed = stages("tokenizer.train.steps=40", "pretrain.train.warmup_steps=7", "finetune.train.epochs=1")

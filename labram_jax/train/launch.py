@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from labram_jax import host
 from labram_jax.data.shards import read_manifest
 from labram_jax.errors import UserError, one_line
 from labram_jax.train.config import Experiment, override
@@ -144,7 +145,7 @@ def use_cores(exp: Experiment) -> None:
     if "JAX_NUM_CPU_DEVICES" in os.environ or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS",
                                                                                                        ""):
         return
-    count = cpu_devices(exp, len(os.sched_getaffinity(0)))
+    count = cpu_devices(exp, host.cpu_count())  # the container's CPU quota, not the machine's cores
     if jax.config.jax_num_cpu_devices != count:  # a second run in one process keeps the first one's devices
         jax.config.update("jax_num_cpu_devices", count)
 
