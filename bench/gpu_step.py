@@ -8,12 +8,12 @@ timed in its own process (a fresh device memory; one that runs out of memory or 
 and each process gets what is left of --budget seconds. The work is the recipe's: windows of 64 channels x 4
 patches (256 tokens), the frozen VQ-NSP tokenizer's forward in the step, both masked passes, AdamW, clipping 3.0,
 with --batch windows per step on the one device. bf16 compute with float32 parameters and cuDNN's fused attention
-(`train.precision=bfloat16`, `attention=cudnn`); huge keeps its recipe's `remat=block` and scanned blocks.
+(`runtime.precision=bfloat16`, `runtime.attention=cudnn`); huge keeps its recipe's `remat=block` and scanned blocks.
 
 Per model it prints samples/s of warm steps, the time to the first step (compile included), the device's peak
 memory, and MFU: the analytic model FLOPs of a step (labram_jax.train.flops, recomputation not counted) per second,
 over the device's dense bf16 peak (labram_jax.train.logger.PEAK_FLOPS). On a CPU it runs too, without MFU, for a
-check of the script itself: `--set train.precision=float32 model.attention=xla tokenizer.encoder.attention=xla`.
+check of the script itself: `--set runtime.precision=float32 runtime.attention=xla runtime.tokenizer_attention=xla`.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_vs_pytorch import START, jax_step, peak_rss_mib  # noqa: E402
 
 CHANNELS, PATCHES = 64, 4
-GPU = ("train.precision=bfloat16", "model.attention=cudnn", "tokenizer.encoder.attention=cudnn")
-RECIPE = {"base": (), "large": (), "huge": ("train.remat=block", "train.scan_blocks=true")}
+GPU = ("runtime.precision=bfloat16", "runtime.attention=cudnn", "runtime.tokenizer_attention=cudnn")
+RECIPE = {"base": (), "large": (), "huge": ("runtime.remat=block", "runtime.scan_blocks=true")}
 
 
 def child(model: str, batch_size: int, steps: int, overrides: list[str]) -> None:

@@ -34,7 +34,7 @@ def child(model: str, layout: str, remat: str) -> None:
 
     exp = {"large": pretrain_large, "huge": pretrain_huge}[model].config()
     exp = exp.replace(mesh=MeshConfig(**LAYOUTS[layout]),
-                      train=dataclasses.replace(exp.train, remat=remat, scan_blocks=True))
+                      runtime=dataclasses.replace(exp.runtime, remat=remat, scan_blocks=True))
     print(json.dumps(aot.report(exp)))
 
 

@@ -39,7 +39,7 @@ def pod() -> GridConfig:
     small rungs pay the same relative recompute, so FLOPs stay comparable across the grid).
     """
     exp = pretrain_base.config()
-    exp = exp.replace(mesh=MeshConfig(data=-1, fsdp=4), train=dataclasses.replace(exp.train, remat="block"))
+    exp = exp.replace(mesh=MeshConfig(data=-1, fsdp=4), runtime=dataclasses.replace(exp.runtime, remat="block"))
     return GridConfig(pretrain=exp, tokenizer=train_tokenizer.config(),
                       sizes=("0.5M", "1.5M", "5.8M", "20M", "46M", "120M", "369M"),
                       hours=(30.0, 100.0, 300.0, 1000.0, 2500.0), epochs=5, eval_tokens=50_000_000, eval_hours=10.0,

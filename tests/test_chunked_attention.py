@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from labram_jax import configs, sharding
 from labram_jax.models.layers import chunked_attention, softmax_attention
-from labram_jax.train.config import DataConfig, Experiment
+from labram_jax.train.config import DataConfig, Experiment, RuntimeConfig
 from labram_jax.train.trainer import resolve_runtime
 
 B, L, H, HD = 8, 9, 2, 4
@@ -73,4 +73,7 @@ def test_a_cpu_run_takes_the_chunked_attention_unless_told():
     resolved = resolve_runtime(exp)
     assert resolved.model.attention == "chunked" and resolved.tokenizer.encoder.attention == "chunked"
     assert resolve_runtime(exp, abstract=True).model.attention is None  # a pod plan is not for this CPU
-    assert resolve_runtime(exp.replace(model=exp.model.replace(attention="xla"))).model.attention == "xla"
+    told = exp.replace(runtime=RuntimeConfig(attention="xla", tokenizer_attention="cudnn"))
+    assert resolve_runtime(told).model.attention == "xla"
+    assert {resolve_runtime(told).tokenizer.decoder.attention, resolve_runtime(told).tokenizer.encoder.attention} \
+        == {"cudnn"}

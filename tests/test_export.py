@@ -125,14 +125,14 @@ def test_an_export_of_version_1_still_loads(tmp_path):
 def test_a_run_sets_the_runtime_of_the_tokenizer_it_loads(tmp_path):
     """Pretraining runs the frozen tokenizer of its tokenizer_checkpoint as it runs its own model (the original
     computes the targets under the step's autocast), whatever the export was made with."""
-    from labram_jax.train.config import DataConfig, Experiment, TrainConfig
+    from labram_jax.train.config import DataConfig, Experiment, RuntimeConfig, TrainConfig
     from labram_jax.train.trainer import Trainer
 
     tokenizer = configs.tokenizer_tiny(codebook_size=64)
     save_model(build(tokenizer, "tokenizer"), tmp_path / "vqnsp")
     exp = Experiment("pretrain", model=configs.tiny(vocab_size=64), tokenizer=tokenizer,
                      data=DataConfig(max_channels=4, max_patches=2), tokenizer_checkpoint=str(tmp_path / "vqnsp"),
-                     train=TrainConfig(precision="bfloat16", remat="block", batch_size=8))
+                     train=TrainConfig(batch_size=8), runtime=RuntimeConfig(precision="bfloat16", remat="block"))
     trainer = Trainer(exp, tmp_path / "run")
     frozen = nnx.merge(trainer.tokenizer_graphdef, trainer.state["frozen"])
     assert [(t.dtype, t.remat) for t in (frozen.cfg.encoder, frozen.cfg.decoder)] == [("bfloat16", "block")] * 2

@@ -1,4 +1,4 @@
-"""The blocks as one lax.scan (train.scan_blocks, for pods and AOT checks) compute what the unrolled blocks do.
+"""The blocks as one lax.scan (runtime.scan_blocks, for pods and AOT checks) compute what the unrolled blocks do.
 
 The parity tests run both forms against the original's gradients (tests/test_models_vs_reference.py, `scan`
 cases, eval mode). Here: train mode, where each block has its own drop-path rate and rng, with rematerialisation.

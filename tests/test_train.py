@@ -31,7 +31,7 @@ from labram_jax.errors import UserError
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train import launch
 from labram_jax.train.checkpoints import Checkpoints
-from labram_jax.train.config import DataConfig, Experiment, MeshConfig, TrainConfig, override
+from labram_jax.train.config import DataConfig, Experiment, MeshConfig, RuntimeConfig, TrainConfig, override
 from labram_jax.train.flops import step_flops as analytic_step_flops
 from labram_jax.train.trainer import NonFiniteLoss, Trainer
 from conftest import FAST_COMPILE
@@ -216,7 +216,8 @@ def test_matmul_precision_is_the_runs_setting(synthetic, tmp_path, precision, hi
 
     from labram_jax.configs import NUM_CHANNEL_ROWS
 
-    trainer = Trainer(experiment("finetune", synthetic, matmul_precision=precision), tmp_path, devices=ONE)
+    exp = experiment("finetune", synthetic).replace(runtime=RuntimeConfig(matmul_precision=precision))
+    trainer = Trainer(exp, tmp_path, devices=ONE)
     text = trainer.lower().as_text()
     dots = [line for line in text.splitlines() if "dot_general" in line]
     lookup = re.compile(rf"[<x]{NUM_CHANNEL_ROWS + 1}x")

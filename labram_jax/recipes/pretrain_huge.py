@@ -18,4 +18,4 @@ def config() -> Experiment:
     # 80 s of CPU time instead of 14 minutes (bench/RESULTS.md, the pod plan).
     exp = pretrain_base.config(configs.huge())
     return exp.replace(mesh=MeshConfig(data=-1, fsdp=8),
-                       train=dataclasses.replace(exp.train, remat="block", scan_blocks=True))
+                       runtime=dataclasses.replace(exp.runtime, remat="block", scan_blocks=True))

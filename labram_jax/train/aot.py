@@ -19,7 +19,7 @@ def report(exp: Experiment) -> dict[str, Any]:
     """Compile the step for the mesh of `exp`, print one line of its figures and return them.
 
     FLOPs are the analytic model count (flops.step_flops, per device) and XLA's cost analysis; XLA counts a while
-    loop's body once, so under train.scan_blocks its figure covers one block per pass and is not a step's cost.
+    loop's body once, so under runtime.scan_blocks its figure covers one block per pass and is not a step's cost.
     """
     tic = time.perf_counter()
     trainer = Trainer(exp, "/nonexistent-aot-workdir", abstract=True)
@@ -39,7 +39,7 @@ def report(exp: Experiment) -> dict[str, Any]:
               "compile_seconds": time.perf_counter() - tic}
     gib, tera = 2 ** 30, 1e12
     xla = f"XLA counts {result['xla_flops_per_device_per_step'] / tera:.2f}"
-    if trainer.exp.train.scan_blocks:
+    if trainer.exp.runtime.scan_blocks:
         xla += ", one scanned block per pass"
     print(f"{exp.stage} step compiled for {result['devices']} devices, mesh {result['mesh']}: "
           f"{params / 1e6:.1f}M trainable parameters, {result['flops_per_device_per_step'] / tera:.2f} TFLOP "

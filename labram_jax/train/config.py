@@ -67,12 +67,6 @@ class TrainConfig:
     mode: Literal["full", "linear_probe", "lora"] = "full"
     lora_rank: int = 8
     lora_alpha: float = 16.0
-    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 compute on GPU/TPU, float32 on CPU
-    # The default precision of the models' matmuls: "auto" is "highest" for float32 compute (exact float32 on
-    # GPUs too, where the default takes faster reduced-precision passes) and "default" for bf16 compute.
-    matmul_precision: Literal["auto", "highest", "default"] = "auto"
-    remat: Literal["none", "block", "dots"] = "none"
-    scan_blocks: bool = False  # the blocks as one lax.scan: one block to compile (pods, AOT), slower on CPU
     skip_nonfinite: bool = False  # skip a step whose loss or gradient is NaN/Inf instead of stopping
     # Resume a checkpoint whose data position was saved under another data layout (process count, batch size,
     # packing): the weights go on, the data starts a fresh pass. Without it such a resume stops with exit 2.
@@ -88,6 +82,35 @@ class TrainConfig:
     best_metric: str = ""
 
 
+Attention = Literal["auto", "xla", "chunked", "cudnn"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RuntimeConfig:
+    """How the models run, the model's and the tokenizer's alike; the one home of these settings. The model
+    configs hold the architecture (what an export rebuilds); the trainer writes these into their runtime fields
+    (configs.RUNTIME_FIELDS), and a run's saved config.json shows both as they ran."""
+
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"  # compute dtype: auto is bf16 on GPU/TPU, f32 on CPU
+    # The default precision of the models' matmuls: "auto" is "highest" for float32 compute (exact float32 on
+    # GPUs too, where the default takes faster reduced-precision passes) and "default" for bf16 compute.
+    matmul_precision: Literal["auto", "highest", "default"] = "auto"
+    # Rematerialisation of each block in the backward pass: "none", "block" (recompute everything) or "dots"
+    # (keep matmul outputs, recompute the rest); "auto": the first of none, block, dots whose compiled step fits the
+    # host's (CPU) or the device's memory, said in one line when it is not none. A set value is kept, and a step
+    # that does not fit it stops before the first step.
+    remat: Literal["auto", "none", "block", "dots"] = "auto"
+    scan_blocks: bool = False  # the blocks as one lax.scan: one block to compile (pods, AOT), slower on CPU
+    # The attention kernel of the model and of the tokenizer (encoder and decoder): auto is "chunked" on a CPU
+    # (cache-sized chunks of the batch) and "xla" elsewhere; "cudnn" is cuDNN's fused kernel on NVIDIA GPUs.
+    attention: Attention = "auto"
+    tokenizer_attention: Attention = "auto"
+
+
+# Keys that held a runtime setting before the runtime block: `--set` of one names its home instead.
+MOVED = {f"train.{name}": f"runtime.{name}" for name in ("precision", "matmul_precision", "remat", "scan_blocks")}
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     stage: Stage
@@ -95,6 +118,7 @@ class Experiment:
     tokenizer: configs.TokenizerConfig = configs.tokenizer_base()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
     mesh: MeshConfig = MeshConfig()
     init: str = ""  # checkpoint to start from: a .pth or export (fine-tuning: a pretrained model)
     tokenizer_checkpoint: str = ""  # pretraining: the trained tokenizer (.pth or export)
@@ -140,7 +164,11 @@ def override(config: Any, *assignments: str) -> Any:
             raise UserError(f"override {assignment!r} is not key=value")
         fields = key.split(".")
         node, target = config, changes
+        experiment = 0  # how many fields lead to the innermost Experiment (a grid holds several)
         for depth, field in enumerate(fields, start=1):
+            if isinstance(node, Experiment):
+                experiment = depth - 1
+            _check_moved(node, fields, depth, experiment)
             hints = typing.get_type_hints(type(node)) if dataclasses.is_dataclass(node) else {}
             if field not in hints:
                 raise UserError(f"unknown config key {key!r} (fields of {type(node).__name__}: "
@@ -153,6 +181,18 @@ def override(config: Any, *assignments: str) -> Any:
             except ValueError as error:
                 raise UserError(f"{key}: {error}") from None
     return _apply(config, changes)
+
+
+def _check_moved(node: Any, fields: list[str], depth: int, experiment: int) -> None:
+    """A runtime setting set where it no longer lives: one line naming its home, the runtime block."""
+    key, field, prefix = ".".join(fields), fields[depth - 1], ".".join(fields[:experiment] + [""])
+    home = MOVED.get(".".join(fields[experiment:]))
+    if home is None and isinstance(node, configs.TransformerConfig) and field in configs.RUNTIME_FIELDS:
+        tokenizer = "tokenizer" in fields[experiment:depth]
+        home = {"dtype": "runtime.precision", "attention": "runtime.tokenizer_attention" if tokenizer
+                else "runtime.attention"}.get(field, f"runtime.{field}")
+    if home is not None:
+        raise UserError(f"{key}: how the models run is set in the runtime block: use {prefix}{home}")
 
 
 def _apply(config: Any, changes: dict[str, Any]) -> Any:

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from labram_jax import preemption, sharding
+from labram_jax import configs, host, preemption, sharding
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.configs import runtime_of, with_runtime
@@ -64,20 +64,32 @@ def check_finite(unchecked: list[tuple[int, Any, dict]]) -> None:
 
 
 def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
-    """How the models run here: bf16 compute with float32 parameters on accelerators, float32 on CPU (unless the
-    config says otherwise), and on a CPU the chunked attention where the model names none (not for `abstract`
-    ahead-of-time compilation, which plans for the pod's devices)."""
-    cpu = jax.default_backend() == "cpu"
-    precision = exp.train.precision
-    if precision == "auto":
-        precision = "float32" if cpu else "bfloat16"
-    runtime = {"dtype": precision, "remat": exp.train.remat, "scan_blocks": exp.train.scan_blocks}
+    """The models' runtime fields from the experiment's runtime block, the one home of how they run: bf16 compute
+    with float32 parameters on accelerators, float32 on CPU (unless set), and on a CPU the chunked attention
+    (not for `abstract` ahead-of-time compilation, which plans for the pod's devices). A model config whose
+    runtime field says otherwise (an Experiment built in Python) is refused rather than silently overwritten."""
+    cpu, r = jax.default_backend() == "cpu", exp.runtime
+    precision = r.precision if r.precision != "auto" else "float32" if cpu else "bfloat16"
 
-    def attention(named: str | None) -> str | None:
-        return "chunked" if named is None and cpu and not abstract else named
-    return exp.replace(model=with_runtime(exp.model, **runtime, attention=attention(exp.model.attention)),
-                       tokenizer=with_runtime(exp.tokenizer, **runtime,
-                                              attention=attention(exp.tokenizer.encoder.attention)))
+    def attention(named: str) -> str | None:
+        if named != "auto":
+            return named
+        return "chunked" if cpu and not abstract else None
+
+    # remat "auto" runs as "none" until Trainer.fit_memory finds that the step does not fit
+    runtime = {"dtype": precision, "remat": "none" if r.remat == "auto" else r.remat, "scan_blocks": r.scan_blocks}
+    resolved = {"model": with_runtime(exp.model, **runtime, attention=attention(r.attention)),
+                "tokenizer": with_runtime(exp.tokenizer, **runtime, attention=attention(r.tokenizer_attention))}
+    for name, cfg in (("model", exp.model), ("tokenizer.encoder", exp.tokenizer.encoder),
+                      ("tokenizer.decoder", exp.tokenizer.decoder)):
+        want = resolved["model"] if name == "model" else resolved["tokenizer"].encoder
+        for field, value in runtime_of(cfg).items():
+            if value not in (getattr(configs.TransformerConfig(), field), getattr(want, field)):
+                raise UserError(f"{name}.{field} is {value!r}, but how the models run is set in the runtime block "
+                                f"(it gives {getattr(want, field)!r}): set runtime."
+                                + {"dtype": "precision", "attention": "tokenizer_attention" if name != "model"
+                                   else "attention"}.get(field, field))
+    return exp.replace(**resolved)
 
 
 def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
@@ -148,7 +160,7 @@ class Trainer:
         """abstract=True builds shapes and shardings only (no arrays), for ahead-of-time compilation. `devices`:
         the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
         self.exp = resolve_runtime(exp, abstract)
-        self.workdir = Path(workdir)
+        self.workdir, self.devices = Path(workdir), devices
         self.abstract = abstract
         self.stage = STAGES[exp.stage]
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
@@ -191,7 +203,7 @@ class Trainer:
             raise UserError(f"train.batch_size {t.batch_size} must split into {t.grad_accum} micro-batches of a "
                             f"multiple of {self.batch_multiple} (the data-parallel devices of mesh "
                             f"{dict(self.mesh.shape)} and the {jax.process_count()} processes)")
-        precision = t.matmul_precision
+        precision = self.exp.runtime.matmul_precision
         if precision == "auto":
             precision = "highest" if self.exp.model.dtype == "float32" else "default"
         step = jax.jit(self._train_step, in_shardings=(self.shardings, self.batch_sharding, None),
@@ -405,7 +417,54 @@ class Trainer:
         # The checkpoints and the logger close on every way out (NonFiniteLoss, any error), so that an
         # asynchronous save in flight commits and the logs are flushed.
         with preemption.StopSignals("training") as signals, contextlib.ExitStack() as closing:
+            self.fit_memory()
             return self._train(preemption.StopAgreement(signals), closing, progress)
+
+    def planned_bytes(self) -> tuple[int, int] | None:
+        """(the compiled step's bytes, what it may use): on a CPU for all this process's devices against the host's
+        memory (its cgroup limit, host.memory_bytes), less a tenth for the loader, Python and XLA's own; on an
+        accelerator per device against the device's limit. None where XLA plans no memory."""
+        memory = self.compiled_step().memory_analysis()
+        if memory is None:
+            return None
+        per_device = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
+                      + memory.temp_size_in_bytes)
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        if local[0].platform == "cpu":
+            planned, available = per_device * len(local), int(0.9 * host.memory_bytes())
+        else:
+            limits = [(d.memory_stats() or {}).get("bytes_limit") for d in local]
+            if not all(limits):
+                return None
+            planned, available = per_device, min(limits)
+        if jax.process_count() > 1:  # every process must choose the same program: the tightest host decides
+            available = int(np.min(multihost_utils.process_allgather(np.int64(available))))
+        return planned, available
+
+    def fit_memory(self) -> None:
+        """Before the first step, the compiled step against the memory it may use: runtime.remat "auto" takes the
+        first of none, block and dots that fits (one line when it is not none: a rebuilt trainer), a set remat that
+        does not fit stops with exit 2 naming both figures. The chosen remat goes into the run's config."""
+        runtime = self.exp.runtime
+        choices = ("none", "block", "dots") if runtime.remat == "auto" else (runtime.remat,)
+        tried = []
+        for remat in choices:
+            if remat != self.exp.model.remat:
+                self.__init__(self.exp.replace(runtime=dataclasses.replace(runtime, remat=remat)), self.workdir,
+                              devices=self.devices)
+            plan = self.planned_bytes()
+            if plan is None or plan[0] <= plan[1]:
+                break
+            tried.append(f"remat {remat}: {plan[0] / 2 ** 30:.2f} GiB")
+        else:
+            raise UserError(f"runtime.remat={runtime.remat}: the train step does not fit ("
+                            + ", ".join(tried) + f"; {plan[1] / 2 ** 30:.2f} GiB available, "
+                            f"{plan[1]} bytes): set a smaller train.batch_size with train.grad_accum"
+                            + (", or runtime.remat=auto" if runtime.remat != "auto" else ""))
+        if tried and jax.process_index() == 0:
+            print(f"runtime.remat auto: {', '.join(tried)}, more than the {plan[1] / 2 ** 30:.2f} GiB available; "
+                  f"running with remat {remat}: {plan[0] / 2 ** 30:.2f} GiB", flush=True)
+        self.exp = self.exp.replace(runtime=dataclasses.replace(self.exp.runtime, remat=self.exp.model.remat))
 
     def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
                progress: bool = True) -> dict[str, float]:
@@ -604,7 +663,7 @@ class Trainer:
     def step_flops(self) -> float | None:
         """FLOPs of one step per device, from XLA's cost analysis of the compiled step (None under scan_blocks:
         XLA counts a loop's body once, not once per block)."""
-        if self.exp.train.scan_blocks:
+        if self.exp.runtime.scan_blocks:
             return None
         compiled = self.compiled_step()  # a step that does not compile fails the run here, not as "no FLOPs"
         try:
