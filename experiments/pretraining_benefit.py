@@ -342,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
         launch.rerun_with_huge_pages()
     # One process runs every stage, so the device count must suit them all: every batch is a multiple of it.
     launch.use_cores(study.stages["finetune"])
-    from labram_jax import preemption
+    from labram_jax import compile_cache, preemption
+
+    compile_cache.enable()  # the fine-tuning runs of every seed and arm share their programs
 
     try:
         summary = run(study, progress=not args.quiet)

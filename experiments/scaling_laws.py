@@ -96,14 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         args.simulate_devices = 0
         launch._initialize_distributed(args)
-        import jax
-
         # Points of one size share shapes: from the second on, evaluation and FLOP counting reuse compiled code
-        # (on a cluster, every array task after the first of its size does). A cache the user has set
-        # (JAX_COMPILATION_CACHE_DIR, one shared by all their jobs) is kept as it is.
-        if not jax.config.jax_compilation_cache_dir:
-            jax.config.update("jax_compilation_cache_dir", str(Path(args.workdir) / "xla_cache"))
-            jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        # (on a cluster, every array task after the first of its size does), through the user's cache.
+        from labram_jax import compile_cache
+
+        compile_cache.enable()
         if args.point is not None:
             scaling.run_point(grid, args.point, args.workdir, args.data)
         else:

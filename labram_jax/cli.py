@@ -278,6 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         from labram_jax.train.launch import rerun_with_huge_pages
 
         rerun_with_huge_pages()
+    if args.command in ("demo", "embed"):  # `train` turns it on in launch.run, after the device setup
+        from labram_jax import compile_cache
+
+        compile_cache.enable()
     try:
         return args.run(args)
     except UserError as error:  # bad input; anything else is a bug, and keeps its traceback

@@ -255,7 +255,9 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     _initialize_distributed(args, exp)
-    from labram_jax import preemption  # after the device count and distributed setup, as the rest
+    from labram_jax import compile_cache, preemption  # after the device count and distributed setup, as the rest
+
+    compile_cache.enable()
     from labram_jax.train import aot, seeds as seed_runs, trainer
     from labram_jax.train.checkpoints import DiskFull
 

@@ -1,0 +1,75 @@
+"""The persistent compilation cache every command turns on: a second run of the same recipe and shapes compiles
+nothing the first one compiled (counted from JAX's compile log, not timed), a corrupt entry costs one warning and
+a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train import child_env, recipe_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def env(cache: Path | str, **extra: str) -> dict[str, str]:
+    """The child's environment with our cache setting instead of the session's JAX_COMPILATION_CACHE_DIR."""
+    base = {k: v for k, v in child_env().items() if not k.startswith(("JAX_COMPILATION_CACHE", "JAX_PERSISTENT"))}
+    return base | {"LABRAM_JAX_CACHE": str(cache), "JAX_LOG_COMPILES": "1"} | extra
+
+
+def compiled(stderr: str) -> tuple[list[str], list[str]]:
+    """(programs compiled, programs loaded from the cache), by JAX's compile log."""
+    lines = stderr.splitlines()
+    started = [line.split("Compiling ", 1)[1].split(" ", 1)[0] for line in lines if "Compiling " in line]
+    hits = [line for line in lines if "Persistent compilation cache hit" in line]
+    return started, hits
+
+
+@pytest.mark.xdist_group("recipe-reference")
+def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic, tmp_path):
+    cache = tmp_path / "cache"
+    runs = []
+    for name in ("first", "second"):
+        run = subprocess.run(recipe_command(tmp_path / name, synthetic), env=env(cache), capture_output=True,
+                             text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-3000:]
+        runs.append(compiled(run.stderr))
+    (first, first_hits), (second, second_hits) = runs
+    assert first and not first_hits  # an empty cache: everything compiled
+    assert sorted(second) == sorted(first)  # the same programs, each of them loaded
+    assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
+    # the train step's entry (the largest) cut short: one warning, compiled again, the run goes on
+    entry = max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)
+    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    run = subprocess.run(recipe_command(tmp_path / "third", synthetic), env=env(cache), capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("Error reading persistent compilation cache entry") == 1, run.stderr[-3000:]
+    third, third_hits = compiled(run.stderr)
+    assert len(third) - len(third_hits) == 1
+
+
+def where(environment: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", "from labram_jax import compile_cache; print(compile_cache.enable())"],
+                          env=environment, capture_output=True, text=True, timeout=120)
+
+
+def test_where_the_cache_lives(tmp_path):
+    plain = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_COMPILATION_CACHE", "LABRAM_JAX_CACHE"))}
+    plain |= {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"}
+    assert where(plain | {"XDG_CACHE_HOME": str(tmp_path / "xdg")}).stdout.strip() == str(tmp_path / "xdg" /
+                                                                                          "labram-jax" / "xla")
+    assert where(plain | {"HOME": str(tmp_path / "home")}).stdout.strip() == str(tmp_path / "home" / ".cache" /
+                                                                                "labram-jax" / "xla")
+    assert where(plain | {"LABRAM_JAX_CACHE": str(tmp_path / "mine")}).stdout.strip() == str(tmp_path / "mine")
+    assert where(plain | {"LABRAM_JAX_CACHE": "off"}).stdout.strip() == "None"
+    # JAX's own setting wins
+    theirs = where(plain | {"LABRAM_JAX_CACHE": str(tmp_path / "mine"), "JAX_COMPILATION_CACHE_DIR": str(tmp_path)})
+    assert theirs.stdout.strip() == str(tmp_path)
+    # a folder that cannot be made (a file is in the way): no cache, one warning
+    (tmp_path / "file").write_text("")
+    blocked = where(plain | {"LABRAM_JAX_CACHE": str(tmp_path / "file" / "cache")})
+    assert blocked.returncode == 0 and blocked.stdout.strip() == "None"
+    assert blocked.stderr.count("warning: no compilation cache:") == 1 and "LABRAM_JAX_CACHE=DIR" in blocked.stderr
