@@ -100,6 +100,18 @@ def test_bad_input_to_a_recipe_is_one_line(tmp_path, capsys, no_training):
     assert no_training == []
 
 
+@pytest.mark.parametrize("where", ["--data", "--set"])
+def test_a_missing_data_path_is_named_first(tmp_path, capsys, recipes, no_training, where):
+    """The new user's typo: the path that is missing, named, not advice about epochs that does not help."""
+    missing = tmp_path / "no" / "such" / "dir"
+    args = ["--data", str(missing)] if where == "--data" else ["--set", f"data.train={missing}"]
+    assert launch.main(recipes["eegmat"].config, ["--workdir", str(tmp_path / "run"), *args]) == 2
+    expected = (f"error: --data {missing}: no such file or folder\n" if where == "--data"
+                else f"error: data.train: {missing}: no such file or folder\n")
+    assert one_line(capsys) == expected
+    assert no_training == [] and not (tmp_path / "run").exists()
+
+
 # -- 12. a recipe without --data ------------------------------------------------------------------------------------
 def test_a_recipe_without_data_stops_before_anything_is_built(tmp_path, capsys, recipes, no_training):
     assert launch.main(recipes["tuab"].config, ["--workdir", str(tmp_path / "run")]) == 2

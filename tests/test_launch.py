@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from labram_jax import host
 from labram_jax.recipes import finetune_eegmat
 from labram_jax.train import launch
 from labram_jax.train.config import override
@@ -49,8 +50,24 @@ def test_a_train_command_uses_every_core_unless_told(tmp_path, env, expected):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     if expected == "cores":
-        expected = launch.cpu_devices(override(finetune_eegmat.config(), *sets), len(os.sched_getaffinity(0)))
+        expected = launch.cpu_devices(override(finetune_eegmat.config(), *sets), host.cpu_count())
     assert f"step compiled for {expected} devices, mesh {{'data': {expected}, " in run.stdout
+
+
+def test_a_recipe_from_stdin_trains_and_exports_without_huge_pages(synthetic, tmp_path):
+    """`python - <<EOF`: the script cannot be read again, so there is no rerun (which would run nothing and exit
+    0); it trains in this process and says once that huge pages are off."""
+    from test_train import child_env, recipe_command
+
+    script = "from labram_jax.recipes import finetune_eegmat\nfrom labram_jax.train import launch\n" \
+             "raise SystemExit(launch.main(finetune_eegmat.config))\n"
+    args = recipe_command(tmp_path / "run", synthetic)[2:]  # the recipe's flags, without the script
+    env = {k: v for k, v in child_env().items() if k != "GLIBC_TUNABLES"}
+    run = subprocess.run([sys.executable, "-", *args], input=script, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("huge pages off: a script read from stdin cannot run again") == 1
+    assert (tmp_path / "run" / "export").is_dir() and (tmp_path / "run" / "metrics.jsonl").exists()
 
 
 def test_a_command_runs_again_once_with_huge_pages(tmp_path):

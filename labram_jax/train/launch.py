@@ -31,6 +31,8 @@ def _split_folders(data: list[str], exp: Experiment) -> Experiment:
     train, val, test = [], [], []
     for item in data:
         root = Path(item)
+        if not root.exists():
+            raise UserError(f"--data {item}: no such file or folder")
         if (root / "train").is_dir():
             train.append(str(root / "train"))
             val += [str(root / "val")] if (root / "val").is_dir() else []
@@ -38,6 +40,14 @@ def _split_folders(data: list[str], exp: Experiment) -> Experiment:
         else:
             train.append(str(root))
     return exp.replace(data=dataclasses.replace(exp.data, train=tuple(train), val=tuple(val), test=tuple(test)))
+
+
+def check_data_paths(exp: Experiment) -> None:
+    """Every shard folder or file the experiment names exists: the first missing one, by its key, in one line."""
+    for split in ("train", "val", "test"):
+        for path in getattr(exp.data, split):
+            if not Path(path).exists():
+                raise UserError(f"data.{split}: {path}: no such file or folder")
 
 
 def _manifests(folders: tuple[str, ...]) -> list[tuple[str, dict]]:
@@ -233,6 +243,10 @@ def rerun_with_huge_pages() -> None:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if sys.platform != "linux" or "glibc.malloc.hugetlb" in tunables:
         return
+    if sys.argv[0] in ("", "-"):  # a script from stdin (python - <<EOF) or typed in: it cannot be read again
+        print(f"huge pages off: a script read from stdin cannot run again with them (start it with "
+              f"GLIBC_TUNABLES={HUGE_PAGES} to have them)", file=sys.stderr, flush=True)
+        return
     sys.stdout.flush()
     sys.stderr.flush()
     env = dict(os.environ, GLIBC_TUNABLES=":".join(filter(None, (tunables, HUGE_PAGES))))
@@ -250,6 +264,7 @@ def run(recipe: Callable[[], Experiment], args: argparse.Namespace) -> int:
             if not exp.data.train:
                 raise UserError("no training data: give --data DIR (a builder's output with train/, or a folder of "
                                 "shards)")
+            check_data_paths(exp)
             exp = resolve_epochs(window_shape(exp, {a.partition("=")[0] for a in args.set}))
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
