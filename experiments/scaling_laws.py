@@ -98,16 +98,26 @@ def main(argv: list[str] | None = None) -> int:
         launch._initialize_distributed(args)
         # Points of one size share shapes: from the second on, evaluation and FLOP counting reuse compiled code
         # (on a cluster, every array task after the first of its size does), through the user's cache.
-        from labram_jax import compile_cache
+        from labram_jax import compile_cache, preemption
 
         compile_cache.enable()
-        if args.point is not None:
-            scaling.run_point(grid, args.point, args.workdir, args.data)
-        else:
-            scaling.run_grid(grid, args.workdir, args.data)
+        # From here a SIGTERM or SIGINT (during a build or a compilation too) is noted, and the trainer that runs
+        # next stops at its first safe point, saves and exits 75, as `labram train`; the same command resumes.
+        with preemption.StopSignals("the scaling grid"):
+            if args.point is not None:
+                scaling.run_point(grid, args.point, args.workdir, args.data)
+            else:
+                scaling.run_grid(grid, args.workdir, args.data)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except Exception as stop:  # noqa: BLE001 - only the preemption stop is handled; anything else re-raises
+        from labram_jax import preemption
+
+        if not isinstance(stop, preemption.Preempted):
+            raise
+        print(f"preempted: {stop}", file=sys.stderr)
+        return preemption.EXIT_CODE
     return 0
 
 

@@ -42,11 +42,17 @@ def _say(text: str) -> None:
     os.write(2, (text + "\n").encode())
 
 
+_ACTIVE: list["StopSignals"] = []  # entered and not yet exited, outermost first
+
+
 class StopSignals:
     """While entered, SIGTERM and SIGINT set `received` (the first signal's name) instead of ending the process.
 
     Handlers can only be set from the main thread; entered from another thread this does nothing, and the
-    process keeps its usual handlers.
+    process keeps its usual handlers. Nested (a study or a grid around the trainer), an inner one starts with a
+    signal the outer ones have received (say, during the compilation before training), so that the trainer
+    stops at its first safe point instead of training on; and a signal the inner one receives reaches the outer
+    ones as it exits.
     """
 
     def __init__(self, job: str) -> None:
@@ -62,6 +68,8 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for number in SIGNALS:
                 self._previous[number] = signal.signal(number, self._handle)
+            self.received = self.received or next((s.received for s in _ACTIVE if s.received), None)
+            _ACTIVE.append(self)
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
@@ -70,6 +78,10 @@ class StopSignals:
             # None: a handler set outside Python (jax.distributed's preemption notifier); it cannot be put back.
             signal.signal(number, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
+        if self in _ACTIVE:
+            _ACTIVE.remove(self)
+            for outer in _ACTIVE:
+                outer.received = outer.received or self.received
 
     def _handle(self, number: int, frame: FrameType | None) -> None:
         name = signal.Signals(number).name

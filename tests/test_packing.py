@@ -432,3 +432,18 @@ def test_packed_epoch_sees_every_window_once(built_mixture, tmp_path):
     # every window seen is a whole window of 92 or 12 real tokens
     assert any(tokens == 92 * k + 12 * (windows - k) for k in range(windows + 1)), (windows, tokens)
     assert all(b > a for (a, _), (b, _) in zip(seen, seen[1:]))
+
+
+def test_a_window_over_pack_tokens_stops_before_the_first_step(built_mixture, tmp_path):
+    """A mixed corpus whose long windows (92 tokens) exceed pack_tokens=64: one line naming the folder, the
+    window's shape and the setting, before any step, wherever the shuffle would first have met one."""
+    from labram_jax.errors import UserError
+
+    exp = Experiment(
+        stage="tokenizer", tokenizer=configs.tokenizer_tiny(),
+        data=DataConfig(train=tuple(map(str, built_mixture)), max_channels=23, max_patches=4, pack_tokens=64),
+        train=TrainConfig(steps=3, batch_size=4, log_every=1, save_every=1000))
+    with pytest.raises(UserError, match=rf"^data.train: {built_mixture[0]} holds windows of 23 channels x 4 "
+                                        r"patches \(92 tokens\), more than data.pack_tokens=64$"):
+        Trainer(exp, tmp_path, devices=jax.devices()[:1]).train(progress=False)
+    assert not (tmp_path / "metrics.jsonl").exists()

@@ -69,6 +69,22 @@ def _window_sizes(folders: tuple[str, ...]) -> list[int]:
     return sizes
 
 
+def check_packed_windows(exp: Experiment) -> None:
+    """With packing, every training window must fit a row: the first folder whose manifest states a larger one,
+    before any step (the loader would meet it only where the shuffle puts it, and every resume again)."""
+    d = exp.data
+    for folder in d.train:
+        manifest = read_manifest(folder)
+        if manifest is None:
+            continue
+        for names, _ in manifest["channel_sets"].items():
+            channels = len(names.split())
+            patches = _window_patches(folder, manifest, channels)
+            if channels * patches > d.pack_tokens:
+                raise UserError(f"data.train: {folder} holds windows of {channels} channels x {patches} patches "
+                                f"({channels * patches} tokens), more than data.pack_tokens={d.pack_tokens}")
+
+
 def epoch_rows(exp: Experiment) -> int:
     """The batch rows one pass over the training windows fills: one a window, or with packing the rows the packer
     makes of them (pipeline.packed_rows), a row then holding several windows."""

@@ -472,6 +472,10 @@ class Trainer:
         best_metric, higher = self.stage.best_metric(exp)
         if exp.stage == "finetune":  # before the first step, not at the first evaluation after all of training
             check_labels(exp)
+        if exp.data.pack_tokens:  # a window too large for a row, found now rather than where the shuffle puts it
+            from labram_jax.train.launch import check_packed_windows
+
+            check_packed_windows(exp)
         self.workdir.mkdir(parents=True, exist_ok=True)
         ckpt = closing.enter_context(contextlib.closing(Checkpoints(self.workdir, t.keep,
                                                                     identity={"stage": exp.stage})))
