@@ -181,7 +181,9 @@ def test_train_simulates_devices_in_a_fresh_process(tmp_path):
 
 
 @pytest.mark.parametrize("recipe,message", [
-    ("finetune_nothing", "labram train: no recipe 'finetune_nothing' (labram train --list shows them)\n"),
+    ("fnord", "labram train: no recipe 'fnord' (labram train --list shows them)\n"),
+    ("finetune_eegmta", "labram train: no recipe 'finetune_eegmta'; did you mean finetune_eegmat? (labram train "
+                        "--list shows them)\n"),
     ("{tmp}/missing.py", "labram train: {tmp}/missing.py: no such file\n"),
     ("{tmp}/empty.py", "labram train: {tmp}/empty.py: no config() returning an Experiment\n")])
 def test_train_errors(tmp_path, capsys, recipe, message):

@@ -75,9 +75,9 @@ def test_a_terminal_shows_a_live_bar(shards, tmp_path):
     assert len(states) >= STEPS // LOG_EVERY, screen
     final = next(s for s in reversed(states) if f"{STEPS}/{STEPS}" in s)
     assert "100%" in final and "█" in final, final
-    assert f"loss {losses[STEPS]:.4g}" in final and re.search(r"[\d.]+ samples/s", final) and "eta 00:00" in final
+    assert f"loss {losses[STEPS]:.4f}" in final and re.search(r"[\d.]+ samples/s", final) and "eta 00:00" in final
     for step in range(LOG_EVERY, STEPS, LOG_EVERY):  # every logged loss was on the bar at its step
-        assert any(f"{step}/{STEPS}" in s and f"loss {losses[step]:.4g}" in s for s in states), (step, states)
+        assert any(f"{step}/{STEPS}" in s and f"loss {losses[step]:.4f}" in s for s in states), (step, states)
     assert not re.search(r"^step \d+/", screen, re.M)  # no plain lines on a terminal
 
 
@@ -93,7 +93,7 @@ def test_a_pipe_gets_plain_lines(shards, tmp_path):
     assert [int(step) for step, *_ in lines] == list(range(LOG_EVERY, STEPS + 1, LOG_EVERY)), run.stderr
     for step, total, percent, loss, rate, _, eta in lines:
         assert int(total) == STEPS and int(percent) == 100 * int(step) // STEPS
-        assert loss == f"{losses[int(step)]:.4g}"
+        assert loss == f"{losses[int(step)]:.4f}"
         assert float(rate) > 0 and re.fullmatch(r"\d\d:\d\d", eta)
     assert lines[-1][-1] == "00:00"
 
@@ -123,4 +123,14 @@ def test_rate_and_eta_from_the_steps_of_this_session(monkeypatch, capsys):
     # 8 windows a step, one step a second since step 11: 18 steps to go at step 12, 16 at step 14.
     assert lines == ["step 12/30 (40%): loss 0.1667, 8.0 samples/s, elapsed 00:31, eta 00:18",
                      "step 14/30 (46%): loss 0.1429, 8.0 samples/s, elapsed 00:33, eta 00:16",
-                     "step 14/30: val/loss 0.25, val/accuracy 0.75"]
+                     "step 14/30: val/loss 0.2500, val/accuracy 0.7500"]
+
+
+def test_the_status_is_one_format_and_shows_only_what_is_known():
+    """Before the first logged step no `loss ?`; a loss of 9 prints as 9.0000 beside 9.0400."""
+    bar = progress.Progress(total=30, start=0, batch_size=8, enabled=False)
+    assert bar._status() == "compiling"
+    bar.loss = 9.0
+    assert bar._status() == "loss 9.0000"
+    bar.loss = 9.04
+    assert bar._status() == "loss 9.0400"

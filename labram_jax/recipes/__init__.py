@@ -6,6 +6,7 @@ has them.
 """
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 import pkgutil
@@ -34,7 +35,9 @@ def load(recipe: str) -> Callable[[], Experiment]:
     elif recipe in available():
         module = importlib.import_module(f"{__name__}.{recipe}")
     else:
-        raise UserError(f"no recipe {recipe!r} (labram train --list shows them)")
+        near = difflib.get_close_matches(recipe, available(), n=1)
+        raise UserError(f"no recipe {recipe!r}" + (f"; did you mean {near[0]}?" if near else "")
+                        + " (labram train --list shows them)")
     config = getattr(module, "config", None)
     if not callable(config):
         raise UserError(f"{recipe}: no config() returning an Experiment")

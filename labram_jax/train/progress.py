@@ -59,7 +59,7 @@ class Progress:
                 self._line(f"step {step}/{self.total} ({100 * step // self.total}%): "
                            + self._status(elapsed=True))
             return
-        self._line(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()
+        self._line(f"step {step}/{self.total}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                               if not k.endswith("_seen")))
 
     def close(self) -> None:
@@ -74,13 +74,17 @@ class Progress:
         return (self.step - self.first[0]) / (self.now - self.first[1])
 
     def _status(self, elapsed: bool = False) -> str:
-        """The loss, samples/s and ETA; with the time since the start for plain lines (a bar shows its own)."""
+        """The loss (one fixed format), samples/s and ETA, each once it is known; with the time since the start for
+        plain lines (a bar shows its own)."""
         rate = self._rate()
-        loss = "?" if self.loss is None else f"{self.loss:.4g}"
-        samples = "?" if rate is None else f"{rate * self.batch_size:.1f}"
-        eta = "?" if rate is None else tqdm.format_interval((self.total - self.step) / rate)
-        since = f", elapsed {tqdm.format_interval(self.now - self.began)}" if elapsed else ""
-        return f"loss {loss}, {samples} samples/s{since}, eta {eta}"
+        parts = [] if self.loss is None else [f"loss {self.loss:.4f}"]
+        if rate is not None:
+            parts.append(f"{rate * self.batch_size:.1f} samples/s")
+        if elapsed:
+            parts.append(f"elapsed {tqdm.format_interval(self.now - self.began)}")
+        if rate is not None:
+            parts.append(f"eta {tqdm.format_interval((self.total - self.step) / rate)}")
+        return ", ".join(parts) or "compiling"
 
     def _line(self, text: str) -> None:
         if self.bar is not None:
