@@ -55,7 +55,7 @@ def prep(args: argparse.Namespace) -> int:
                            for split, c in report["splits"].items())
         print(f"{args.out}: {splits}; {report['totals']['rejected']} rejected, {report['totals']['skipped']} "
               f"skipped; see {Path(args.out) / 'report.json'}")
-        return 0
+        return _status(report["totals"], args.out)
     totals = summary["report"]["totals"]
     minutes = summary["seconds"] / 60
     print(f"this run: {summary['written']} written, {summary['rejected']} rejected, {summary['skipped']} skipped "
@@ -68,7 +68,18 @@ def prep(args: argparse.Namespace) -> int:
     print(f"{args.out}: {totals['written']} recordings written ({totals['windows']} windows, "
           f"{totals['hours_written']:.2f} h), {totals['rejected']} rejected, {totals['skipped']} skipped; {state}; "
           f"see {Path(args.out) / 'report.json'}")
-    return 0
+    return _status(totals, args.out)
+
+
+NOTHING_WRITTEN = 3  # the exit status of a job that wrote no recording: a script must not take it for success
+
+
+def _status(totals: dict, out: str) -> int:
+    if totals["written"]:
+        return 0
+    print(f"labram prep: no recording written ({totals['rejected']} rejected, {totals['skipped']} skipped; the "
+          f"reasons are in {Path(out) / 'report.json'})", file=sys.stderr)
+    return NOTHING_WRITTEN
 
 
 def _int_from(low: int, high: int | None = None) -> Callable[[str], int]:
@@ -95,7 +106,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                "folders (searched recursively; every other file is listed in the report as skipped) or glob\n"
                "patterns. A recording that cannot be read, has no mappable channel, holds NaN/Inf, is flat, has\n"
                "an absurd amplitude or is shorter than a window is rejected and the job goes on; exit status 0\n"
-               "once every input is accounted for.\n"
+               "once every input is accounted for and some recording was written, 3 when none was (every input\n"
+               "rejected or skipped: report.json says why).\n"
                "Rerunning the same command resumes an interrupted job, with identical output.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="EEG files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")

@@ -471,6 +471,19 @@ def test_discover(tmp_path):
         discover([str(tmp_path / "p" / "a"), str(tmp_path / "q" / "a")])
 
 
+def test_a_job_that_writes_nothing_exits_3(tmp_path, capsys):
+    """Every input rejected (a text file renamed .edf): not exit 0, which a script takes for success; one line
+    pointing at the reasons. A job that wrote some recordings keeps 0 (test_bad_inputs_...)."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.edf").write_text("not an EDF at all\n" * 20)
+    assert main(["prep", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 3
+    err = capsys.readouterr().err
+    assert err.endswith(f"labram prep: no recording written (1 rejected, 0 skipped; the reasons are in "
+                        f"{tmp_path / 'out' / 'report.json'})\n"), err
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["totals"]["written"] == 0 and report["totals"]["rejected"] == 1
+
+
 def test_usage_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["prep", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2
