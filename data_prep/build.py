@@ -166,5 +166,5 @@ def _finish(plan: Plan, staging: Path, splits: list[str]) -> dict[str, Any]:
               "splits": counts, "totals": totals(entries), "recordings": entries}
     if plan.details.get("label_from"):  # a BIDS build's: where its labels come from, and the classes' names
         report["labels"] = {"from": plan.details["label_from"], "classes": plan.details["labels"]}
-    write_json(staging / REPORT, report, ensure_ascii=False)
+    write_json(staging / REPORT, report, ensure_ascii=False, allow_nan=False)  # strict JSON: any reader parses it
     return report

@@ -19,6 +19,7 @@ pretraining corpus contains plenty of and which the original did not filter.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import mne
@@ -41,6 +42,14 @@ def check_edf_complete(path: str | os.PathLike) -> None:
     reader, which rejects it with its own message; a record count of -1 (a recording never closed) is legal."""
     with open(path, "rb") as f:
         head = f.read(256)
+        duration = head[244:252].decode("ascii", "replace").strip()
+        try:  # the seconds one data record spans: every time and the hours in the reports scale with it
+            seconds = float(duration)
+        except ValueError:
+            seconds = float("nan")
+        if not (math.isfinite(seconds) and seconds > 0) and len(head) == 256:
+            raise Rejected(f"EDF header: the duration of a data record is {duration!r}, not a positive number of "
+                           "seconds")
         try:
             header_bytes, records, signals = int(head[184:192]), int(head[236:244]), int(head[252:256])
             # Signal headers are stored field by field; samples per record follow label, transducer, unit,

@@ -109,7 +109,7 @@ def rebuild(out: str | os.PathLike, num_shards: int = 1) -> tuple[dict[str, Any]
     first = found.headers[0]
     if isinstance(first["labels"], dict):  # a BIDS dataset's: where they come from, and the classes' names
         report["labels"] = first["labels"]
-    write_json(out / REPORT, report, ensure_ascii=False)
+    write_json(out / REPORT, report, ensure_ascii=False, allow_nan=False)  # strict JSON: any reader parses it
     job = first["params"]
     params = {**job["preprocessing"], "shard_windows": job["shard_windows"], "prefix": job["prefix"],
               "labels": first["labels"], "commands": [h["command"] for h in found.headers]}

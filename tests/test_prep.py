@@ -484,6 +484,25 @@ def test_a_job_that_writes_nothing_exits_3(tmp_path, capsys):
     assert report["totals"]["written"] == 0 and report["totals"]["rejected"] == 1
 
 
+def test_a_nan_record_duration_is_named_and_the_reports_are_strict_json(tmp_path):
+    """An EDF whose header says `nan` seconds a record: rejected with the field and its value, and report.json and
+    manifest.json hold no NaN or Infinity (JavaScript's JSON.parse refuses them)."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(SUBJECT00_2, tmp_path / "in" / "good.edf")
+    data = bytearray(SUBJECT00_2.read_bytes())
+    data[244:252] = b"nan     "
+    (tmp_path / "in" / "nan.edf").write_bytes(bytes(data))
+    assert main(["prep", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+
+    def strict(text: str):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"{name} in strict JSON"))
+    report = strict((tmp_path / "out" / "report.json").read_text())
+    strict((tmp_path / "out" / "manifest.json").read_text())
+    rejected = [e for e in report["recordings"] if e["status"] == "rejected"]
+    assert [e["reason"] for e in rejected] == ["EDF header: the duration of a data record is 'nan', not a positive "
+                                               "number of seconds"], rejected
+
+
 def test_usage_errors(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["prep", str(tmp_path / "empty"), "--out", str(tmp_path / "out")]) == 2

@@ -104,7 +104,7 @@ def write_manifest(directory: str | os.PathLike, stats: dict[str, DatasetStats],
         "channel_sets": dict(sum((s.channel_sets for s in stats.values()), collections.Counter()).most_common()),
         "datasets": datasets, "preprocessing": params, "shards": [p.name for p in shards], **extra,
     }
-    write_json(directory / MANIFEST, manifest)
+    write_json(directory / MANIFEST, manifest, allow_nan=False)  # strict JSON: any reader parses it
     return manifest
 
 
