@@ -38,18 +38,11 @@ class Rejected(ValueError):
 
 
 def check_edf_complete(path: str | os.PathLike) -> None:
-    """Reject an EDF/BDF file shorter than its header says. A header that cannot be parsed is left to the
-    reader, which rejects it with its own message; a record count of -1 (a recording never closed) is legal."""
+    """Reject an EDF/BDF file shorter than its header says, or whose record duration is not a positive number. A
+    header that cannot be parsed is left to the reader, which rejects it with its own message; a record count of
+    -1 (a recording never closed) is legal."""
     with open(path, "rb") as f:
         head = f.read(256)
-        duration = head[244:252].decode("ascii", "replace").strip()
-        try:  # the seconds one data record spans: every time and the hours in the reports scale with it
-            seconds = float(duration)
-        except ValueError:
-            seconds = float("nan")
-        if not (math.isfinite(seconds) and seconds > 0) and len(head) == 256:
-            raise Rejected(f"EDF header: the duration of a data record is {duration!r}, not a positive number of "
-                           "seconds")
         try:
             header_bytes, records, signals = int(head[184:192]), int(head[236:244]), int(head[252:256])
             # Signal headers are stored field by field; samples per record follow label, transducer, unit,
@@ -58,6 +51,15 @@ def check_edf_complete(path: str | os.PathLike) -> None:
             samples = [int(f.read(8)) for _ in range(signals)]
         except ValueError:
             return
+    # A header that parses, whose record duration does not: every time and the hours in the reports scale with it.
+    duration = head[244:252].decode("ascii", "replace").strip()
+    try:
+        seconds = float(duration)
+    except ValueError:
+        seconds = float("nan")
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise Rejected(f"EDF header: the duration of a data record is {duration!r}, not a positive number of "
+                       "seconds")
     if records < 0:
         return
     bytes_per_sample = 3 if head[:8] == b"\xffBIOSEMI" else 2
