@@ -250,6 +250,33 @@ def test_resume_onto_another_mesh(synthetic, tmp_path):
     assert metrics(tmp_path, "tokens_seen") == [64, 128, 192, 256]
 
 
+def test_sigterm_during_validation_stops_at_the_next_batch_and_the_rerun_validates_again(synthetic, tmp_path):
+    """A SIGTERM while a training run validates: the pass ends at the next evaluation batch (not after the whole
+    split, which may outlast the grace period), the step is saved, and the rerun validates that step before it
+    trains on, so the best checkpoint cannot be missed."""
+    from labram_jax.preemption import Preempted
+
+    exp = override(experiment("finetune", synthetic, steps=4, save_every=1000), f"data.val={synthetic / 'val'}",
+                   "train.eval_every=2", "data.eval_batch_size=2")  # 16 validation windows: 8 batches
+    trainer = Trainer(exp, tmp_path, devices=ONE)
+    batches, outputs = [], trainer._outputs
+
+    def signalled(*args):
+        batches.append(1)
+        if len(batches) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return outputs(*args)
+    trainer._outputs = signalled
+    with pytest.raises(Preempted, match="stopped at step 2"):
+        trainer.train(progress=False)
+    assert len(batches) == 2  # the batch in flight finished, no more
+    assert not metrics(tmp_path, "val/loss")
+    Trainer(exp, tmp_path, devices=ONE).train(progress=False)
+    steps = [r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())
+             if "val/loss" in r]
+    assert steps == [2, 4]
+
+
 def test_resume_with_another_data_layout_is_refused_or_forced(synthetic, tmp_path, capsys):
     """A checkpoint's data position means something only in its layout (processes, batch size, packing): a resume
     under another stops before any step naming both values, and train.force_resume goes on from the weights with

@@ -154,6 +154,10 @@ class SeenCounter:
         return {"windows_seen": windows, "tokens_seen": tokens}
 
 
+class EvaluationStopped(Exception):
+    """A stop signal arrived while a training run validated: the run saves and the rerun validates again."""
+
+
 class Trainer:
     def __init__(self, exp: Experiment, workdir: str | os.PathLike, *, abstract: bool = False,
                  devices: Sequence[jax.Device] | None = None):
@@ -215,6 +219,7 @@ class Trainer:
         self._tokens = UnderPrecision(jax.jit(self._batch_tokens, in_shardings=(self.shardings, self.batch_sharding)),
                                       precision, self.mesh)
         self._compiled: Any = None
+        self._stop: preemption.StopAgreement | None = None  # while a training run validates
 
     # -- model construction ------------------------------------------------------------------------------------
     def _model(self) -> nnx.Module:
@@ -345,6 +350,8 @@ class Trainer:
         size = max(size - size % self.batch_multiple, self.batch_multiple)
         for batch in eval_dataset({str(p): [p] for p in paths}, self.loader_config(size)):
             yield multihost_utils.process_allgather(program(self.state, self.global_batch(batch)), tiled=True)
+            if self._stop is not None and self._stop():  # a validation in training: SIGTERM ends it here
+                raise EvaluationStopped
 
     def evaluate(self, split: str, save_as: str = "") -> dict[str, float]:
         """The stage's metrics over a whole split, every process's share gathered first. save_as: fine-tuning
@@ -513,12 +520,15 @@ class Trainer:
         live = Progress(t.steps, step, t.batch_size, enabled=progress)
         logger.trackers.append(live)  # it shows the logged records and is closed with the logger
         base_rng = jax.random.wrap_key_data(np.asarray(self.state["rng"]))  # a host copy: the state is donated
+        summary: dict[str, float] = {}
+        if meta.pop("validate_at", None) == step and exp.data.val and step < t.steps:  # stopped while validating
+            meta = self._validate(step, logger, best_metric, higher, meta, summary, seen, stop, ckpt, iterator)
         step_program = self.compiled_step()
         peak = device_peak_flops()
         flops = self.step_flops() if peak else None
         analytic = analytic_step_flops(self.exp) / jax.device_count()  # per device, as XLA's count
         tokens_per_step = t.batch_size * row_tokens(exp)[0]  # patch tokens a step computes, padding included
-        last_log, summary = time.perf_counter(), {}
+        last_log = time.perf_counter()
         # Steps run ahead of the host: finiteness is read at log, eval and save steps (a per-step read would
         # stall the host until the step ends), and the host loads the next batch while one step is in flight.
         unchecked: list[tuple[int, Any, dict]] = []
@@ -556,7 +566,7 @@ class Trainer:
                 summary |= record
                 last_log = now
             if evals:
-                meta = self._validate(step, logger, best_metric, higher, meta, summary, seen)
+                meta = self._validate(step, logger, best_metric, higher, meta, summary, seen, stop, ckpt, iterator)
             if saves:
                 ckpt.save(step, self.state, save_state(iterator), meta | {"seen": seen.total()})
             ckpt.check()  # a background save that failed (a full disk) ends the run now, not after more steps
@@ -564,7 +574,7 @@ class Trainer:
                 check_finite(unchecked)  # never save a step whose loss or gradient was not finite
                 self._preempted(step, ckpt, save_state(iterator), meta | {"seen": seen.total()})
         if exp.data.val:
-            meta = self._validate(step, logger, best_metric, higher, meta, summary, seen)
+            meta = self._validate(step, logger, best_metric, higher, meta, summary, seen, stop, ckpt, iterator)
         meta |= {"seen": seen.total()}
         if ckpt.latest_step() != step:
             ckpt.save(step, self.state, save_state(iterator), meta)
@@ -597,10 +607,19 @@ class Trainer:
                                    "the same command resumes from it")
 
     def _validate(self, step: int, logger: MetricLogger, metric: str, higher: bool, meta: dict,
-                  summary: dict, seen: SeenCounter) -> dict:
-        result = self.evaluate("val")
-        if self.exp.stage == "tokenizer":
-            result |= self.train_pass()
+                  summary: dict, seen: SeenCounter, stop: preemption.StopAgreement, ckpt: Checkpoints,
+                  iterator: Any) -> dict:
+        """Score the validation split at `step`; a stop signal between its batches saves the step (marked to
+        validate again on resume, so no best checkpoint is missed) and raises Preempted."""
+        self._stop = stop
+        try:
+            result = self.evaluate("val")
+            if self.exp.stage == "tokenizer":
+                result |= self.train_pass()
+        except EvaluationStopped:
+            self._preempted(step, ckpt, save_state(iterator), meta | {"seen": seen.total(), "validate_at": step})
+        finally:
+            self._stop = None
         logger.write(step, result | seen.total())  # a held-out loss against the data it was trained on
         summary |= result
         value = result.get(metric)
