@@ -54,6 +54,33 @@ def test_a_train_command_uses_every_core_unless_told(tmp_path, env, expected):
     assert f"step compiled for {expected} devices, mesh {{'data': {expected}, " in run.stdout
 
 
+@pytest.mark.skipif(host.cpu_count() < 2, reason="needs 2 CPUs for a count of devices to change")
+def test_a_second_run_in_one_process_uses_the_devices_it_has_or_says_why_not():
+    """JAX fixes its CPU device count when it starts: a second run that would pick another count runs on the
+    devices there are where its batch splits over them (one line says so), and otherwise stops with one line."""
+    script = """
+import jax.numpy as jnp
+from labram_jax.errors import UserError
+from labram_jax.recipes import finetune_eegmat
+from labram_jax.train import launch
+from labram_jax.train.config import override
+launch.use_cores(override(finetune_eegmat.config(), "mesh.data=1"))  # one device
+jnp.ones(1).block_until_ready()  # JAX has started
+launch.use_cores(finetune_eegmat.config())  # would take one per core: runs on the one there is
+try:
+    launch.use_cores(override(finetune_eegmat.config(), "mesh.data=2"))  # needs two
+except UserError as error:
+    print("error:", error)
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    run = subprocess.run([sys.executable, "-c", script], env=env | {"PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu"},
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "this process already runs JAX on 1 CPU devices (an earlier run set them): this run uses them" in run.stderr
+    assert run.stdout.strip() == ("error: this process already runs JAX on 1 CPU devices (an earlier run set them), "
+                                  "which this run's batch cannot split over; run it in a fresh process")
+
+
 def test_a_recipe_from_stdin_trains_and_exports_without_huge_pages(synthetic, tmp_path):
     """`python - <<EOF`: the script cannot be read again, so there is no rerun (which would run nothing and exit
     0); it trains in this process and says once that huge pages are off."""

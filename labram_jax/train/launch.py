@@ -172,8 +172,19 @@ def use_cores(exp: Experiment) -> None:
                                                                                                        ""):
         return
     count = cpu_devices(exp, host.cpu_count())  # the container's CPU quota, not the machine's cores
-    if jax.config.jax_num_cpu_devices != count:  # a second run in one process keeps the first one's devices
+    if jax.config.jax_num_cpu_devices == count:
+        return
+    try:
         jax.config.update("jax_num_cpu_devices", count)
+    except RuntimeError:  # JAX has started (an earlier run in this process): its devices stay as they are
+        have, m = jax.device_count(), exp.mesh
+        fixed, micro = m.fsdp * m.tensor, exp.train.batch_size // max(exp.train.grad_accum, 1)
+        fits = m.data * fixed == have if m.data != -1 else have % fixed == 0 and micro % (have // m.tensor) == 0
+        if not fits:
+            raise UserError(f"this process already runs JAX on {have} CPU devices (an earlier run set them), which "
+                            f"this run's batch cannot split over; run it in a fresh process") from None
+        print(f"this process already runs JAX on {have} CPU devices (an earlier run set them): this run uses them "
+              f"({count} would suit it)", file=sys.stderr)
 
 
 def _initialize_distributed(args: argparse.Namespace, exp: Experiment | None = None) -> None:
