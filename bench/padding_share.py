@@ -21,7 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from data_prep.prep import default_window  # noqa: E402
+from data_prep.plan import default_window  # noqa: E402
 from labram_jax.data.pipeline import LoaderConfig, make_dataset  # noqa: E402
 from labram_jax.data.records import Window  # noqa: E402
 from labram_jax.data.shards import write_shard  # noqa: E402
