@@ -250,10 +250,11 @@ def experiment(spec: Spec, init: Path, tokenizer: Path | None) -> Any:
     train = dataclasses.replace(
         exp.train, steps=spec.steps, epochs=0, warmup_epochs=0, batch_size=spec.batch, seed=spec.seed,
         lr=s["lr"], min_lr=s["min_lr"], warmup_steps=s["warmup_steps"], weight_decay=s["weight_decay"],
-        clip_grad=s["clip_grad"], b1=s["b1"], b2=s["b2"], eps=s["eps"], precision="float32",
+        clip_grad=s["clip_grad"], b1=s["b1"], b2=s["b2"], eps=s["eps"],
         layer_decay=s.get("layer_decay"), label_smoothing=s.get("smoothing") or 0.0)
     data = DataConfig(train=("unused",), max_channels=spec.channels, max_patches=spec.patches)
-    return exp.replace(train=train, data=data, init=str(init))
+    return exp.replace(train=train, data=data, init=str(init),
+                       runtime=dataclasses.replace(exp.runtime, precision="float32"))
 
 
 def run_ours(spec: Spec, init: Path, tokenizer: Path | None, masks: np.ndarray | None

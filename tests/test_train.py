@@ -534,8 +534,8 @@ def test_pretrain_huge_trains_at_toy_size(synthetic, tokenizer_export, tmp_path,
         "train.log_every=1", "mesh.fsdp=4"])
     assert status == 0
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["mesh"] == {"data": -1, "fsdp": 4, "tensor": 1} and config["train"]["remat"] == "block"
-    assert config["train"]["scan_blocks"]
+    assert config["mesh"] == {"data": -1, "fsdp": 4, "tensor": 1} and config["runtime"]["remat"] == "block"
+    assert config["runtime"]["scan_blocks"] and config["model"]["remat"] == "block" and config["model"]["scan_blocks"]
     assert (config["data"]["max_channels"], config["data"]["max_patches"]) == (CHANNELS, PATCHES)  # the data's
     losses = metrics(tmp_path, "loss")
     assert len(losses) == 4 and np.isfinite(losses).all()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -83,9 +84,12 @@ class DatasetStats:
     def to_json(self) -> dict[str, Any]:
         mean = self.total / self.samples if self.samples else 0.0
         var = self.total_sq / self.samples - mean ** 2 if self.samples else 0.0
+        std = max(var, 0.0) ** 0.5
+        finite = math.isfinite(mean) and math.isfinite(std)  # null, not NaN: the manifest stays strict JSON
         return {"recordings": len(self.recordings), "windows": self.windows, "hours": self.seconds / 3600,
                 "subjects": len(self.subjects), "channel_sets": dict(self.channel_sets.most_common()),
-                "labels": dict(sorted(self.labels.items())), "mean_uv": mean, "std_uv": max(var, 0.0) ** 0.5}
+                "labels": dict(sorted(self.labels.items())), "mean_uv": mean if finite else None,
+                "std_uv": std if finite else None}
 
 
 def write_manifest(directory: str | os.PathLike, stats: dict[str, DatasetStats], params: dict[str, Any],
