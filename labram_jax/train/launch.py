@@ -59,14 +59,19 @@ def _manifests(folders: tuple[str, ...]) -> list[tuple[str, dict]]:
     return found
 
 
+def _window_shapes(folder: str, manifest: dict) -> list[tuple[int, int, int]]:
+    """(channels, patches, windows) per channel set of a folder, as its manifest states them."""
+    shapes = []
+    for names, count in manifest["channel_sets"].items():
+        channels = len(names.split())
+        shapes.append((channels, _window_patches(folder, manifest, channels), count))
+    return shapes
+
+
 def _window_sizes(folders: tuple[str, ...]) -> list[int]:
     """The patch tokens (channels x patches) of every window of the folders, from their manifests."""
-    sizes = []
-    for folder, manifest in _manifests(folders):
-        for names, count in manifest["channel_sets"].items():
-            channels = len(names.split())
-            sizes += [channels * _window_patches(folder, manifest, channels)] * count
-    return sizes
+    return [n * a for folder, manifest in _manifests(folders) for n, a, count in _window_shapes(folder, manifest)
+            for _ in range(count)]
 
 
 def check_packed_windows(exp: Experiment) -> None:
@@ -77,9 +82,7 @@ def check_packed_windows(exp: Experiment) -> None:
         manifest = read_manifest(folder)
         if manifest is None:
             continue
-        for names, _ in manifest["channel_sets"].items():
-            channels = len(names.split())
-            patches = _window_patches(folder, manifest, channels)
+        for channels, patches, _ in _window_shapes(folder, manifest):
             if channels * patches > d.pack_tokens:
                 raise UserError(f"data.train: {folder} holds windows of {channels} channels x {patches} patches "
                                 f"({channels * patches} tokens), more than data.pack_tokens={d.pack_tokens}")
@@ -155,12 +158,19 @@ def cpu_devices(exp: Experiment, cores: int) -> int:
     their share of the batch on a core of their own. The mesh's fixed axes must divide the count (an explicit
     mesh.data fixes it), and the micro-batch must split over its data-parallel part.
     """
+    m = exp.mesh
+    if m.data != -1:
+        return m.data * m.fsdp * m.tensor if m.data * m.fsdp * m.tensor <= cores else 1
+    return next((n for n in range(cores, 1, -1) if _mesh_fits(exp, n)), 1)
+
+
+def _mesh_fits(exp: Experiment, devices: int) -> bool:
+    """Whether the run's mesh takes exactly `devices` devices and its micro-batch splits over their data axes."""
     m, t = exp.mesh, exp.train
     fixed = m.fsdp * m.tensor
     if m.data != -1:
-        return m.data * fixed if m.data * fixed <= cores else 1
-    micro = t.batch_size // max(t.grad_accum, 1)
-    return next((n for n in range(cores, 1, -1) if n % fixed == 0 and micro % (n // m.tensor) == 0), 1)
+        return m.data * fixed == devices
+    return devices % fixed == 0 and (t.batch_size // max(t.grad_accum, 1)) % (devices // m.tensor) == 0
 
 
 def use_cores(exp: Experiment) -> None:
@@ -177,10 +187,8 @@ def use_cores(exp: Experiment) -> None:
     try:
         jax.config.update("jax_num_cpu_devices", count)
     except RuntimeError:  # JAX has started (an earlier run in this process): its devices stay as they are
-        have, m = jax.device_count(), exp.mesh
-        fixed, micro = m.fsdp * m.tensor, exp.train.batch_size // max(exp.train.grad_accum, 1)
-        fits = m.data * fixed == have if m.data != -1 else have % fixed == 0 and micro % (have // m.tensor) == 0
-        if not fits:
+        have = jax.device_count()
+        if not _mesh_fits(exp, have):
             raise UserError(f"this process already runs JAX on {have} CPU devices (an earlier run set them), which "
                             f"this run's batch cannot split over; run it in a fresh process") from None
         print(f"this process already runs JAX on {have} CPU devices (an earlier run set them): this run uses them "
