@@ -1,13 +1,13 @@
 """Our train step against the original PyTorch code (935963004/LaBraM) on the same work, in one sitting.
 
     python bench/step_vs_pytorch.py --reference DIR [--peer-python PY] [--models base,large]
-                                    [--stages finetune,pretrain] [--pairs 3] [--steps 5]
+                                    [--stages finetune,pretrain] [--pairs 3] [--steps 5] [--batch 32]
 
 Each measurement is its own process; the two sides alternate (and swap who goes first every pair), so both see
 the same machine state and the printed ratios hold even where absolute CPU figures drift. Per side it prints
 samples/s of warm steps, the time from process start to the end of the first step, and the peak host memory.
 
-The same work on both sides: float32, train mode, batch [32, 23 channels, 10 patches, 200], AdamW with the
+The same work on both sides: float32, train mode, batch [32 (--batch), 23 channels, 10 patches, 200], AdamW with the
 original's parameter groups. Fine-tuning: one logit, BCE, drop path 0.1, layer decay 0.65. Pretraining: targets
 from a frozen VQ-NSP tokenizer (its forward is part of the step), mask ratio 0.5, both passes, CE on each, clip
 3.0. braindecode's `Labram` is timed too where it is installed (fine-tuning only: it has no pretraining model).
@@ -33,7 +33,7 @@ from pathlib import Path
 
 from peer import import_original
 
-BATCH, CHANNELS, PATCHES = 32, 23, 10
+BATCH, CHANNELS, PATCHES = 32, 23, 10  # BATCH: --batch sets it in the sitting and its workers
 ROOT = Path(__file__).resolve().parents[1]
 START = time.perf_counter()
 
@@ -95,7 +95,10 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
 
 def run_jax(model: str, stage: str, steps: int) -> None:
     import jax
-    trainer, batch = jax_step(model, stage)
+    trainer, batch = jax_step(model, stage, batch_size=BATCH)
+    # As a run does before its first step: runtime.remat auto picks what fits this host (one line when not none).
+    trainer.fit_memory()
+    plan = trainer.planned_bytes()
     rng = jax.random.key(0)
     step = trainer.compiled_step()
     state, metrics = step(trainer.state, batch, rng)
@@ -107,7 +110,9 @@ def run_jax(model: str, stage: str, steps: int) -> None:
     for i in range(steps):
         state, metrics = step(state, batch, jax.random.fold_in(rng, i))
     jax.block_until_ready(metrics)
-    report(first, time.perf_counter() - tic, steps, {"loss": float(metrics["loss"])})
+    report(first, time.perf_counter() - tic, steps,
+           {"loss": float(metrics["loss"]), "remat": trainer.exp.runtime.remat,
+            "grad_accum": trainer.exp.train.grad_accum, "planned_gib": plan and plan[0] / 2 ** 30})
 
 
 # -- the original ---------------------------------------------------------------------------------------------------
@@ -221,7 +226,7 @@ def _finetune_step(net, opt, inputs, torch):
 def measure(side: str, model: str, stage: str, args: argparse.Namespace) -> dict:
     python = sys.executable if side == "jax" else args.peer_python
     cmd = [python, __file__, "--worker", side, "--models", model, "--stages", stage, "--steps", str(args.steps),
-           "--reference", args.reference]
+           "--reference", args.reference, "--batch", str(args.batch)]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
     if out.returncode:
         raise SystemExit(f"{side} {model} {stage} failed:\n{out.stderr[-3000:]}")
@@ -241,8 +246,12 @@ def main() -> None:
     parser.add_argument("--stages", default="finetune,pretrain", help="comma-separated: finetune, pretrain")
     parser.add_argument("--pairs", type=int, default=3, help="alternating pairs per model and stage")
     parser.add_argument("--steps", type=int, default=5, help="timed warm steps per process")
+    parser.add_argument("--batch", type=int, default=BATCH, help="windows per step (the original's per-device "
+                        "batch is 64 for pretraining and fine-tuning)")
     parser.add_argument("--worker", choices=("jax", "torch", "braindecode"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global BATCH
+    BATCH = args.batch
     if args.worker == "jax":
         sys.path.insert(0, str(ROOT))
         from labram_jax.train.launch import rerun_with_huge_pages
@@ -263,8 +272,11 @@ def main() -> None:
                 results = {side: measure(side, model, stage, args) for side in order}
                 for side in order:
                     r = results[side]
+                    ran = (f"  remat {r['remat']}, {r['grad_accum']} micro-batch(es), planned "
+                           f"{r['planned_gib']:.1f} GiB" if side == "jax" and r.get("planned_gib") else "")
                     print(f"{model:5s} {stage:8s} pair {pair} {side:11s} {r['samples_per_s']:6.2f} samples/s  "
-                          f"first step {r['first_step_s']:5.1f} s  peak {r['peak_rss_mib']:6.0f} MiB", flush=True)
+                          f"first step {r['first_step_s']:5.1f} s  peak {r['peak_rss_mib']:6.0f} MiB{ran}",
+                          flush=True)
                 for p in peers:
                     ratios[p].append(results["jax"]["samples_per_s"] / results[p]["samples_per_s"])
                     print(f"{model:5s} {stage:8s} pair {pair} ratio jax/{p}: {ratios[p][-1]:.3f}", flush=True)

@@ -163,7 +163,7 @@ class Trainer:
                  devices: Sequence[jax.Device] | None = None):
         """abstract=True builds shapes and shardings only (no arrays), for ahead-of-time compilation. `devices`:
         the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
-        self.exp = resolve_runtime(exp, abstract)
+        self.given, self.exp = exp, resolve_runtime(exp, abstract)
         self.workdir, self.devices = Path(workdir), devices
         self.abstract = abstract
         self.stage = STAGES[exp.stage]
@@ -449,28 +449,42 @@ class Trainer:
         return planned, available
 
     def fit_memory(self) -> None:
-        """Before the first step, the compiled step against the memory it may use: runtime.remat "auto" takes the
-        first of none, block and dots that fits (one line when it is not none: a rebuilt trainer), a set remat that
-        does not fit stops with exit 2 naming both figures. The chosen remat goes into the run's config."""
-        runtime = self.exp.runtime
-        choices = ("none", "block", "dots") if runtime.remat == "auto" else (runtime.remat,)
+        """Before the first step, the compiled step against the memory it may use. runtime.remat "auto" takes the
+        first of none, block and dots that fits, then dots with the batch split into twice, four times... as many
+        micro-batches (train.grad_accum, while the micro-batch still splits over the data-parallel devices; not for
+        the tokenizer, whose codebook EMA would then move once per micro-batch rather than once per batch). One line
+        says what it chose where that is not the set config. A set remat that does not fit stops with exit 2 naming
+        both figures. The choice goes into the run's config."""
+        given = self.given  # rebuilt from as given: its model fields hold no remat of an earlier choice
+        runtime, t = given.runtime, given.train
+        if runtime.remat != "auto":
+            choices = [(runtime.remat, t.grad_accum)]
+        else:
+            choices = [(remat, t.grad_accum) for remat in ("none", "block", "dots")]
+            accum = t.grad_accum * 2
+            while self.exp.stage != "tokenizer" and t.batch_size % (self.batch_multiple * accum) == 0:
+                choices.append(("dots", accum))
+                accum *= 2
         tried = []
-        for remat in choices:
-            if remat != self.exp.model.remat:
-                self.__init__(self.exp.replace(runtime=dataclasses.replace(runtime, remat=remat)), self.workdir,
-                              devices=self.devices)
+        for remat, accum in choices:
+            if (remat, accum) != (self.exp.model.remat, self.exp.train.grad_accum):
+                self.__init__(given.replace(runtime=dataclasses.replace(runtime, remat=remat),
+                                            train=dataclasses.replace(t, grad_accum=accum)),
+                              self.workdir, devices=self.devices)
             plan = self.planned_bytes()
             if plan is None or plan[0] <= plan[1]:
                 break
-            tried.append(f"remat {remat}: {plan[0] / 2 ** 30:.2f} GiB")
+            tried.append(f"remat {remat}" + (f" with {accum} micro-batches" if accum > 1 else "")
+                         + f": {plan[0] / 2 ** 30:.2f} GiB")
         else:
             raise UserError(f"runtime.remat={runtime.remat}: the train step does not fit ("
                             + ", ".join(tried) + f"; {plan[1] / 2 ** 30:.2f} GiB available, "
                             f"{plan[1]} bytes): set a smaller train.batch_size with train.grad_accum"
                             + (", or runtime.remat=auto" if runtime.remat != "auto" else ""))
         if tried and jax.process_index() == 0:
+            chosen = f"remat {remat}" + (f", train.grad_accum {accum}" if accum != t.grad_accum else "")
             print(f"runtime.remat auto: {', '.join(tried)}, more than the {plan[1] / 2 ** 30:.2f} GiB available; "
-                  f"running with remat {remat}: {plan[0] / 2 ** 30:.2f} GiB", flush=True)
+                  f"running with {chosen}: {plan[0] / 2 ** 30:.2f} GiB", flush=True)
         self.exp = self.exp.replace(runtime=dataclasses.replace(self.exp.runtime, remat=self.exp.model.remat))
 
     def _train(self, stop: preemption.StopAgreement, closing: contextlib.ExitStack,
