@@ -238,6 +238,7 @@ def peer_has_braindecode(python: str) -> bool:
 
 
 def main() -> None:
+    global BATCH  # --batch: the sitting's and its workers' batch
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", required=True, help="a checkout of github 935963004/LaBraM")
     parser.add_argument("--peer-python", default=sys.executable,
@@ -250,7 +251,6 @@ def main() -> None:
                         "batch is 64 for pretraining and fine-tuning)")
     parser.add_argument("--worker", choices=("jax", "torch", "braindecode"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global BATCH
     BATCH = args.batch
     if args.worker == "jax":
         sys.path.insert(0, str(ROOT))
