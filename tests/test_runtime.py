@@ -92,21 +92,21 @@ def test_remat_auto_picks_what_fits_and_a_set_remat_that_does_not_stops(tmp_path
 def test_remat_auto_splits_the_batch_into_micro_batches_when_no_remat_fits(tmp_path, monkeypatch, capsys):
     exp = Experiment(stage="finetune", model=configs.tiny(num_classes=1, depth=4),
                      data=DataConfig(max_channels=16, max_patches=4), train=TrainConfig(batch_size=32))
-    planned = {accum: Trainer(override(exp, "runtime.remat=dots", f"train.grad_accum={accum}"),
+    planned = {accum: Trainer(override(exp, "runtime.remat=block", f"train.grad_accum={accum}"),
                               tmp_path / str(accum)).planned_bytes()[0] for accum in (1, 4)}
     assert planned[4] < planned[1]
     monkeypatch.setattr("labram_jax.host.memory_bytes", lambda: int((planned[1] + planned[4]) // 2 / 0.9) + 1)
     trainer = Trainer(exp, tmp_path / "auto")
     trainer.fit_memory()
     chosen = trainer.exp.train.grad_accum
-    assert chosen in (2, 4) and trainer.exp.runtime.remat == trainer.exp.model.remat == "dots"
+    assert chosen in (2, 4) and trainer.exp.runtime.remat == trainer.exp.model.remat == "block"
     assert trainer.exp.train.batch_size == 32  # the same batch, the same update: only split
     out = capsys.readouterr().out
-    assert out.startswith("runtime.remat auto: remat none: ") and "remat dots: " in out
-    assert out.rstrip().endswith(" GiB") and f"running with remat dots, train.grad_accum {chosen}: " in out
+    assert out.startswith("runtime.remat auto: remat none: ") and "remat block: " in out
+    assert out.rstrip().endswith(" GiB") and f"running with remat block, train.grad_accum {chosen}: " in out
     # the tokenizer's codebook EMA moves once per batch: it is never split behind the user's back
     tokenizer = Experiment(stage="tokenizer", tokenizer=configs.tokenizer_tiny(codebook_size=64),
                            data=DataConfig(max_channels=16, max_patches=4), train=TrainConfig(batch_size=16))
     monkeypatch.setattr("labram_jax.host.memory_bytes", lambda: 1)
-    with pytest.raises(UserError, match=r"remat dots: [\d.]+ GiB; 0.00 GiB available"):
+    with pytest.raises(UserError, match=r"remat block: [\d.]+ GiB; 0.00 GiB available"):
         Trainer(tokenizer, tmp_path / "tokenizer").fit_memory()

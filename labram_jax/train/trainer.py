@@ -450,9 +450,10 @@ class Trainer:
 
     def fit_memory(self) -> None:
         """Before the first step, the compiled step against the memory it may use. runtime.remat "auto" takes the
-        first of none, block and dots that fits, then dots with the batch split into twice, four times... as many
-        micro-batches (train.grad_accum, while the micro-batch still splits over the data-parallel devices; not for
-        the tokenizer, whose codebook EMA would then move once per micro-batch rather than once per batch). One line
+        first that fits of none, dots and block (dots keeps the matmuls' outputs, block only each block's input:
+        in that order they keep less and recompute more), then block with the batch split into twice, four times...
+        as many micro-batches (train.grad_accum, while the micro-batch still splits over the data-parallel devices;
+        not for the tokenizer, whose codebook EMA would then move once per micro-batch, not once per batch). One line
         says what it chose where that is not the set config. A set remat that does not fit stops with exit 2 naming
         both figures. The choice goes into the run's config."""
         given = self.given  # rebuilt from as given: its model fields hold no remat of an earlier choice
@@ -460,10 +461,10 @@ class Trainer:
         if runtime.remat != "auto":
             choices = [(runtime.remat, t.grad_accum)]
         else:
-            choices = [(remat, t.grad_accum) for remat in ("none", "block", "dots")]
+            choices = [(remat, t.grad_accum) for remat in ("none", "dots", "block")]
             accum = t.grad_accum * 2
             while self.exp.stage != "tokenizer" and t.batch_size % (self.batch_multiple * accum) == 0:
-                choices.append(("dots", accum))
+                choices.append(("block", accum))
                 accum *= 2
         tried = []
         for remat, accum in choices:
