@@ -2,6 +2,7 @@
 
     python bench/checkpoint_save.py                   # LaBraM-Base and -Large fine-tuning states
     python bench/checkpoint_save.py --sizes huge      # any of base, large, huge
+    python bench/checkpoint_save.py --smoke           # seconds: the TINY model's state
 
 A preempted run finishes its step, then saves and waits for the write to commit (Trainer._preempted), so the
 grace period must cover one step plus the time reported here as "commit". The first save of a process also sets
@@ -43,7 +44,10 @@ def save_seconds(size: str, workdir: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", nargs="+", default=["base", "large"], choices=("base", "large", "huge"))
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: the TINY model's state")
     args = parser.parse_args()
+    if args.smoke:
+        args.sizes = ["tiny"]
     print(f"{jax.devices()[0].device_kind} x {jax.device_count()}")
     for size in args.sizes:
         with tempfile.TemporaryDirectory() as workdir:

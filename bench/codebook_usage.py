@@ -2,6 +2,7 @@
 
     python bench/codebook_usage.py --shards DIR --out DIR --reference LABRAM --peer-python PY
         [--arms original,ours,restart,restart_farthest] [--steps 300] [--batch 32] [--every 30] [--set KEY=VALUE ...]
+    python bench/codebook_usage.py --smoke [--reference LABRAM]    # seconds: the bundled sample, 2 steps
 
 DIR is an EEGMAT build (`labram build eegmat`): the tokenizer trains on its train and val splits (subjects 00-31)
 and is scored on its test split (32-35, never trained on). Every arm is the base tokenizer (8192 x 64 codebook,
@@ -28,6 +29,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("original", "ours", "restart", "restart_farthest")
 # Our arms by name: restart[_farthest][_kK], K (default 30) the updates a code may go unused before its restart.
 ARM = re.compile(r"ours|(?P<restart>restart)(?P<farthest>_farthest)?(?:_k(?P<k>[1-9]\d*))?")
+# --smoke: a one-block encoder and decoder with 64 codes, for a check of the script in seconds
+SMOKE_TOKENIZER = ("tokenizer.encoder.depth=1", "tokenizer.decoder.depth=1", "tokenizer.codebook_size=64")
 KEYS = ("codebook_usage", "codebook_perplexity", "val/loss", "val/rec_loss", "val/rec_angle_loss")
 
 
@@ -217,10 +221,24 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--every", type=int, default=30)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: the bundled sample "
+                        "(subjects 00-01 train, 02 val, 03 test) in a scratch folder, 2 steps of a one-block tokenizer "
+                        "with 64 codes; the original's arm only with --reference")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return original_worker(args.worker)
+    if args.smoke:
+        scratch = tempfile.TemporaryDirectory()
+        sys.path.insert(0, str(ROOT))
+        from data_prep.builders import build_eegmat
+        from labram_jax.demo import SAMPLE, SPLITS
+        args.shards = Path(scratch.name) / "eegmat"
+        build_eegmat(SAMPLE, args.shards, splits=SPLITS)
+        args.out, args.steps, args.batch, args.every = Path(scratch.name) / "out", 2, 4, 2
+        args.arms, args.set = "ours,original" if args.reference else "ours", [*SMOKE_TOKENIZER, *args.set]
+        if not args.reference:
+            print("no --reference: the original's arm is skipped")
     if args.shards is None or args.out is None:
         parser.error("--shards and --out are required")
     arms = args.arms.split(",")

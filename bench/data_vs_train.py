@@ -1,6 +1,7 @@
 """Is data preparation and loading fast enough to feed training? All three rates measured in one run.
 
     python bench/data_vs_train.py
+    python bench/data_vs_train.py --smoke    # seconds: one recording, 64 windows, the TINY model's step
 
 1. `labram prep` on the bundled EEGMAT recordings: hours of EEG per core-minute.
 2. The grain loader over shards of TUAB-shaped windows (23 channels x 10 s): windows per second.
@@ -11,6 +12,7 @@ the ratios move less.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 import time
@@ -33,9 +35,10 @@ BATCH, CHANNELS, SECONDS = 32, 23, 10
 SAMPLE = sorted((Path(__file__).resolve().parents[1] / "sample_data" / "eegmat").glob("*.edf"))
 
 
-def measure_train_step(shards: Path, steps: int = 10) -> float:
-    """Windows per second consumed by the jitted LaBraM-Base fine-tuning step (compile excluded)."""
-    exp = Experiment(stage="finetune", model=configs.base(num_classes=1, drop_path_rate=0.1),
+def measure_train_step(shards: Path, steps: int = 10, size: str = "base") -> float:
+    """Windows per second consumed by the jitted LaBraM-Base (or another size's) fine-tuning step (compile
+    excluded)."""
+    exp = Experiment(stage="finetune", model=configs.SIZES[size](num_classes=1, drop_path_rate=0.1),
                      data=DataConfig(train=(str(shards),), max_channels=CHANNELS, max_patches=SECONDS),
                      train=TrainConfig(steps=steps, batch_size=BATCH, layer_decay=0.65))
     trainer = Trainer(exp, tempfile.mkdtemp())
@@ -56,17 +59,29 @@ def measure_train_step(shards: Path, steps: int = 10) -> float:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: one recording, "
+                        "64 windows in a scratch folder, two steps of the TINY model")
+    args = parser.parse_args()
     print(f"machine: {jax.device_count()} {jax.default_backend()} device(s)")
-    prep = measure_prep(SAMPLE, workers=1)
-    shards = synthetic_shards(Path(tempfile.gettempdir()) / "labram_jax_loader_bench")
-    loader = measure_loader(shards, BATCH, workers=0, seconds=5.0)
-    step = measure_train_step(shards)
+    if args.smoke:
+        scratch = tempfile.TemporaryDirectory()
+        prep = measure_prep(SAMPLE[:1], workers=1)
+        shards = synthetic_shards(Path(scratch.name), windows=64)
+        loader = measure_loader(shards, BATCH, workers=0, seconds=0.5)
+        step = measure_train_step(shards, steps=2, size="tiny")
+    else:
+        prep = measure_prep(SAMPLE, workers=1)
+        shards = synthetic_shards(Path(tempfile.gettempdir()) / "labram_jax_loader_bench")
+        loader = measure_loader(shards, BATCH, workers=0, seconds=5.0)
+        step = measure_train_step(shards)
     # One window of training data is SECONDS of EEG; prep's rate in windows per second on one core:
     prep_windows = prep["hours_per_core_minute"] * 3600 / 60 / SECONDS
     print(f"prep:   {prep['hours_per_core_minute']:.2f} h of EEG per core-minute "
           f"(= {prep_windows:.0f} {SECONDS}-s windows/s per core)")
     print(f"loader: {loader:.0f} windows/s (in-process)")
-    print(f"train:  {step:.1f} windows/s consumed by a LaBraM-Base step, batch {BATCH} x {CHANNELS} ch x "
+    size = "TINY" if args.smoke else "Base"
+    print(f"train:  {step:.1f} windows/s consumed by a LaBraM-{size} step, batch {BATCH} x {CHANNELS} ch x "
           f"{SECONDS} s")
     print(f"ratios vs the train step: prep x{prep_windows / step:.1f} per core, loader x{loader / step:.1f}")
 

@@ -2,6 +2,7 @@
 
     python bench/gpu_step.py [--models base,large,huge] [--batch 64] [--steps 10] [--budget 540]
                              [--set key=value ...] [--json OUT]
+    python bench/gpu_step.py --smoke    # seconds on a CPU: TINY, batch 4, one step, float32 and XLA attention
 
 The check to run when a GPU is at hand, prepared so that it fits one command of under 10 minutes: each model is
 timed in its own process (a fresh device memory; one that runs out of memory or time does not stop the others),
@@ -13,7 +14,8 @@ with --batch windows per step on the one device. bf16 compute with float32 param
 Per model it prints samples/s of warm steps, the time to the first step (compile included), the device's peak
 memory, and MFU: the analytic model FLOPs of a step (labram_jax.train.flops, recomputation not counted) per second,
 over the device's dense bf16 peak (labram_jax.train.logger.PEAK_FLOPS). On a CPU it runs too, without MFU, for a
-check of the script itself: `--set runtime.precision=float32 runtime.attention=xla runtime.tokenizer_attention=xla`.
+check of the script itself: `--set runtime.precision=float32 runtime.attention=xla runtime.tokenizer_attention=xla`
+(what --smoke sets, with TINY at batch 4).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from step_vs_pytorch import START, jax_step, peak_rss_mib  # noqa: E402
 
 CHANNELS, PATCHES = 64, 4
 GPU = ("runtime.precision=bfloat16", "runtime.attention=cudnn", "runtime.tokenizer_attention=cudnn")
-RECIPE = {"base": (), "large": (), "huge": ("runtime.remat=block", "runtime.scan_blocks=true")}
+RECIPE = {"tiny": (), "base": (), "large": (), "huge": ("runtime.remat=block", "runtime.scan_blocks=true")}
+CPU = ("runtime.precision=float32", "runtime.attention=xla", "runtime.tokenizer_attention=xla")
 
 
 def child(model: str, batch_size: int, steps: int, overrides: list[str]) -> None:
@@ -79,8 +82,12 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=540.0, help="seconds for all models together")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, last")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds on a CPU: TINY, "
+                        "batch 4, one step, with the CPU settings")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.smoke:
+        args.models, args.batch, args.steps, args.set = "tiny", 4, 1, [*CPU, *args.set]
     if args.child:
         return child(args.child, args.batch, args.steps, args.set)
     deadline = time.monotonic() + args.budget

@@ -2,6 +2,7 @@
 
     python bench/loader_throughput.py                      # synthetic 23-channel x 10 s float32 windows
     python bench/loader_throughput.py --shards DIR         # an existing folder of shards (e.g. `labram prep` output)
+    python bench/loader_throughput.py --smoke              # seconds: 64 windows in a scratch folder, 0.5 s each
 
 The synthetic shards are written once to --cache (default: a folder in the system temp dir) and reused.
 Throughput is counted after the first batch, so worker start-up (about a second) is reported separately.
@@ -71,7 +72,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: 64 synthetic "
+                        "windows in a scratch folder, 0.5 s with 0 and 1 workers")
     args = parser.parse_args()
+    if args.smoke:
+        scratch = tempfile.TemporaryDirectory()
+        args.cache, args.windows, args.batch_size, args.seconds, args.workers = (
+            Path(scratch.name), 64, 8, 0.5, [0, 1])
 
     shard_dir = args.shards or synthetic_shards(args.cache, args.windows)
     n, a = _largest_window(shard_dir)

@@ -8,6 +8,7 @@ patch tokens; "with cls" counts every sequence position the Transformer runs, on
 
     python bench/padding_share.py
     python bench/padding_share.py --lengths uniform
+    python bench/padding_share.py --smoke    # seconds: 8 windows a montage, 4 batches of 4
 """
 from __future__ import annotations
 
@@ -66,7 +67,11 @@ def main() -> None:
     parser.add_argument("--pack-windows", type=int, default=4)
     parser.add_argument("--pack-buffer", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: 8 windows a "
+                        "montage, 4 batches of 4 rows")
     args = parser.parse_args()
+    if args.smoke:
+        args.per_montage, args.batch_size, args.batches, args.pack_buffer = 8, 4, 4, 16
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         shapes = mixture(folder, args.per_montage, args.lengths, args.seed)

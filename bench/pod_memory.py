@@ -2,6 +2,7 @@
 of time (labram_jax.train.aot), data-parallel against FSDP, rematerialisation off and on.
 
     python bench/pod_memory.py [--models large,huge] [--devices 8,64,256] [--json OUT]
+    python bench/pod_memory.py --smoke    # seconds: TINY (its tokenizer, global batch 64) on 8 devices, remat none
 
 Each configuration compiles in its own process (the simulated device count is fixed when JAX starts), at the
 recipe's global batch (512 windows of 64 channels x 4 patches) with the blocks as one scan. Per device it prints
@@ -32,7 +33,14 @@ def child(model: str, layout: str, remat: str) -> None:
     from labram_jax.train import aot
     from labram_jax.train.config import MeshConfig
 
-    exp = {"large": pretrain_large, "huge": pretrain_huge}[model].config()
+    if model == "tiny":  # --smoke: the TINY reference set's sizes, the recipe's windows at a batch of 64
+        from labram_jax import configs
+        from labram_jax.recipes import pretrain_base
+        exp, tokenizer = pretrain_base.config(configs.tiny()), configs.tokenizer_tiny()
+        exp = exp.replace(model=exp.model.replace(vocab_size=tokenizer.codebook_size), tokenizer=tokenizer,
+                          train=dataclasses.replace(exp.train, batch_size=64))
+    else:
+        exp = {"large": pretrain_large, "huge": pretrain_huge}[model].config()
     exp = exp.replace(mesh=MeshConfig(**LAYOUTS[layout]),
                       runtime=dataclasses.replace(exp.runtime, remat=remat, scan_blocks=True))
     print(json.dumps(aot.report(exp)))
@@ -56,10 +64,15 @@ def main() -> None:
     parser.add_argument("--models", default="large,huge")
     parser.add_argument("--devices", default="8,64,256")
     parser.add_argument("--json", help="also write every figure to this file")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: TINY on 8 "
+                        "devices, both layouts, remat none")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
+    remats = ("none", "block")
+    if args.smoke:
+        args.models, args.devices, remats = "tiny", "8", ("none",)
     rows = []
     print("| model | devices | layout | remat | arguments GiB | temporaries GiB | peak GiB | TFLOP/device | "
           "compile s | involuntary remat |")
@@ -67,7 +80,7 @@ def main() -> None:
     for model in args.models.split(","):
         for devices in map(int, args.devices.split(",")):
             for layout in LAYOUTS:
-                for remat in ("none", "block"):
+                for remat in remats:
                     r = measure(model, devices, layout, remat)
                     rows.append({"model": model, "devices": devices, "layout": layout, "remat": remat, **r})
                     if "error" in r:

@@ -1,6 +1,7 @@
 """Throughput of `labram prep` on the bundled real recordings, one worker against N.
 
     python bench/prep_throughput.py [--workers N] [--copies K]
+    python bench/prep_throughput.py --smoke    # seconds: one copy of two recordings, 1 worker against 2
 
 Reads sample_data/eegmat (8 EDF, 500 Hz) and tests/fixtures/eeg (EEGLAB 128 Hz, BrainVision 200 Hz), each
 copied K times under different folder names so the job lasts long enough to time, and prints hours of EEG per
@@ -44,15 +45,15 @@ def measure_prep(paths: list[str], workers: int) -> dict:
             "worker_s_per_recording": statistics.fmean(summary["prepare_seconds"])}
 
 
-def copied_corpus(root: Path, copies: int) -> list[str]:
+def copied_corpus(root: Path, copies: int, only: int | None = None) -> list[str]:
     """`copies` folders holding the corpus files (sidecars included); real copies, since the job reads a file
-    reached through two links only once."""
+    reached through two links only once. `only`: the first that many EEGMAT files alone."""
     folders = []
     for copy in range(copies):
-        for source in CORPUS:
+        for source in CORPUS[:1] if only else CORPUS:
             folder = root / f"{source.name}-{copy}"
             folder.mkdir()
-            for file in source.iterdir():
+            for file in sorted(source.iterdir())[:only]:
                 shutil.copy(file, folder / file.name)
             folders.append(str(folder))
     return folders
@@ -63,15 +64,20 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="the N to compare with 1 (default: the CPUs this process may use)")
     parser.add_argument("--copies", type=int, default=4, help="times the corpus is repeated (default: 4)")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: one copy of two "
+                        "EEGMAT recordings, 1 worker against 2")
     args = parser.parse_args()
+    if args.smoke:
+        args.copies, args.workers = 1, 2
     with tempfile.TemporaryDirectory() as scratch:
-        paths = copied_corpus(Path(scratch), args.copies)
+        paths = copied_corpus(Path(scratch), args.copies, 2 if args.smoke else None)
         # Start the fork server and its imports once, so that neither measured run pays for them.
         measure_prep(paths[:1], 1)
         results = [measure_prep(paths, 1), measure_prep(paths, args.workers)]
     one, many = results
-    print(f"labram prep on {one['recordings']} recordings ({args.copies} x eegmat EDF 500 Hz x 8, EEGLAB 128 Hz, "
-          f"BrainVision 200 Hz), {one['hours']:.2f} h of EEG, {one['windows']} windows; {os.cpu_count()} CPUs")
+    corpus = "eegmat EDF 500 Hz x 2" if args.smoke else "eegmat EDF 500 Hz x 8, EEGLAB 128 Hz, BrainVision 200 Hz"
+    print(f"labram prep on {one['recordings']} recordings ({args.copies} x {corpus}), {one['hours']:.2f} h of EEG, "
+          f"{one['windows']} windows; {os.cpu_count()} CPUs")
     print(f"{'workers':>7} {'wall s':>7} {'h EEG/min':>10} {'h EEG/core-min':>15} {'wall s/rec':>11} "
           f"{'worker s/rec':>13}")
     for r in results:

@@ -1,6 +1,7 @@
 """Where a train step's time goes: a jax.profiler trace of warm steps, summed per XLA operation.
 
     python bench/profile_step.py --model base --stage finetune [--steps 3] [--top 25] [--trace DIR]
+    python bench/profile_step.py --smoke    # seconds: TINY, one traced step, batch 4
 
 Same batch and config as bench/step_vs_pytorch.py. It prints the step's wall time, then the XLA operations
 (fusions, dots, convolutions, ...) that took the most device time over the traced steps, with their share, the
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from step_vs_pytorch import jax_step
+from step_vs_pytorch import BATCH, jax_step
 
 
 # Executor bookkeeping on the same trace lines, not XLA operations.
@@ -83,8 +84,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--trace", default="", help="where to keep the trace (default: a temporary folder)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a check of the script in seconds: TINY, batch 4, one traced step")
     args = parser.parse_args()
-    trainer, batch = jax_step(args.model, args.stage)
+    if args.smoke:
+        args.model, args.steps = "tiny", 1
+    trainer, batch = jax_step(args.model, args.stage, batch_size=4 if args.smoke else BATCH)
     rng = jax.random.key(0)
     step = trainer.compiled_step()
     sources = hlo_sources(step.as_text())

@@ -2,6 +2,7 @@
 
     python bench/step_parts.py --side jax [--parts step,block,embed,optim] [--reps 3]
     PEER_PY bench/step_parts.py --side torch --reference DIR
+    python bench/step_parts.py --side jax --smoke    # seconds: TINY at batch 4, one rep (torch: with --reference)
 
 Each side runs with one thread (the script sets it: XLA's flags and OMP_NUM_THREADS before JAX starts, and
 torch.set_num_threads(1)) so that other jobs on the machine move wall time but not the CPU time of the process;
@@ -37,7 +38,7 @@ def cpu_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
+def jax_parts(parts: list[str], reps: int, size: str = "base", batch_size: int = BATCH) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "bench"))
     import jax
     import jax.numpy as jnp
@@ -45,7 +46,7 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     from flax import nnx
 
     from step_vs_pytorch import jax_step
-    trainer, batch = jax_step("base", "finetune")
+    trainer, batch = jax_step(size, "finetune", batch_size=batch_size)
     out: dict[str, float] = {}
     rng = jax.random.key(0)
     state = [trainer.state]
@@ -59,10 +60,10 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
         out["step"] = cpu_time(step, reps)
     model = trainer._merge(state[0], state[0]["params"], state[0]["rest"])
     if "block" in parts:
-        block = model.blocks[5]
+        block = model.blocks[len(model.blocks) // 2 - 1]
         graphdef, params = nnx.split(block)
-        x = jax.random.normal(jax.random.key(1), (BATCH, 1 + CHANNELS * PATCHES, 200))
-        mask = jnp.ones((BATCH, 1, 1, x.shape[1]), bool)
+        x = jax.random.normal(jax.random.key(1), (batch_size, 1 + CHANNELS * PATCHES, block.attn.qkv.in_features))
+        mask = jnp.ones((batch_size, 1, 1, x.shape[1]), bool)
 
         @jax.jit
         def block_grad(params, x, rng):
@@ -75,7 +76,7 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     if "embed" in parts:
         graphdef, params = nnx.split(model.patch_embed)
         x = batch["x"]
-        padding = jnp.ones((BATCH, CHANNELS * PATCHES), bool)
+        padding = jnp.ones((batch_size, CHANNELS * PATCHES), bool)
 
         @jax.jit
         def embed_grad(params, x):
@@ -96,30 +97,35 @@ def jax_parts(parts: list[str], reps: int) -> dict[str, float]:
     return out
 
 
-def torch_parts(parts: list[str], reps: int, reference: str, threads: int) -> dict[str, float]:
+def torch_parts(parts: list[str], reps: int, reference: str, threads: int, size: str = "base",
+                batch_size: int = BATCH) -> dict[str, float]:
     sys.path.insert(0, str(ROOT / "bench"))
     import numpy as np
     import torch
 
-    from peer import import_original
+    from peer import DEPTH, finetune_model, import_original
     from step_vs_pytorch import _finetune_step, _reference_optimizer
     if threads == 1:
         torch.set_num_threads(1)
     import_original(reference)
     import modeling_finetune
     torch.manual_seed(0)
-    net = modeling_finetune.labram_base_patch200_200(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True,
-                                                     init_values=0.1, qkv_bias=False, use_abs_pos_emb=True,
-                                                     use_rel_pos_bias=False)
+    if size == "tiny":  # --smoke: the TINY reference set's model (drop path off there)
+        net = finetune_model("tiny", 1)
+    else:
+        net = modeling_finetune.labram_base_patch200_200(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True,
+                                                         init_values=0.1, qkv_bias=False, use_abs_pos_emb=True,
+                                                         use_rel_pos_bias=False)
     net.train()
-    opt = _reference_optimizer(net, 12, 5e-4, (0.9, 0.999), 0.65)
-    x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.2, (BATCH, CHANNELS, PATCHES, 200)).astype(np.float32))
+    opt = _reference_optimizer(net, DEPTH[size], 5e-4, (0.9, 0.999), 0.65)
+    x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.2, (batch_size, CHANNELS, PATCHES, 200))
+                         .astype(np.float32))
     out: dict[str, float] = {}
     if "step" in parts:
         out["step"] = cpu_time(_finetune_step(net, opt, (x, list(range(CHANNELS + 1))), torch), reps)
     if "block" in parts:
-        block = net.blocks[5]
-        h = torch.randn(BATCH, 1 + CHANNELS * PATCHES, 200, requires_grad=True)
+        block = net.blocks[len(net.blocks) // 2 - 1]
+        h = torch.randn(batch_size, 1 + CHANNELS * PATCHES, block.attn.qkv.in_features, requires_grad=True)
 
         def block_grad():
             block.zero_grad()
@@ -146,7 +152,16 @@ def main() -> None:
     parser.add_argument("--parts", default="step,block,embed,optim")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="1, or 0 for each library's default (all cores)")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: TINY at batch 4, "
+                        "one rep; the torch side without --reference is skipped")
     args = parser.parse_args()
+    size, batch_size = ("tiny", 4) if args.smoke else ("base", BATCH)
+    if args.smoke:
+        args.reps = 1
+    if args.side == "torch" and not args.reference:
+        if not args.smoke:
+            parser.error("--side torch needs --reference")
+        return print("no --reference: the original's side is skipped")
     if args.threads == 1:
         os.environ["OMP_NUM_THREADS"] = "1"
         os.environ.setdefault("JAX_NUM_CPU_DEVICES", "1")  # one device on one thread (not one per core)
@@ -154,11 +169,12 @@ def main() -> None:
                                    "intra_op_parallelism_threads=1").strip()
     parts = args.parts.split(",")
     if args.side == "jax":
-        result = jax_parts(parts, args.reps)
+        result = jax_parts(parts, args.reps, size, batch_size)
     else:
-        result = torch_parts(parts, args.reps, args.reference, args.threads)
+        result = torch_parts(parts, args.reps, args.reference, args.threads, size, batch_size)
     if "step" in result:
-        result["rest"] = result["step"] - 12 * result.get("block", 0) - result.get("embed", 0) \
+        depth = {"tiny": 2, "base": 12}[size]
+        result["rest"] = result["step"] - depth * result.get("block", 0) - result.get("embed", 0) \
             - result.get("optim", 0)
     print(f"{args.side}: " + "  ".join(f"{k} {v:.3f} s" for k, v in result.items()), flush=True)
 

@@ -2,11 +2,13 @@
 
     python bench/step_program.py                          # this checkout
     PYTHONPATH=/path/to/other/checkout python bench/step_program.py
+    python bench/step_program.py --smoke                  # seconds: finetune_tuab's hash alone
 
 The StableHLO text of `Trainer(exp, ..., abstract=True).lower()` for finetune_tuab, pretrain_base and
 train_tokenizer at batch 8, with source locations stripped (they name lines that move). The same hash on two
 checkouts means the same compiled step, so the same speed: no timing needed.
 """
+import argparse
 import dataclasses
 import hashlib
 
@@ -21,8 +23,11 @@ def program_hash(exp) -> tuple[str, int]:
 
 
 def main() -> None:
-    for name, recipe in (("finetune_tuab", finetune_tuab), ("pretrain_base", pretrain_base),
-                         ("train_tokenizer", train_tokenizer)):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: one recipe")
+    args = parser.parse_args()
+    recipes = (("finetune_tuab", finetune_tuab), ("pretrain_base", pretrain_base), ("train_tokenizer", train_tokenizer))
+    for name, recipe in recipes[:1] if args.smoke else recipes:
         exp = recipe.config()
         digest, size = program_hash(exp.replace(train=dataclasses.replace(exp.train, batch_size=8)))
         print(f"{name}\t{digest}\t{size} characters")

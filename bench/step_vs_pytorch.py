@@ -2,13 +2,14 @@
 
     python bench/step_vs_pytorch.py --reference DIR [--peer-python PY] [--models base,large]
                                     [--stages finetune,pretrain] [--pairs 3] [--steps 5] [--batch 32]
+    python bench/step_vs_pytorch.py --smoke [--reference DIR]   # seconds: TINY, batch 4, one pair of one step
 
 Each measurement is its own process; the two sides alternate (and swap who goes first every pair), so both see
 the same machine state and the printed ratios hold even where absolute CPU figures drift. Per side it prints
 samples/s of warm steps, the time from process start to the end of the first step, and the peak host memory.
 
-The same work on both sides: float32, train mode, batch [32 (--batch), 23 channels, 10 patches, 200], AdamW with the
-original's parameter groups. Fine-tuning: one logit, BCE, drop path 0.1, layer decay 0.65. Pretraining: targets
+The same work on both sides: float32, train mode, batch [32, 23 channels, 10 patches, 200] (--batch, --channels,
+--patches), AdamW with the original's parameter groups. Fine-tuning: one logit, BCE, drop path 0.1, layer decay 0.65. Pretraining: targets
 from a frozen VQ-NSP tokenizer (its forward is part of the step), mask ratio 0.5, both passes, CE on each, clip
 3.0. braindecode's `Labram` is timed too where it is installed (fine-tuning only: it has no pretraining model).
 
@@ -33,7 +34,7 @@ from pathlib import Path
 
 from peer import import_original
 
-BATCH, CHANNELS, PATCHES = 32, 23, 10  # BATCH: --batch sets it in the sitting and its workers
+BATCH, CHANNELS, PATCHES = 32, 23, 10  # --batch, --channels and --patches set them in the sitting and its workers
 ROOT = Path(__file__).resolve().parents[1]
 START = time.perf_counter()
 
@@ -76,6 +77,9 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
         # A trained tokenizer's codebook is initialised; an untrained one would run k-means in every step's
         # tokenizer call (the original's side has quantize_kmeans_init=False).
         exp = exp.replace(tokenizer=exp.tokenizer.replace(kmeans_init=False))
+        if model == "tiny":  # the TINY reference set's tokenizer and its vocabulary
+            tokenizer = configs.tokenizer_tiny(kmeans_init=False)
+            exp = exp.replace(model=exp.model.replace(vocab_size=tokenizer.codebook_size), tokenizer=tokenizer)
     exp = exp.replace(data=data, train=dataclasses.replace(exp.train, steps=1000, epochs=0, warmup_epochs=0,
                                                            warmup_steps=10, batch_size=batch_size))
     exp = override(exp, *overrides)
@@ -95,7 +99,7 @@ def jax_step(model: str, stage: str, channels: int = CHANNELS, patches: int = PA
 
 def run_jax(model: str, stage: str, steps: int) -> None:
     import jax
-    trainer, batch = jax_step(model, stage, batch_size=BATCH)
+    trainer, batch = jax_step(model, stage, CHANNELS, PATCHES, BATCH)
     # As a run does before its first step: runtime.remat auto picks what fits this host (one line when not none).
     trainer.fit_memory()
     plan = trainer.planned_bytes()
@@ -112,7 +116,8 @@ def run_jax(model: str, stage: str, steps: int) -> None:
     jax.block_until_ready(metrics)
     report(first, time.perf_counter() - tic, steps,
            {"loss": float(metrics["loss"]), "remat": trainer.exp.runtime.remat,
-            "grad_accum": trainer.exp.train.grad_accum, "planned_gib": plan and plan[0] / 2 ** 30})
+            "grad_accum": trainer.exp.train.grad_accum, "planned_gib": plan and plan[0] / 2 ** 30,
+            "available_gib": plan and plan[1] / 2 ** 30})
 
 
 # -- the original ---------------------------------------------------------------------------------------------------
@@ -150,8 +155,8 @@ def run_torch(model: str, stage: str, steps: int, reference: str, peer: str) -> 
     import numpy as np
     import torch
     import_original(reference)
-    dims = {"base": dict(embed_dim=200, depth=12, heads=10), "large": dict(embed_dim=400, depth=24, heads=16),
-            "huge": dict(embed_dim=800, depth=48, heads=16)}[model]
+    import peer as builders
+    depth = builders.DEPTH[model]
     torch.manual_seed(0)
     x = torch.from_numpy(np.random.default_rng(0).normal(0, 0.2, (BATCH, CHANNELS, PATCHES, 200))
                          .astype(np.float32))
@@ -168,24 +173,21 @@ def run_torch(model: str, stage: str, steps: int, reference: str, peer: str) -> 
         step = _finetune_step(net, opt, inputs, torch)
     elif stage == "finetune":
         import modeling_finetune
-        factory = getattr(modeling_finetune, f"labram_{model}_patch200_200")
-        net = factory(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True, init_values=0.1, qkv_bias=False,
-                      use_abs_pos_emb=True, use_rel_pos_bias=False)
+        if model == "tiny":  # the TINY reference set's model (drop path off there): a check of the script only
+            net = builders.finetune_model("tiny", 1)
+        else:
+            factory = getattr(modeling_finetune, f"labram_{model}_patch200_200")
+            net = factory(num_classes=1, drop_path_rate=0.1, use_mean_pooling=True, init_values=0.1, qkv_bias=False,
+                          use_abs_pos_emb=True, use_rel_pos_bias=False)
         net.train()
-        opt = _reference_optimizer(net, dims["depth"], 5e-4, (0.9, 0.999), 0.65)
+        opt = _reference_optimizer(net, depth, 5e-4, (0.9, 0.999), 0.65)
         step = _finetune_step(net, opt, (x, chans), torch)
     else:
-        import modeling_pretrain
-        import modeling_vqnsp
         random_masking = _reference_function(reference, "engine_for_pretraining.py", "random_masking")
-        vqnsp = modeling_vqnsp.vqnsp_encoder_base_decoder_3x200x12(pretrained=False, as_tokenzer=False,
-                                                                   EEG_size=1600, n_code=8192, code_dim=64,
-                                                                   decay=0.99, quantize_kmeans_init=False).eval()
-        factory = getattr(modeling_pretrain, f"labram_{model}_patch200_1600_8k_vocab")
-        net = factory(pretrained=False, drop_path_rate=0.0, init_values=0.1, use_abs_pos_emb=True,
-                      use_rel_pos_bias=False, use_shared_rel_pos_bias=False, vocab_size=8192)
+        vqnsp = builders.tokenizer("tiny" if model == "tiny" else "base").eval()
+        net = builders.pretrain_model(model, vqnsp.quantize.num_tokens)
         net.train()
-        opt = _reference_optimizer(net, dims["depth"], 5e-4, (0.9, 0.98), None)
+        opt = _reference_optimizer(net, depth, 5e-4, (0.9, 0.98), None)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def step():
@@ -226,10 +228,15 @@ def _finetune_step(net, opt, inputs, torch):
 def measure(side: str, model: str, stage: str, args: argparse.Namespace) -> dict:
     python = sys.executable if side == "jax" else args.peer_python
     cmd = [python, __file__, "--worker", side, "--models", model, "--stages", stage, "--steps", str(args.steps),
-           "--reference", args.reference, "--batch", str(args.batch)]
+           "--batch", str(args.batch), "--channels", str(args.channels), "--patches", str(args.patches)] + (
+               ["--reference", args.reference] if args.reference else [])
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    if out.returncode == -9:  # what the kernel's OOM killer sends, without a word on stderr
+        return {"error": "killed by SIGKILL (out of memory?)"}
     if out.returncode:
-        raise SystemExit(f"{side} {model} {stage} failed:\n{out.stderr[-3000:]}")
+        lines = out.stderr.strip().splitlines() or [f"exit {out.returncode}"]
+        print(out.stderr[-3000:], file=sys.stderr)
+        return {"error": lines[-1]}
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -238,9 +245,9 @@ def peer_has_braindecode(python: str) -> bool:
 
 
 def main() -> None:
-    global BATCH  # --batch: the sitting's and its workers' batch
+    global BATCH, CHANNELS, PATCHES  # the sitting's and its workers' batch shape
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", required=True, help="a checkout of github 935963004/LaBraM")
+    parser.add_argument("--reference", help="a checkout of github 935963004/LaBraM (required but with --smoke)")
     parser.add_argument("--peer-python", default=sys.executable,
                         help="the interpreter with torch, einops, timm 0.4.12 (default: this one)")
     parser.add_argument("--models", default="base,large", help="comma-separated: base, large, huge")
@@ -249,9 +256,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="timed warm steps per process")
     parser.add_argument("--batch", type=int, default=BATCH, help="windows per step (the original's per-device "
                         "batch is 64 for pretraining and fine-tuning)")
+    parser.add_argument("--channels", type=int, default=CHANNELS, help="channels per window")
+    parser.add_argument("--patches", type=int, default=PATCHES, help="1-s patches per channel")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: TINY, batch 4, "
+                        "one pair of one step per stage; without --reference our side only")
     parser.add_argument("--worker", choices=("jax", "torch", "braindecode"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    BATCH = args.batch
+    if args.smoke:
+        args.models, args.pairs, args.steps, args.batch = "tiny", 1, 1, 4
+    if not (args.reference or args.smoke or args.worker == "jax"):
+        parser.error("--reference is required (or --smoke)")
+    BATCH, CHANNELS, PATCHES = args.batch, args.channels, args.patches
     if args.worker == "jax":
         sys.path.insert(0, str(ROOT))
         from labram_jax.train.launch import rerun_with_huge_pages
@@ -260,27 +275,38 @@ def main() -> None:
         return run_jax(args.models, args.stages, args.steps)
     if args.worker:
         return run_torch(args.models, args.stages, args.steps, args.reference, args.worker)
-    braindecode = peer_has_braindecode(args.peer_python)
+    if not args.reference:
+        print("no --reference: the original's side is skipped")
+    braindecode = bool(args.reference) and peer_has_braindecode(args.peer_python)
     print(f"machine: {os.cpu_count()} cores; batch [{BATCH}, {CHANNELS}, {PATCHES}, 200] float32; "
           f"{args.steps} warm steps per process; braindecode {'timed' if braindecode else 'not installed'}")
     for model in args.models.split(","):
         for stage in args.stages.split(","):
-            peers = ["torch"] + (["braindecode"] if braindecode and stage == "finetune" and model == "base" else [])
+            peers = (["torch"] if args.reference else []) + (
+                ["braindecode"] if braindecode and stage == "finetune" and model == "base" else [])
             ratios: dict[str, list[float]] = {p: [] for p in peers}
             for pair in range(args.pairs):
                 order = ["jax", *peers] if pair % 2 == 0 else [*peers, "jax"]
-                results = {side: measure(side, model, stage, args) for side in order}
-                for side in order:
-                    r = results[side]
+                results = {}
+                for side in order:  # each printed as it ends: a sitting of large models takes an hour
+                    r = results[side] = measure(side, model, stage, args)
+                    if "error" in r:
+                        print(f"{model:5s} {stage:8s} pair {pair} {side:11s} failed: {r['error']}", flush=True)
+                        continue
                     ran = (f"  remat {r['remat']}, {r['grad_accum']} micro-batch(es), planned "
-                           f"{r['planned_gib']:.1f} GiB" if side == "jax" and r.get("planned_gib") else "")
+                           f"{r['planned_gib']:.1f} of {r['available_gib']:.1f} GiB"
+                           if side == "jax" and r.get("planned_gib") else "")
                     print(f"{model:5s} {stage:8s} pair {pair} {side:11s} {r['samples_per_s']:6.2f} samples/s  "
                           f"first step {r['first_step_s']:5.1f} s  peak {r['peak_rss_mib']:6.0f} MiB{ran}",
                           flush=True)
                 for p in peers:
+                    if "error" in results[p] or "error" in results["jax"]:
+                        continue
                     ratios[p].append(results["jax"]["samples_per_s"] / results[p]["samples_per_s"])
                     print(f"{model:5s} {stage:8s} pair {pair} ratio jax/{p}: {ratios[p][-1]:.3f}", flush=True)
             for p in peers:
+                if not ratios[p]:
+                    continue
                 print(f"{model:5s} {stage:8s} median ratio jax/{p}: {statistics.median(ratios[p]):.3f} "
                       f"(pairs {', '.join(f'{r:.3f}' for r in ratios[p])})", flush=True)
 

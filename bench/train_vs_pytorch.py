@@ -3,6 +3,7 @@
     python bench/train_vs_pytorch.py --reference DIR --peer-python PY [--stages tokenizer,pretrain,finetune]
         [--model tiny|base|large] [--batch 4] [--channels 8] [--patches 4] [--steps 10] [--seed 0]
         [--classes 1] [--init DIR] [--set key=value ...] [--record DIR]
+    python bench/train_vs_pytorch.py --smoke [--reference DIR --peer-python PY]    # seconds: 2 steps a stage
 
 Both sides start from the same weights (the original's init, saved by the peer and read by our converter), see the
 same batches and, in pretraining, the same masks (the original's `random_masking` draws them; our step takes its
@@ -26,6 +27,9 @@ recipe, warmup 2 steps): train.lr, train.min_lr, train.warmup_steps, train.weigh
 off), train.b1, train.b2, train.eps, tokenizer.decay (the codebook's EMA), train.layer_decay (fine-tuning; none:
 off), train.label_smoothing (multi-class fine-tuning). A key of another stage is left to that stage. The schedule
 spans the N steps, so warmup and the whole cosine are exercised.
+
+--smoke: 2 steps of each stage at the defaults; without --reference our side replays, for each stage, the
+tests/fixtures/train_trajectories/tiny_recipe run the original recorded, and is compared with it as above.
 
 --record DIR writes the original's trajectory (spec.json, init weights, per-step losses, lrs and masks, final
 weights) as a test vector for tests/test_train_vs_reference.py, which checks our loops against it without torch.
@@ -363,9 +367,35 @@ def record(spec: Spec, work: Path, into: Path) -> None:
                                                indent=1) + "\n")
 
 
+def replay(run: Path) -> tuple[Spec, dict[str, Any]]:
+    """Our side of one run the original recorded (`--record`), from its weights on its batches: the spec and the
+    comparison's JSON line. The batches must still be the recorded ones (numpy's generator makes them)."""
+    raw = json.loads((run / "spec.json").read_text())
+    digest = raw.pop("batches_sha256")
+    spec = Spec(**raw)
+    if batches_digest(spec) != digest:
+        raise SystemExit(f"{run}: numpy's generator no longer makes the recorded batches")
+    trajectory = dict(np.load(run / "trajectory.npz"))
+    start = run / "init.pth" if (run / "init.pth").exists() else ROOT / spec.init / f"{spec.stage}.pth"
+    tokenizer = None
+    if spec.stage == "pretrain":
+        tokenizer = run / "tokenizer.pth" if (run / "tokenizer.pth").exists() else ROOT / spec.init / "tokenizer.pth"
+    return spec, compare(spec, trajectory, run_ours(spec, start, tokenizer, trajectory.get("masks")))
+
+
+def replay_recorded(stages: list[str]) -> None:
+    """--smoke without the original: each stage against its tiny_recipe recording; exit 1 when one misses."""
+    failed = False
+    for stage in stages:
+        _, line = replay(ROOT / "tests" / "fixtures" / "train_trajectories" / "tiny_recipe" / stage)
+        print(json.dumps(line), flush=True)
+        failed |= not passed(line)
+    sys.exit(1 if failed else 0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--reference", required=True, help="a checkout of github 935963004/LaBraM")
+    parser.add_argument("--reference", help="a checkout of github 935963004/LaBraM (required but with --smoke)")
     parser.add_argument("--peer-python", default=sys.executable, help="the interpreter that runs the original")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--model", default="tiny", choices=("tiny", "base", "large"))
@@ -381,11 +411,20 @@ def main() -> None:
     parser.add_argument("--init", default="", help="start from the original's checkpoints in this folder "
                         "(tokenizer.pth, pretrain.pth, finetune.pth, as a reference set), not from a fresh init")
     parser.add_argument("--record", type=Path, help="write each stage's original trajectory here (DIR/STAGE)")
+    parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: 2 steps a stage; "
+                        "without --reference, against the original's recorded runs")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # the peer's side: a spec file
     args = parser.parse_args()
     if args.worker:
         spec = Spec(**json.loads(Path(args.worker).read_text()))
         return run_original(spec, args.reference, Path(args.worker).parent)
+    if args.smoke:
+        args.steps = 2
+        if not args.reference:
+            print("no --reference: the original's side is its recorded runs (tests/fixtures/train_trajectories)")
+            return replay_recorded(args.stages.split(","))
+    if not args.reference:
+        parser.error("--reference is required (or --smoke)")
     if not 1 <= args.channels <= len(CHANNELS):
         raise SystemExit(f"--channels {args.channels}: 1 to {len(CHANNELS)}")
     if args.classes < 1:

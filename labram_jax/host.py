@@ -83,3 +83,9 @@ def cpu_count(root: str | os.PathLike = "/sys/fs/cgroup", proc_self: str | os.Pa
             if quota.isdigit() and period.isdigit() and int(period) > 0:
                 best = min(best, max(1, math.ceil(int(quota) / int(period))))
     return best
+
+
+def resident_bytes(statm: str | os.PathLike = "/proc/self/statm") -> int:
+    """This process's resident memory now (0 where /proc does not say)."""
+    fields = (_read(Path(statm)) or "").split()
+    return int(fields[1]) * os.sysconf("SC_PAGE_SIZE") if len(fields) > 1 and fields[1].isdigit() else 0

@@ -1,4 +1,5 @@
 """The host's budget as its container sets it: cgroup v2 and v1 memory and CPU limits, on made-up cgroup trees."""
+import os
 from pathlib import Path
 
 from labram_jax import host
@@ -47,3 +48,10 @@ def test_no_limit_or_no_cgroup_is_the_machine(tmp_path):
     # a namespaced path whose mount root carries the limit
     (fs / "memory" / "memory.limit_in_bytes").write_text(str(2 * GIB))
     assert host.memory_bytes(fs, proc, physical=16 * GIB) == 2 * GIB
+
+
+def test_resident_memory_from_statm(tmp_path):
+    (tmp_path / "statm").write_text("9000 1000 300 10 0 700 0\n")
+    assert host.resident_bytes(tmp_path / "statm") == 1000 * os.sysconf("SC_PAGE_SIZE")
+    assert host.resident_bytes(tmp_path / "none") == 0  # no /proc: nothing known to keep back
+    assert host.resident_bytes() > 0  # this process, from the real /proc/self/statm

@@ -9,12 +9,10 @@ must stay within the bench's tolerance (1e-4 relative, loss and weights) at ever
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +34,6 @@ def test_the_trajectories_cover_every_stage_and_both_fine_tuning_tasks():
 
 @pytest.mark.parametrize("run", RUNS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_our_loop_follows_the_original(run: Path):
-    raw = json.loads((run / "spec.json").read_text())
-    digest = raw.pop("batches_sha256")
-    spec = bench.Spec(**raw)
-    assert bench.batches_digest(spec) == digest, "numpy's generator no longer makes the recorded batches"
-    trajectory = dict(np.load(run / "trajectory.npz"))
-    start = run / "init.pth" if (run / "init.pth").exists() else ROOT / spec.init / f"{spec.stage}.pth"
-    tokenizer = None
-    if spec.stage == "pretrain":
-        tokenizer = run / "tokenizer.pth" if (run / "tokenizer.pth").exists() else ROOT / spec.init / "tokenizer.pth"
-    ours = bench.run_ours(spec, start, tokenizer, trajectory.get("masks"))
-    line = bench.compare(spec, trajectory, ours)
+    spec, line = bench.replay(run)
     assert line["lr_max_abs"] <= 1e-6 * spec.settings["lr"], line
     assert bench.passed(line), line
