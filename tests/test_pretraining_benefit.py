@@ -1,13 +1,14 @@
 """experiments/pretraining_benefit.py on the four bundled EEGMAT subjects at tiny budgets: the study's summary, a
 test subject kept out of pretraining, a SIGTERM that exits 75 and a rerun that resumes, a rerun that runs nothing."""
 import json
-import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from test_train import child_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "pretraining_benefit.py"
@@ -20,7 +21,7 @@ METRICS = ("balanced_accuracy", "roc_auc", "pr_auc")
 def study(workdir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(SCRIPT), "--data", str(EEGMAT), "--workdir", str(workdir),
                              *TINY, *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+                            cwd=ROOT, env=dict(child_env(), PYTHONUNBUFFERED="1"))
 
 
 def finished(proc: subprocess.Popen) -> tuple[int, str, str]:

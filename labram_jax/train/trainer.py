@@ -441,7 +441,7 @@ class Trainer:
         if local[0].platform == "cpu":
             # Measured, not a fixed share: large pretraining on 23.6 GiB peaked 1.7 GiB above its plan at batch 32
             # (one compile before it) and 3.1 GiB at batch 64 (four).
-            arrays = sum(shard.data.nbytes for a in jax.live_arrays() for shard in a.addressable_shards)
+            arrays = sum(a.on_device_size_in_bytes() for a in jax.live_arrays())
             held = max(0, host.resident_bytes() - arrays)
             planned, available = per_device * len(local), int(0.95 * host.memory_bytes()) - held
         else:
