@@ -231,10 +231,9 @@ def main() -> None:
     if args.smoke:
         scratch = tempfile.TemporaryDirectory()
         sys.path.insert(0, str(ROOT))
-        from data_prep.builders import build_eegmat
-        from labram_jax.demo import SAMPLE, SPLITS
+        from labram_jax.demo import build_sample
         args.shards = Path(scratch.name) / "eegmat"
-        build_eegmat(SAMPLE, args.shards, splits=SPLITS)
+        build_sample(args.shards)
         args.out, args.steps, args.batch, args.every = Path(scratch.name) / "out", 2, 4, 2
         args.arms, args.set = "ours,original" if args.reference else "ours", [*SMOKE_TOKENIZER, *args.set]
         if not args.reference:

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RECIPES = {"finetune_eegmat": "finetune", "pretrain_base": "pretrain"}
 
 
-def tokenizer_export(folder: Path, smoke: bool) -> Path:
-    """A fresh tokenizer export (base, or TINY's for --smoke) for pretraining to draw its targets from."""
+def tokenizer_export(folder: Path) -> Path:
+    """A fresh base tokenizer export for pretraining to draw its targets from."""
     sys.path.insert(0, str(ROOT))
     from flax import nnx
 
@@ -37,8 +37,7 @@ def tokenizer_export(folder: Path, smoke: bool) -> Path:
     from labram_jax.checkpoint import save_model
     from labram_jax.models.vqnsp import VQNSP
 
-    cfg = (configs.tokenizer_tiny if smoke else configs.tokenizer_base)(kmeans_init=False)
-    return save_model(VQNSP(cfg, rngs=nnx.Rngs(0)), folder / "tokenizer")
+    return save_model(VQNSP(configs.tokenizer_base(kmeans_init=False), rngs=nnx.Rngs(0)), folder / "tokenizer")
 
 
 def ours(recipe: str, data: Path, cache: Path, workdir: Path, sets: list[str]) -> dict:
@@ -87,28 +86,24 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(tempfile.mkdtemp(prefix="first_step_"))
     try:
-        batch, model, sets = 32, "base", []
+        batch, model, sets, recipes = 32, "base", [], RECIPES
         if args.smoke:
             sys.path.insert(0, str(ROOT))
-            from data_prep.builders import build_eegmat
-            from labram_jax.demo import SAMPLE, SPLITS
+            from labram_jax.demo import build_sample
+            from peer import TINY
             args.data = scratch / "eegmat"
-            build_eegmat(SAMPLE, args.data, splits=SPLITS)
-            batch, model = 4, "tiny"
-            sets = ["model.depth=2", "model.embed_dim=100", "model.num_heads=5", "model.out_chans=4",
-                    "model.mlp_ratio=2.0"]
+            build_sample(args.data)
+            batch, model, recipes = 4, "tiny", {"finetune_eegmat": RECIPES["finetune_eegmat"]}
+            sets = [f"model.{key}={value}" for key, value in TINY.items()]
         if args.data is None:
             parser.error("--data is required (or --smoke)")
         if not args.reference:
             print("no --reference: the original's side is skipped")
-        tokenizer = tokenizer_export(scratch, args.smoke)
         print(f"batch {batch}, {model}; {os.cpu_count()} CPUs", flush=True)
-        for recipe, stage in list(RECIPES.items())[:1] if args.smoke else RECIPES.items():
+        for recipe, stage in recipes.items():
             extra = [f"train.batch_size={batch}", *sets]
             if stage == "pretrain":
-                extra += [f"tokenizer_checkpoint={tokenizer}"]
-                if args.smoke:
-                    extra += ["model.vocab_size=512"]
+                extra += [f"tokenizer_checkpoint={tokenizer_export(scratch)}"]
             for pair in range(args.pairs):
                 cache = scratch / f"cache-{recipe}-{pair}"
                 results = {}

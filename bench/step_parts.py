@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from peer import DEPTH
+
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, CHANNELS, PATCHES = 32, 23, 10
 
@@ -103,7 +105,7 @@ def torch_parts(parts: list[str], reps: int, reference: str, threads: int, size:
     import numpy as np
     import torch
 
-    from peer import DEPTH, finetune_model, import_original
+    from peer import finetune_model, import_original
     from step_vs_pytorch import _finetune_step, _reference_optimizer
     if threads == 1:
         torch.set_num_threads(1)
@@ -173,8 +175,7 @@ def main() -> None:
     else:
         result = torch_parts(parts, args.reps, args.reference, args.threads, size, batch_size)
     if "step" in result:
-        depth = {"tiny": 2, "base": 12}[size]
-        result["rest"] = result["step"] - depth * result.get("block", 0) - result.get("embed", 0) \
+        result["rest"] = result["step"] - DEPTH[size] * result.get("block", 0) - result.get("embed", 0) \
             - result.get("optim", 0)
     print(f"{args.side}: " + "  ".join(f"{k} {v:.3f} s" for k, v in result.items()), flush=True)
 

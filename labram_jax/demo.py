@@ -58,8 +58,14 @@ def _first_last(workdir: Path, key: str) -> tuple[float, float]:
     return float(np.mean(values[:k])), float(np.mean(values[-k:]))
 
 
-def run(out: str | Path = "demo_out", data: str | Path = SAMPLE, steps: int = 150) -> dict[str, float]:
+def build_sample(shards: Path, data: str | Path = SAMPLE) -> dict:
+    """The bundled recordings (or `data`) as the demo's 5-s windows and subject splits: the builder's report."""
     from data_prep.builders import build_eegmat
+
+    return build_eegmat(data, shards, seconds=SECONDS, splits=SPLITS)
+
+
+def run(out: str | Path = "demo_out", data: str | Path = SAMPLE, steps: int = 150) -> dict[str, float]:
     from labram_jax import plots
     from labram_jax.checkpoint import load_model
     from labram_jax.convert import from_pytorch, to_pytorch
@@ -69,7 +75,7 @@ def run(out: str | Path = "demo_out", data: str | Path = SAMPLE, steps: int = 15
     shards = out / "data"
     print(f"1. prep: {data} -> {shards}/{{train,val,test}} (0.1-75 Hz, 50 Hz notch, 200 Hz, µV, {SECONDS} s "
           f"windows; subjects {SPLITS})")
-    report = build_eegmat(data, shards, seconds=SECONDS, splits=SPLITS)
+    report = build_sample(shards, data)
     print("   " + json.dumps(report.get("splits", report))[:300])
     summary: dict[str, float] = {}
     for number, (stage, exp) in enumerate(experiments(shards, out, steps).items(), start=2):
