@@ -1,6 +1,7 @@
 """The persistent compilation cache every command turns on: a second run of the same recipe and shapes compiles
-nothing the first one compiled (counted from JAX's compile log, not timed), a corrupt entry costs one warning and
-a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
+nothing the first one compiled (counted from JAX's compile log, not timed), the train step is not even traced (it is stored
+whole), a corrupt entry costs one warning and a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
+import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 from test_train import child_env, recipe_command
 
 ROOT = Path(__file__).resolve().parents[1]
+STEP = "jit(_train_step)"
 
 
 def env(cache: Path | str, **extra: str) -> dict[str, str]:
@@ -38,18 +40,39 @@ def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic
         runs.append(compiled(run.stderr))
     (first, first_hits), (second, second_hits) = runs
     assert first and not first_hits  # an empty cache: everything compiled
-    assert sorted(second) == sorted(first)  # the same programs, each of them loaded
+    # the train step is stored whole (compile_cache.compiled_step): the second run does not even trace it
+    assert STEP in first and STEP not in second
+    assert sorted(second) == sorted(p for p in first if p != STEP)  # the same programs, each of them loaded
     assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
-    # the train step's entry (the largest) cut short: one warning, compiled again, the run goes on
-    entry = max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)
-    entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
+    # the stored step and the train step's XLA entry (the largest) cut short: a warning each, the step compiled
+    # again, the run goes on
+    for entry in (next((cache / "steps").glob("*.step")), max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
+        entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
     run = subprocess.run(recipe_command(tmp_path / "third", synthetic), env=env(cache), capture_output=True,
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stderr.count("did not load") == 1, run.stderr[-3000:]
     assert run.stderr.count("Error reading persistent compilation cache entry") == 1, run.stderr[-3000:]
     third, third_hits = compiled(run.stderr)
-    assert len(third) - len(third_hits) == 1
+    assert STEP in third and len(third) - len(third_hits) == 1
 
+
+def test_the_stored_step_is_keyed_by_what_decides_its_program(tmp_path):
+    """Two trainers of one experiment share a key; a changed setting, model size or batch shape gives another."""
+    from labram_jax import compile_cache, configs
+    from labram_jax.train.config import DataConfig, Experiment, TrainConfig
+    from labram_jax.train.trainer import Trainer
+
+    exp = Experiment(stage="finetune", model=configs.tiny(num_classes=2),
+                     data=DataConfig(train=("unused",), max_channels=3, max_patches=2),
+                     train=TrainConfig(batch_size=8, steps=4, epochs=0, warmup_epochs=0, warmup_steps=1))
+    key = lambda e: compile_cache.step_key(Trainer(e, tmp_path)._step_parts())
+    same = key(exp)
+    assert key(exp) == same
+    changed = [exp.replace(train=dataclasses.replace(exp.train, lr=1e-3)), exp.replace(model=exp.model.replace(depth=1)),
+               exp.replace(model=exp.model.replace(num_heads=1)), exp.replace(data=dataclasses.replace(exp.data, max_patches=3)),
+               exp.replace(train=dataclasses.replace(exp.train, batch_size=16))]
+    assert same not in {key(e) for e in changed} and len({key(e) for e in changed}) == len(changed)
 
 def where(environment: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from labram_jax import compile_cache; print(compile_cache.enable())"],

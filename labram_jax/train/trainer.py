@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from labram_jax import configs, host, preemption, sharding
+from labram_jax import compile_cache, configs, host, preemption, sharding
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.configs import runtime_of, with_runtime
@@ -170,6 +170,7 @@ class Trainer:
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
         build = nnx.eval_shape if abstract else (lambda f: f())
         model = build(self._model)
+        self._built_configs = [dataclasses.asdict(model.cfg)]
         self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
         self.depth = (self.exp.tokenizer.encoder if exp.stage == "tokenizer" else self.exp.model).depth
@@ -188,6 +189,7 @@ class Trainer:
                                 f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
+            self._built_configs.append(dataclasses.asdict(tokenizer.cfg))
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(t.seed))}
         state["opt"] = jax.eval_shape(self.tx.init, params)
@@ -700,8 +702,27 @@ class Trainer:
         if batch is not None:
             return self.lower(batch).compile()
         if self._compiled is None:
-            self._compiled = self.lower().compile()
+            compile = lambda: self.lower().compile()  # noqa: E731
+            # an ahead-of-time check compiles for devices this host only simulates: nothing to keep
+            self._compiled = compile() if self.abstract else compile_cache.compiled_step(
+                self._step_parts(), list(self.mesh.devices.flat), compile)
         return self._compiled
+
+    def _step_parts(self) -> dict[str, Any]:
+        """What decides the train step's program besides labram_jax's code and JAX's environment
+        (compile_cache.step_key): the resolved experiment, the configs of the models as built (a tokenizer
+        checkpoint brings its own), the files that define the stage's functions, every argument's path, shape,
+        dtype and sharding, and the mesh. Whatever the
+        step reads from `self` derives from these."""
+        def layout(tree: Any) -> list[str]:
+            return [f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype} {getattr(leaf, 'sharding', None)}"
+                    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+        stage_code = [fn for fn in vars(self.stage).values() if callable(fn)]  # a stage registered from outside
+        return {"experiment": dataclasses.asdict(self.exp), "models": self._built_configs,
+                "stage": compile_cache.code_of(*stage_code),
+                "state": layout(self.state), "batch": layout(self.abstract_batch()),
+                "mesh": [dict(self.mesh.shape), [d.id for d in self.mesh.devices.flat]]}
 
     def step_flops(self) -> float | None:
         """FLOPs of one step per device, from XLA's cost analysis of the compiled step (None under scan_blocks:
