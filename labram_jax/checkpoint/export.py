@@ -116,11 +116,17 @@ def _check_stored(stored: object, expected: object, path: Path, kind: str) -> No
         raise UserError(f"{path}: stored arrays do not match the {kind} model of its config: {problems}")
 
 
-def load_model(directory: str | os.PathLike) -> Model:
-    """The model saved in `directory` by `save_model`, restored onto the default device."""
+def load_model(directory: str | os.PathLike, *, torch_order: bool = True) -> Model:
+    """The model saved in `directory` by `save_model`, restored onto the default device.
+
+    torch_order=False builds it as shapes only, since every variable comes from the export (an eager build first
+    draws them all at random, one small program per shape: 2-6 s of a run's start for a base tokenizer); NNX
+    then sets a module's attributes in sorted order, so state_dict would list the keys in that order rather than
+    the original's: for a model that is not written out as a state dict."""
     path = Path(directory).resolve()
     meta = _read_meta(path)
-    model = build(_config(meta, path), meta["kind"])
+    cfg = _config(meta, path)
+    model = build(cfg, meta["kind"]) if torch_order else nnx.eval_shape(lambda: build(cfg, meta["kind"]))
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)
     # This process's own device: in a multi-host run jax.devices()[0] may belong to another process.

@@ -94,7 +94,7 @@ def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
 
 def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
     """A model from a .pth (the original's layout, read as `kind`) or a labram-jax export directory."""
-    return load_model(path) if Path(path).is_dir() else from_pytorch(path, kind, **kwargs)
+    return load_model(path, torch_order=False) if Path(path).is_dir() else from_pytorch(path, kind, **kwargs)
 
 
 def strong_types(tree: Any) -> Any:
@@ -654,7 +654,7 @@ class Trainer:
     def _best_test(self) -> dict[str, float]:
         """Test metrics of the best validation checkpoint, as the original reports them."""
         current = self.state
-        best = load_model(self.workdir / "best")
+        best = load_model(self.workdir / "best", torch_order=False)
         params, fixed, rest = nnx.state(best, self.stage.trainable(self.exp), nnx.Param, ...)
         # Every process loaded the whole export; each fills its own devices' shards (device_put cannot place
         # host arrays on another host's devices).
