@@ -14,6 +14,7 @@ almost no room, leaves the run without a cache and one warning.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import importlib.metadata
 import inspect
@@ -123,20 +124,29 @@ def step_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def compiled_step(parts: dict[str, Any], devices: list, compile: Callable[[], Any]) -> Any:
-    """`compile()` (a jax.stages.Compiled for `devices`, in the order of its device assignment), or the one stored
-    under `parts` by an earlier run, loaded without tracing. Stored only where JAX's persistent cache is on (the
-    same folder and trust: an entry is machine code). An entry that does not load is compiled again with one
-    warning; entries are written whole (a temporary file renamed into place), so two runs storing one step at once
-    leave one of them."""
+def _entry(parts: dict[str, Any]) -> Path | None:
+    """Where the step of `parts` is stored; None where nothing is (no persistent cache, or several processes:
+    each would need its own entry, and JAX's cache still serves them)."""
     import jax
-    from jax.experimental import serialize_executable
 
     if not jax.config.jax_compilation_cache_dir or jax.process_count() > 1:
-        return compile()  # several processes: each would need its own entry; JAX's cache still serves them
-    store = Path(jax.config.jax_compilation_cache_dir) / STEPS
-    entry = store / f"{step_key(parts)}.step"
-    if entry.exists():
+        return None
+    return Path(jax.config.jax_compilation_cache_dir) / STEPS / f"{step_key(parts)}.step"
+
+
+def stored_step(parts: dict[str, Any], devices: list) -> concurrent.futures.Future | None:
+    """The train step an earlier run stored under `parts`, loading in a thread (XLA rebuilds it from its
+    serialized form outside the GIL, seconds for a base model, while the caller builds the state): a Future of
+    the jax.stages.Compiled for `devices` (in the order of its device assignment), or of None where the entry
+    does not load (one warning). None where nothing is stored. The store is as trusted as JAX's cache folder it
+    sits in: an entry is machine code."""
+    entry = _entry(parts)
+    if entry is None or not entry.exists():
+        return None
+
+    def load() -> Any:
+        from jax.experimental import serialize_executable
+
         try:
             payload, in_tree, out_tree = pickle.loads(entry.read_bytes())
             step = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
@@ -145,21 +155,36 @@ def compiled_step(parts: dict[str, Any], devices: list, compile: Callable[[], An
         except Exception as error:  # noqa: BLE001 - any damage to the entry means: compile it again
             print(f"warning: the stored train step {entry} did not load ({type(error).__name__}: "
                   f"{str(error)[:200]}); compiling it again", file=sys.stderr)
+            return None
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="stored-step")
+    future = pool.submit(load)
+    pool.shutdown(wait=False)
+    return future
+
+
+def store_step(parts: dict[str, Any], compile: Callable[[], Any]) -> Any:
+    """compile(), stored under `parts` for the next run where XLA compiled it here. Written whole (a temporary
+    file renamed into place), so two runs storing one step at once leave one of them."""
+    from jax.experimental import serialize_executable
+
     step, fresh = _compile_watched(compile)
-    if not fresh:
+    entry = _entry(parts)
+    if entry is None or not fresh:
         return step
     try:
         blob = pickle.dumps(serialize_executable.serialize(step))
     except (ValueError, NotImplementedError):  # a step XLA cannot serialize (a closed-over constant): not stored
         return step
     try:
-        store.mkdir(parents=True, exist_ok=True)
-        temporary = store / f".{entry.name}.{os.getpid()}"
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        temporary = entry.parent / f".{entry.name}.{os.getpid()}"
         temporary.write_bytes(blob)
         os.replace(temporary, entry)
-        _prune(store)
+        _prune(entry.parent)
     except OSError as error:
-        print(f"warning: the train step was not stored in {store} ({error.strerror or error})", file=sys.stderr)
+        print(f"warning: the train step was not stored in {entry.parent} ({error.strerror or error})",
+              file=sys.stderr)
     return step
 
 

@@ -40,7 +40,7 @@ def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic
         runs.append(compiled(run.stderr))
     (first, first_hits), (second, second_hits) = runs
     assert first and not first_hits  # an empty cache: everything compiled
-    # the train step is stored whole (compile_cache.compiled_step): the second run does not even trace it
+    # the train step is stored whole (compile_cache.store_step): the second run does not even trace it
     assert STEP in first and STEP not in second
     assert sorted(second) == sorted(p for p in first if p != STEP)  # the same programs, each of them loaded
     assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
@@ -73,6 +73,10 @@ def test_the_stored_step_is_keyed_by_what_decides_its_program(tmp_path):
                exp.replace(model=exp.model.replace(num_heads=1)), exp.replace(data=dataclasses.replace(exp.data, max_patches=3)),
                exp.replace(train=dataclasses.replace(exp.train, batch_size=16))]
     assert same not in {key(e) for e in changed} and len({key(e) for e in changed}) == len(changed)
+    # A stored step is used only where it takes the state and batch as they are (Trainer._takes).
+    trainer, other = Trainer(exp, tmp_path), Trainer(changed[-1], tmp_path)
+    step = trainer.compiled_step()
+    assert trainer._takes(step) and not other._takes(step)
 
 def where(environment: dict[str, str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from labram_jax import compile_cache; print(compile_cache.enable())"],

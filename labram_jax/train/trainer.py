@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
@@ -107,6 +108,12 @@ def strong_types(tree: Any) -> Any:
     return jax.tree.map(strong, tree)
 
 
+def _layout(tree: Any) -> list[str]:
+    """Each leaf's path, shape, dtype and sharding."""
+    return [f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype} {getattr(leaf, 'sharding', None)}"
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 class UnderPrecision:
     """A jitted function traced (and so compiled and cached) under one default matmul precision, and for the train
     step under its mesh: the layers leave precision to the run, so that accelerators can take their fast paths
@@ -168,9 +175,21 @@ class Trainer:
         self.abstract = abstract
         self.stage = STAGES[exp.stage]
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         build = nnx.eval_shape if abstract else (lambda f: f())
+        self.tokenizer_graphdef, frozen, self._tokenizer_config = None, None, None
+        if exp.stage == "pretrain":
+            tokenizer = build(self._tokenizer)
+            if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
+                raise UserError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
+                                f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
+            self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
+            frozen = strong_types(frozen)
+            self._tokenizer_config = tokenizer.cfg
+        # A stored train step loads (XLA rebuilding it, seconds for a base model) while the state is built below.
+        self._stored = None if abstract else compile_cache.stored_step(self._step_parts(),
+                                                                       list(self.mesh.devices.flat))
         model = build(self._model)
-        self._built_configs = [dataclasses.asdict(model.cfg)]
         self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
         self.depth = (self.exp.tokenizer.encoder if exp.stage == "tokenizer" else self.exp.model).depth
@@ -181,15 +200,6 @@ class Trainer:
                                         clip_grad=t.clip_grad, layer_decay=t.layer_decay)
         self.schedule = cosine_schedule(t.lr, t.min_lr, total, t.warmup_steps)
         self.tx = make_optimizer(params, self.optim_config, self.stage.groups, self.depth)
-        self.tokenizer_graphdef, frozen = None, None
-        if exp.stage == "pretrain":
-            tokenizer = build(self._tokenizer)
-            if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
-                raise UserError(f"the tokenizer has {tokenizer.cfg.codebook_size} codes but the model predicts "
-                                f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
-            self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
-            frozen = strong_types(frozen)
-            self._built_configs.append(dataclasses.asdict(tokenizer.cfg))
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(t.seed))}
         state["opt"] = jax.eval_shape(self.tx.init, params)
@@ -200,7 +210,6 @@ class Trainer:
             # eager init can hand mu and nu the same zeros buffer, which donation rejects).
             state["opt"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(state["params"])
         self.state = state
-        self.batch_sharding = sharding.batch_sharding(self.mesh)
         # Batches are split over the data-parallel devices, and each process loads an equal share of them.
         axes = self.batch_sharding.spec[0]
         axes = (axes,) if isinstance(axes, str) else axes or ()
@@ -702,27 +711,44 @@ class Trainer:
         if batch is not None:
             return self.lower(batch).compile()
         if self._compiled is None:
+            step = self._stored and self._stored.result()
+            if step is not None and not self._takes(step):
+                print("warning: the stored train step does not take this run's state (another layout); compiling "
+                      "it again", file=sys.stderr)
+                step = None
             compile = lambda: self.lower().compile()  # noqa: E731
-            # an ahead-of-time check compiles for devices this host only simulates: nothing to keep
-            self._compiled = compile() if self.abstract else compile_cache.compiled_step(
-                self._step_parts(), list(self.mesh.devices.flat), compile)
+            if step is None:
+                # an ahead-of-time check compiles for devices this host only simulates: nothing to keep
+                step = compile() if self.abstract else compile_cache.store_step(self._step_parts(), compile)
+            self._compiled = step
         return self._compiled
 
     def _step_parts(self) -> dict[str, Any]:
         """What decides the train step's program besides labram_jax's code and JAX's environment
-        (compile_cache.step_key): the resolved experiment, the configs of the models as built (a tokenizer
-        checkpoint brings its own), the files that define the stage's functions, every argument's path, shape,
-        dtype and sharding, and the mesh. Whatever the
-        step reads from `self` derives from these."""
-        def layout(tree: Any) -> list[str]:
-            return [f"{jax.tree_util.keystr(path)} {leaf.shape} {leaf.dtype} {getattr(leaf, 'sharding', None)}"
-                    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
+        (compile_cache.step_key), known before the model is built: the resolved experiment (the models are built
+        from it), the pretraining tokenizer's config (its checkpoint brings its own), the files that define the
+        stage's functions, the batch's layout and the mesh. Whatever the step reads from `self` derives from these;
+        the state's layout is checked against a stored step when it is used (_takes)."""
         stage_code = [fn for fn in vars(self.stage).values() if callable(fn)]  # a stage registered from outside
-        return {"experiment": dataclasses.asdict(self.exp), "models": self._built_configs,
-                "stage": compile_cache.code_of(*stage_code),
-                "state": layout(self.state), "batch": layout(self.abstract_batch()),
+        tokenizer = self._tokenizer_config and dataclasses.asdict(self._tokenizer_config)
+        return {"experiment": dataclasses.asdict(self.exp), "tokenizer": tokenizer,
+                "stage": compile_cache.code_of(*stage_code), "batch": _layout(self.abstract_batch()),
                 "mesh": [dict(self.mesh.shape), [d.id for d in self.mesh.devices.flat]]}
+
+    def _takes(self, step: Any) -> bool:
+        """Whether a compiled step takes this trainer's state and batch as they are: the same tree (Variable types
+        and metadata included), shapes, dtypes and shardings."""
+        args = (self.state, self.abstract_batch())
+        leaves, tree = jax.tree_util.tree_flatten(args)
+        try:
+            infos = tree.flatten_up_to(step.args_info[0][:2])
+            shardings = tree.flatten_up_to(step.input_shardings[0][:2])
+        except (ValueError, TypeError):
+            return False
+        # an input the step does not read (a batch field of another stage) has no sharding
+        return all(a.shape == i.shape and a.dtype == i.dtype
+                   and (s is None or s.is_equivalent_to(a.sharding, len(a.shape)))
+                   for a, i, s in zip(leaves, infos, shardings))
 
     def step_flops(self) -> float | None:
         """FLOPs of one step per device, from XLA's cost analysis of the compiled step (None under scan_blocks:
