@@ -124,23 +124,23 @@ def step_key(parts: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
-def _entry(parts: dict[str, Any]) -> Path | None:
-    """Where the step of `parts` is stored; None where nothing is (no persistent cache, or several processes:
-    each would need its own entry, and JAX's cache still serves them)."""
+def _entry(key: str) -> Path | None:
+    """Where the step of `key` (step_key) is stored; None where nothing is (no persistent cache, or several
+    processes: each would need its own entry, and JAX's cache still serves them)."""
     import jax
 
     if not jax.config.jax_compilation_cache_dir or jax.process_count() > 1:
         return None
-    return Path(jax.config.jax_compilation_cache_dir) / STEPS / f"{step_key(parts)}.step"
+    return Path(jax.config.jax_compilation_cache_dir) / STEPS / f"{key}.step"
 
 
-def stored_step(parts: dict[str, Any], devices: list) -> concurrent.futures.Future | None:
-    """The train step an earlier run stored under `parts`, loading in a thread (XLA rebuilds it from its
+def stored_step(key: str, devices: list) -> concurrent.futures.Future | None:
+    """The train step an earlier run stored under `key` (step_key), loading in a thread (XLA rebuilds it from its
     serialized form outside the GIL, seconds for a base model, while the caller builds the state): a Future of
     the jax.stages.Compiled for `devices` (in the order of its device assignment), or of None where the entry
     does not load (one warning). None where nothing is stored. The store is as trusted as JAX's cache folder it
     sits in: an entry is machine code."""
-    entry = _entry(parts)
+    entry = _entry(key)
     if entry is None or not entry.exists():
         return None
 
@@ -163,13 +163,13 @@ def stored_step(parts: dict[str, Any], devices: list) -> concurrent.futures.Futu
     return future
 
 
-def store_step(parts: dict[str, Any], compile: Callable[[], Any]) -> Any:
-    """compile(), stored under `parts` for the next run where XLA compiled it here. Written whole (a temporary
+def store_step(key: str, compile: Callable[[], Any]) -> Any:
+    """compile(), stored under `key` (step_key) for the next run where XLA compiled it here. Written whole (a temporary
     file renamed into place), so two runs storing one step at once leave one of them."""
     from jax.experimental import serialize_executable
 
     step, fresh = _compile_watched(compile)
-    entry = _entry(parts)
+    entry = _entry(key)
     if entry is None or not fresh:
         return step
     try:

@@ -186,9 +186,10 @@ class Trainer:
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
             self._tokenizer_config = tokenizer.cfg
-        # A stored train step loads (XLA rebuilding it, seconds for a base model) while the state is built below.
-        self._stored = None if abstract else compile_cache.stored_step(self._step_parts(),
-                                                                       list(self.mesh.devices.flat))
+        # A stored train step loads (XLA rebuilding it, seconds for a base model) while the state is built below;
+        # an ahead-of-time check compiles for devices this host only simulates: nothing to keep.
+        self._step_key = None if abstract else compile_cache.step_key(self._step_parts())
+        self._stored = self._step_key and compile_cache.stored_step(self._step_key, list(self.mesh.devices.flat))
         model = build(self._model)
         self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
@@ -716,10 +717,9 @@ class Trainer:
                 print("warning: the stored train step does not take this run's state (another layout); compiling "
                       "it again", file=sys.stderr)
                 step = None
-            compile = lambda: self.lower().compile()  # noqa: E731
             if step is None:
-                # an ahead-of-time check compiles for devices this host only simulates: nothing to keep
-                step = compile() if self.abstract else compile_cache.store_step(self._step_parts(), compile)
+                compile = lambda: self.lower().compile()  # noqa: E731
+                step = compile_cache.store_step(self._step_key, compile) if self._step_key else compile()
             self._compiled = step
         return self._compiled
 
