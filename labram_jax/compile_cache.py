@@ -18,6 +18,8 @@ import concurrent.futures
 import hashlib
 import importlib.metadata
 import inspect
+import io
+import logging
 import marshal
 import json
 import os
@@ -77,10 +79,12 @@ def enable() -> Path | None:
 
 # -- compiled train steps ------------------------------------------------------------------------------------------
 # JAX's cache is keyed by the lowered program, so a warm start still traces and lowers the train step to find its
-# key (about 6 of a base fine-tuning run's 16 s to its first step on two cores). The trainer's step is kept whole
-# under a key of everything that decides its program, so a warm start skips both.
+# key (about 6 of a base fine-tuning run's 16 s to its first step on two cores). The trainer's step is kept under a
+# key of everything that decides its program, its executable being JAX's entry of it, so a warm start skips both.
+# What is read here from JAX's internals (its compiler's log of each lookup's key, its cache's entry format) is of
+# the pinned jax; tests/test_compile_cache.py fails if either moves.
 STEPS = "steps"  # beside JAX's entries
-STEPS_MAX_BYTES = 2 * 2 ** 30  # least recently used steps go first beyond this
+STEPS_MAX_BYTES = 256 * 2 ** 20  # least recently used steps go first beyond this
 
 
 def _sources() -> str:
@@ -137,22 +141,23 @@ def _entry(key: str) -> Path | None:
 def stored_step(key: str, devices: list) -> concurrent.futures.Future | None:
     """The train step an earlier run stored under `key` (step_key), loading in a thread (XLA rebuilds it from its
     serialized form outside the GIL, seconds for a base model, while the caller builds the state): a Future of
-    the jax.stages.Compiled for `devices` (in the order of its device assignment), or of None where the entry
-    does not load (one warning). None where nothing is stored. The store is as trusted as JAX's cache folder it
-    sits in: an entry is machine code."""
+    the jax.stages.Compiled for `devices` (in the order of its device assignment), or of None where it does not
+    load. None where nothing is stored. The store is as trusted as JAX's cache folder it sits in: an entry is
+    machine code."""
     entry = _entry(key)
     if entry is None or not entry.exists():
         return None
 
     def load() -> Any:
-        from jax.experimental import serialize_executable
+        import jax
 
         try:
-            payload, in_tree, out_tree = pickle.loads(entry.read_bytes())
-            step = serialize_executable.deserialize_and_load(payload, in_tree, out_tree, execution_devices=devices)
+            record = entry.read_bytes()
             os.utime(entry)  # recently used
-            return step
-        except Exception as error:  # noqa: BLE001 - any damage to the entry means: compile it again
+            return _StepUnpickler(record, jax.devices()[0].client, devices).load_step()
+        except _EntryGone:  # JAX's entry was evicted or is damaged: JAX's own read then compiles it (and warns)
+            return None
+        except Exception as error:  # noqa: BLE001 - any damage to our record means: compile it again
             print(f"warning: the stored train step {entry} did not load ({type(error).__name__}: "
                   f"{str(error)[:200]}); compiling it again", file=sys.stderr)
             return None
@@ -164,22 +169,22 @@ def stored_step(key: str, devices: list) -> concurrent.futures.Future | None:
 
 
 def store_step(key: str, compile: Callable[[], Any]) -> Any:
-    """compile(), stored under `key` (step_key) for the next run where XLA compiled it here. Written whole (a temporary
-    file renamed into place), so two runs storing one step at once leave one of them."""
-    from jax.experimental import serialize_executable
-
-    step, fresh = _compile_watched(compile)
+    """compile(), stored under `key` (step_key) for the next run: its executable as a reference to the JAX cache
+    entry that compile() wrote or read (XLA's CPU backend serializes an executable it loaded from an entry without
+    its machine code, so only JAX's own entry holds it), with what JAX needs around it (trees, shardings, avals).
+    Written whole (a temporary file renamed into place), so two runs storing one step at once leave one of them."""
+    step, jax_key = _compile_keyed(compile)
     entry = _entry(key)
-    if entry is None or not fresh:
+    if entry is None or jax_key is None:
         return step
     try:
-        blob = pickle.dumps(serialize_executable.serialize(step))
+        record = _StepPickler.dumps(step, jax_key)
     except (ValueError, NotImplementedError):  # a step XLA cannot serialize (a closed-over constant): not stored
         return step
     try:
         entry.parent.mkdir(parents=True, exist_ok=True)
         temporary = entry.parent / f".{entry.name}.{os.getpid()}"
-        temporary.write_bytes(blob)
+        temporary.write_bytes(record)
         os.replace(temporary, entry)
         _prune(entry.parent)
     except OSError as error:
@@ -188,21 +193,114 @@ def store_step(key: str, compile: Callable[[], Any]) -> Any:
     return step
 
 
-def _compile_watched(compile: Callable[[], Any]) -> tuple[Any, bool]:
-    """compile() and whether XLA compiled it in this call. What XLA's CPU backend loaded from a cache entry
-    (JAX's, or reused in memory from such a load) serializes without its machine code and then fails to run
-    ("Function ... not found"), so only a fresh compilation is stored."""
-    import jax
+class _EntryGone(Exception):
+    """The JAX cache entry a stored step refers to is not there, or does not load."""
 
-    events: list[str] = []
-    listener = lambda event, **_: events.append(event)  # noqa: E731
-    jax.monitoring.register_event_listener(listener)
+
+# JAX logs the persistent cache's key of every program it looks up, hit or miss, at debug level.
+_LOOKUPS = ("Persistent compilation cache hit for", "PERSISTENT COMPILATION CACHE MISS for")
+
+
+class _KeyOfLookup(logging.Filter):
+    """Records the key of each persistent cache lookup that JAX logs while attached to its compiler's logger, and
+    lets through only what that logger showed before (so attaching it shows no debug lines)."""
+
+    def __init__(self, shown_from: int):
+        super().__init__()
+        self.shown_from, self.keys = shown_from, []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str) and record.msg.startswith(_LOOKUPS) and len(record.args or ()) == 2:
+            self.keys.append(record.args[1])
+        return record.levelno >= self.shown_from
+
+
+def _compile_keyed(compile: Callable[[], Any]) -> tuple[Any, str | None]:
+    """compile() and the key of the JAX cache entry it wrote or read (None without a persistent cache)."""
+    logger = logging.getLogger("jax._src.compiler")
+    watch = _KeyOfLookup(logger.getEffectiveLevel())
+    level = logger.level
+    logger.addFilter(watch)
+    logger.setLevel(logging.DEBUG)
     try:
         step = compile()
     finally:
-        jax.monitoring.unregister_event_listener(listener)
-    return step, ("/jax/compilation_cache/compile_requests_use_cache" in events
-                  and "/jax/compilation_cache/cache_hits" not in events)
+        logger.setLevel(level)
+        logger.removeFilter(watch)
+    return step, (watch.keys[-1] if watch.keys else None)
+
+
+class _StepPickler(pickle.Pickler):
+    """jax.experimental.serialize_executable's pickling of a compiled step (devices and client by reference), with
+    the executable itself as the key of its JAX cache entry."""
+
+    def __init__(self, file: io.BytesIO, jax_key: str):
+        super().__init__(file)
+        self.jax_key = jax_key
+
+    def persistent_id(self, obj: Any) -> Any:
+        from jax._src.lib import xla_client as xc
+
+        if isinstance(obj, xc.LoadedExecutable):
+            return ("jax-entry", self.jax_key)
+        if isinstance(obj, xc.Device):
+            return ("device", obj.id)
+        if isinstance(obj, xc.Client):
+            return ("client",)
+        return None
+
+    @classmethod
+    def dumps(cls, step: Any, jax_key: str) -> bytes:
+        import jax
+
+        unloaded = getattr(step._executable, "_unloaded_executable", None)
+        if unloaded is None or step._params.const_args:
+            raise ValueError("this compiled step does not serialize")
+        args_info, in_tree = jax.tree_util.tree_flatten(step.args_info)
+        with io.BytesIO() as file:
+            cls(file, jax_key).dump((unloaded, args_info, step._no_kwargs))
+            return pickle.dumps((file.getvalue(), in_tree, step.out_tree))
+
+
+class _StepUnpickler(pickle.Unpickler):
+    """Loads what _StepPickler wrote, reading the executable from JAX's cache entry as JAX does on a hit."""
+
+    def __init__(self, record: bytes, backend: Any, devices: list):
+        from jax._src.lib import xla_client as xc
+
+        self.payload, self.in_tree, self.out_tree = pickle.loads(record)
+        super().__init__(io.BytesIO(self.payload))
+        self.backend, self.devices = backend, xc.DeviceList(tuple(devices))
+        self.by_id = {d.id: d for d in devices}
+
+    def persistent_load(self, pid: Any) -> Any:
+        from jax._src import compilation_cache
+
+        if pid[0] == "jax-entry":
+            cache = compilation_cache._get_cache(self.backend)
+            try:
+                blob = cache.get(pid[1]) if cache is not None else None
+                if blob is None:
+                    raise _EntryGone(pid[1])
+                executable, _ = compilation_cache.extract_executable_and_time(
+                    compilation_cache.decompress_executable(blob))
+                return self.backend.deserialize_executable(executable, executable_devices=self.devices)
+            except _EntryGone:
+                raise
+            except Exception as error:  # noqa: BLE001 - a damaged entry: JAX warns when its compile reads it
+                raise _EntryGone(pid[1]) from error
+        if pid[0] == "device":
+            return self.by_id[pid[1]]
+        if pid[0] == "client":
+            return self.backend
+        raise pickle.UnpicklingError(f"unknown reference {pid[0]!r}")
+
+    def load_step(self) -> Any:
+        import jax
+
+        unloaded, args_info, no_kwargs = self.load()
+        return jax.stages.Compiled(unloaded.load(), [], self.in_tree.unflatten(args_info), self.out_tree,
+                                   no_kwargs=no_kwargs)
 
 
 def _prune(store: Path) -> None:

@@ -1,6 +1,6 @@
 """The persistent compilation cache every command turns on: a second run of the same recipe and shapes compiles
-nothing the first one compiled (counted from JAX's compile log, not timed), the train step is not even traced (it is stored
-whole), a corrupt entry costs one warning and a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
+nothing the first one compiled (counted from JAX's compile log, not timed), the train step is not even traced (it is
+stored, also where JAX's entry served it), a corrupt entry costs one warning and a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
 import dataclasses
 import os
 import subprocess
@@ -32,28 +32,35 @@ def compiled(stderr: str) -> tuple[list[str], list[str]]:
 @pytest.mark.xdist_group("recipe-reference")
 def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic, tmp_path):
     cache = tmp_path / "cache"
-    runs = []
-    for name in ("first", "second"):
-        run = subprocess.run(recipe_command(tmp_path / name, synthetic), env=env(cache), capture_output=True,
-                             text=True, timeout=600)
-        assert run.returncode == 0, run.stderr[-3000:]
-        runs.append(compiled(run.stderr))
-    (first, first_hits), (second, second_hits) = runs
+
+    def run(name: str, *sets: str) -> tuple[list[str], list[str], str]:
+        done = subprocess.run(recipe_command(tmp_path / name, synthetic) + list(sets), env=env(cache),
+                              capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return *compiled(done.stderr), done.stderr
+
+    first, first_hits, _ = run("first")
+    second, second_hits, _ = run("second")
     assert first and not first_hits  # an empty cache: everything compiled
-    # the train step is stored whole (compile_cache.store_step): the second run does not even trace it
+    # the train step is stored (compile_cache.store_step): the second run does not even trace it
     assert STEP in first and STEP not in second
     assert sorted(second) == sorted(p for p in first if p != STEP)  # the same programs, each of them loaded
     assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
-    # the stored step and the train step's XLA entry (the largest) cut short: a warning each, the step compiled
-    # again, the run goes on
-    for entry in (next((cache / "steps").glob("*.step")), max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
+    # Another seed: the same program under another key, so JAX's entry serves it and it is stored from there for
+    # the next run of that seed (XLA's CPU backend cannot serialize an executable it loaded from an entry).
+    seeded, seeded_hits, _ = run("seeded", "train.seed=1")
+    assert STEP in seeded and len(seeded_hits) == len(seeded)
+    again, again_hits, _ = run("again", "train.seed=1")
+    assert STEP not in again and len(again_hits) == len(again)
+    # the first seed's stored step (the least recently used) and the train step's XLA entry (the largest) cut
+    # short: a warning each, the step compiled again, the run goes on
+    steps = sorted((cache / "steps").glob("*.step"), key=lambda p: p.stat().st_mtime)
+    assert len(steps) == 2
+    for entry in (steps[0], max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    run = subprocess.run(recipe_command(tmp_path / "third", synthetic), env=env(cache), capture_output=True,
-                         text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stderr.count("did not load") == 1, run.stderr[-3000:]
-    assert run.stderr.count("Error reading persistent compilation cache entry") == 1, run.stderr[-3000:]
-    third, third_hits = compiled(run.stderr)
+    third, third_hits, stderr = run("third")
+    assert stderr.count("did not load") == 1, stderr[-3000:]
+    assert stderr.count("Error reading persistent compilation cache entry") == 1, stderr[-3000:]
     assert STEP in third and len(third) - len(third_hits) == 1
 
 

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from labram_jax.configs import RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture
+from labram_jax.configs import RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture, with_runtime
 from labram_jax.convert.state_dict import Model, build, kind_of
 from labram_jax.errors import UserError, key_mismatch, one_line
 from labram_jax.files import read_json_object, write_json
@@ -116,16 +116,19 @@ def _check_stored(stored: object, expected: object, path: Path, kind: str) -> No
         raise UserError(f"{path}: stored arrays do not match the {kind} model of its config: {problems}")
 
 
-def load_model(directory: str | os.PathLike, *, torch_order: bool = True) -> Model:
+def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtime: dict | None = None) -> Model:
     """The model saved in `directory` by `save_model`, restored onto the default device.
 
     torch_order=False builds it as shapes only, since every variable comes from the export (an eager build first
     draws them all at random, one small program per shape: 2-6 s of a run's start for a base tokenizer); NNX
     then sets a module's attributes in sorted order, so state_dict would list the keys in that order rather than
-    the original's: for a model that is not written out as a state dict."""
+    the original's: for a model that is not written out as a state dict. `runtime`: runtime settings
+    (configs.RUNTIME_FIELDS) to build it with, as the trainer runs it; an export keeps none."""
     path = Path(directory).resolve()
     meta = _read_meta(path)
     cfg = _config(meta, path)
+    if runtime:
+        cfg = with_runtime(cfg, **runtime)
     model = build(cfg, meta["kind"]) if torch_order else nnx.eval_shape(lambda: build(cfg, meta["kind"]))
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)

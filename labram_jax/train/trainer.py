@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -93,9 +94,13 @@ def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
     return exp.replace(**resolved)
 
 
-def load_weights(path: str, kind: str, **kwargs: Any) -> Model:
-    """A model from a .pth (the original's layout, read as `kind`) or a labram-jax export directory."""
-    return load_model(path, torch_order=False) if Path(path).is_dir() else from_pytorch(path, kind, **kwargs)
+def load_weights(path: str, kind: str, runtime: dict | None = None) -> Model:
+    """A model from a .pth (the original's layout, read as `kind`) or a labram-jax export directory, built with
+    `runtime` settings (configs.RUNTIME_FIELDS) where given."""
+    if Path(path).is_dir():
+        return load_model(path, torch_order=False, runtime=runtime)
+    model = from_pytorch(path, kind)
+    return rebuilt(model, with_runtime(model.cfg, **runtime)) if runtime else model
 
 
 def strong_types(tree: Any) -> Any:
@@ -106,6 +111,14 @@ def strong_types(tree: Any) -> Any:
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=leaf.sharding)
         return leaf.astype(leaf.dtype) if getattr(leaf, "weak_type", False) else leaf
     return jax.tree.map(strong, tree)
+
+
+def run_traced(traced: jax.stages.Traced, out_shardings: Any, *args: Any) -> Any:
+    """What `traced` computes from `args`, run under jit with `out_shardings` (a prefix of its output's tree, as
+    jit's), without tracing its function again."""
+    per_leaf = jax.tree.map(lambda s, part: jax.tree.map(lambda _: s, part), out_shardings, traced.out_info)
+    program = jax.jit(jax.extend.core.jaxpr_as_fun(traced.jaxpr), out_shardings=jax.tree.leaves(per_leaf))
+    return traced.out_tree.unflatten(program(*jax.tree.leaves(args)))
 
 
 def _layout(tree: Any) -> list[str]:
@@ -203,13 +216,16 @@ class Trainer:
         self.tx = make_optimizer(params, self.optim_config, self.stage.groups, self.depth)
         state = {"params": params, "fixed": fixed, "rest": rest, "frozen": frozen,
                  "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(jax.random.key(t.seed))}
-        state["opt"] = jax.eval_shape(self.tx.init, params)
+        # Traced once (tracing the masked groups over the Variable trees is most of a second for a base model):
+        # its shapes give the shardings, then its program runs under jit with them, so the optimizer state is born
+        # sharded, one buffer per leaf (optax's eager init can hand mu and nu one zeros buffer, which donation
+        # rejects).
+        opt_init = jax.jit(self.tx.init).trace(params)
+        state["opt"] = opt_init.out_info
         self.shardings = sharding.tree_shardings(state, self.mesh)
         if not abstract:
             state = jax.device_put(dict(state, opt=None), dict(self.shardings, opt=None))
-            # Under jit, with its shardings: the optimizer state is born sharded, one buffer per leaf (optax's
-            # eager init can hand mu and nu the same zeros buffer, which donation rejects).
-            state["opt"] = jax.jit(self.tx.init, out_shardings=self.shardings["opt"])(state["params"])
+            state["opt"] = run_traced(opt_init, self.shardings["opt"], state["params"])
         self.state = state
         # Batches are split over the data-parallel devices, and each process loads an equal share of them.
         axes = self.batch_sharding.spec[0]
@@ -264,12 +280,12 @@ class Trainer:
 
     def _tokenizer(self) -> nnx.Module:
         if self.exp.tokenizer_checkpoint:
-            tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer")
+            # It runs as this run's models do (the original computes the targets under the step's autocast).
+            tokenizer = load_weights(self.exp.tokenizer_checkpoint, "tokenizer", runtime_of(self.exp.tokenizer))
             if kind_of(tokenizer) != "tokenizer":
                 raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
                                 f"{kind_of(tokenizer)} model, not a tokenizer")
-            # It runs as this run's models do (the original computes the targets under the step's autocast).
-            return rebuilt(tokenizer, with_runtime(tokenizer.cfg, **runtime_of(self.exp.tokenizer)))
+            return tokenizer
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
             return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
         raise UserError("pretraining needs a trained tokenizer: set tokenizer_checkpoint")
