@@ -126,9 +126,7 @@ def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtim
     (configs.RUNTIME_FIELDS) to build it with, as the trainer runs it; an export keeps none."""
     path = Path(directory).resolve()
     meta = _read_meta(path)
-    cfg = _config(meta, path)
-    if runtime:
-        cfg = with_runtime(cfg, **runtime)
+    cfg = model_config(path, runtime)
     model = build(cfg, meta["kind"]) if torch_order else nnx.eval_shape(lambda: build(cfg, meta["kind"]))
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)
@@ -145,6 +143,15 @@ def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtim
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)
     return model
+
+
+def model_config(directory: str | os.PathLike, runtime: dict | None = None
+                 ) -> TransformerConfig | TokenizerConfig:
+    """The config of the model saved in `directory` by `save_model` (without loading it), with `runtime` settings
+    (configs.RUNTIME_FIELDS) where given."""
+    path = Path(directory).resolve()
+    cfg = _config(_read_meta(path), path)
+    return with_runtime(cfg, **runtime) if runtime else cfg
 
 
 def is_export(directory: str | os.PathLike) -> bool:

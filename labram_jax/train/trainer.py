@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from labram_jax import compile_cache, configs, host, preemption, sharding
-from labram_jax.checkpoint import load_model, save_model
+from labram_jax.checkpoint import load_model, model_config, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.configs import runtime_of, with_runtime
 from labram_jax.convert.state_dict import Model, kind_of, load_state_dict, rebuilt, state_dict, student_weights
@@ -190,7 +190,12 @@ class Trainer:
         self.mesh = sharding.make_mesh(exp.mesh.data, exp.mesh.fsdp, exp.mesh.tensor, devices)
         self.batch_sharding = sharding.batch_sharding(self.mesh)
         build = nnx.eval_shape if abstract else (lambda f: f())
-        self.tokenizer_graphdef, frozen, self._tokenizer_config = None, None, None
+        # A stored train step loads (XLA rebuilding it, 3-6 s for a base model) while the models and the optimizer
+        # state are built below; an ahead-of-time check compiles for devices this host only simulates: nothing to
+        # keep.
+        self._step_key = None if abstract else compile_cache.step_key(self._step_parts())
+        self._stored = self._step_key and compile_cache.stored_step(self._step_key, list(self.mesh.devices.flat))
+        self.tokenizer_graphdef, frozen = None, None
         if exp.stage == "pretrain":
             tokenizer = build(self._tokenizer)
             if tokenizer.cfg.codebook_size != self.exp.model.vocab_size:
@@ -198,11 +203,6 @@ class Trainer:
                                 f"{self.exp.model.vocab_size} (set model.vocab_size to the codebook size)")
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
-            self._tokenizer_config = tokenizer.cfg
-        # A stored train step loads (XLA rebuilding it, seconds for a base model) while the state is built below;
-        # an ahead-of-time check compiles for devices this host only simulates: nothing to keep.
-        self._step_key = None if abstract else compile_cache.step_key(self._step_parts())
-        self._stored = self._step_key and compile_cache.stored_step(self._step_key, list(self.mesh.devices.flat))
         model = build(self._model)
         self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
@@ -746,10 +746,23 @@ class Trainer:
         stage's functions, the batch's layout and the mesh. Whatever the step reads from `self` derives from these;
         the state's layout is checked against a stored step when it is used (_takes)."""
         stage_code = [fn for fn in vars(self.stage).values() if callable(fn)]  # a stage registered from outside
-        tokenizer = self._tokenizer_config and dataclasses.asdict(self._tokenizer_config)
+        tokenizer = self.exp.tokenizer_checkpoint and self._tokenizer_identity()
         return {"experiment": dataclasses.asdict(self.exp), "tokenizer": tokenizer,
                 "stage": compile_cache.code_of(*stage_code), "batch": _layout(self.abstract_batch()),
                 "mesh": [dict(self.mesh.shape), [d.id for d in self.mesh.devices.flat]]}
+
+    def _tokenizer_identity(self) -> Any:
+        """The pretraining tokenizer as its program depends on it, before it loads: an export's config with this
+        run's runtime settings, else the checkpoint file's path, size and modification time (a .pth's config
+        comes from its shapes, which takes reading it)."""
+        path = Path(self.exp.tokenizer_checkpoint)
+        try:
+            if path.is_dir():
+                return dataclasses.asdict(model_config(path, runtime_of(self.exp.tokenizer)))
+            stat = path.stat()
+        except (UserError, OSError):  # the load reports it
+            return str(path)
+        return [str(path.resolve()), stat.st_size, stat.st_mtime_ns]
 
     def _takes(self, step: Any) -> bool:
         """Whether a compiled step takes this trainer's state and batch as they are: the same tree (Variable types
