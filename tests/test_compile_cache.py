@@ -3,6 +3,7 @@ nothing the first one compiled (counted from JAX's compile log, not timed), the 
 stored, also where JAX's entry served it), a corrupt entry costs one warning and a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -40,25 +41,26 @@ def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic
         return *compiled(done.stderr), done.stderr
 
     first, first_hits, _ = run("first")
-    second, second_hits, _ = run("second")
+    # Another seed: the same programs, each loaded from JAX's entries; the train step is traced (its key, the
+    # resolved config, differs) and stored from JAX's entry too (XLA's CPU backend cannot serialize an executable
+    # it loaded from one). Then the first seed again: its stored step is used, not even traced.
+    second, second_hits, _ = run("second", "train.seed=1")
+    again, again_hits, _ = run("again")
     assert first and not first_hits  # an empty cache: everything compiled
-    # the train step is stored (compile_cache.store_step): the second run does not even trace it
-    assert STEP in first and STEP not in second
-    assert sorted(second) == sorted(p for p in first if p != STEP)  # the same programs, each of them loaded
+    assert sorted(second) == sorted(first)
     assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
-    # Another seed: the same program under another key, so JAX's entry serves it and it is stored from there for
-    # the next run of that seed (XLA's CPU backend cannot serialize an executable it loaded from an entry).
-    seeded, seeded_hits, _ = run("seeded", "train.seed=1")
-    assert STEP in seeded and len(seeded_hits) == len(seeded)
-    again, again_hits, _ = run("again", "train.seed=1")
-    assert STEP not in again and len(again_hits) == len(again)
-    # the first seed's stored step (the least recently used) and the train step's XLA entry (the largest) cut
-    # short: a warning each, the step compiled again, the run goes on
-    steps = sorted((cache / "steps").glob("*.step"), key=lambda p: p.stat().st_mtime)
-    assert len(steps) == 2
-    for entry in (steps[0], max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
+    assert STEP in first and STEP not in again
+    assert sorted(again) == sorted(p for p in first if p != STEP) and len(again_hits) == len(again)
+    # Both seeds' stored steps refer to the one JAX entry of their program: the one the first seed's run loaded.
+    steps = list((cache / "steps").glob("*.step"))
+    referred = {tuple(re.findall(rb"jit__train_step-[0-9a-f]{64}", p.read_bytes())) for p in steps}
+    assert len(steps) == 2 and len(referred) == 1 and len(next(iter(referred))) == 1
+    assert (cache / f"{next(iter(referred))[0].decode()}-cache").is_file()
+    # the stored steps of both seeds and the train step's XLA entry (the largest) cut short: a warning each, the
+    # step compiled again, the run goes on
+    for entry in (*steps, max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    third, third_hits, stderr = run("third")
+    third, third_hits, stderr = run("third", "train.seed=1")
     assert stderr.count("did not load") == 1, stderr[-3000:]
     assert stderr.count("Error reading persistent compilation cache entry") == 1, stderr[-3000:]
     assert STEP in third and len(third) - len(third_hits) == 1
