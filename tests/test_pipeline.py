@@ -239,6 +239,25 @@ def test_eval_covers_every_window_once(tmp_path, process_count):
     assert train["valid"].all()
 
 
+def test_loader_workers_leave_stopping_to_the_job(tmp_path):
+    """SIGTERM and SIGINT reach a job's whole process group (SLURM, Ctrl-C): the loader's workers ignore them and
+    the pass goes on, for the job to stop at its next safe point. A worker that died of the signal failed an
+    evaluation with grain's "worker process was terminated" instead of the job's save."""
+    import multiprocessing
+    import signal
+
+    folder = write(tmp_path / "a", range(400), per_shard=100)  # more batches than the workers' buffers hold
+    iterator = iter(eval_dataset([folder], cfg(batch_size=2, workers=2), **ONE))
+    ids = [i for batch in take(iterator, 2) for i in ids_of(batch).tolist()]  # a batch from each worker: started
+    workers = multiprocessing.active_children()
+    assert workers
+    for worker in workers:
+        os.kill(worker.pid, signal.SIGTERM)
+        os.kill(worker.pid, signal.SIGINT)
+    ids += [i for batch in iterator for i in ids_of(batch).tolist()]
+    assert sorted(ids) == list(range(400))
+
+
 @pytest.mark.parametrize("shape", [(7, 2), (3, 5)])
 def test_oversized_window_names_its_recording(tmp_path, shape):
     folder = tmp_path / "big"
