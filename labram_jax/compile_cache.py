@@ -149,12 +149,10 @@ def stored_step(key: str, devices: list) -> concurrent.futures.Future | None:
         return None
 
     def load() -> Any:
-        import jax
-
         try:
             record = entry.read_bytes()
             os.utime(entry)  # recently used
-            return _StepUnpickler(record, jax.devices()[0].client, devices).load_step()
+            return _loads_step(record, devices)
         except _EntryGone:  # JAX's entry was evicted or is damaged: JAX's own read then compiles it (and warns)
             return None
         except Exception as error:  # noqa: BLE001 - any damage to our record means: compile it again
@@ -178,7 +176,7 @@ def store_step(key: str, compile: Callable[[], Any]) -> Any:
     if entry is None or jax_key is None:
         return step
     try:
-        record = _StepPickler.dumps(step, jax_key)
+        record = _dumps_step(step, jax_key)
     except (ValueError, NotImplementedError):  # a step XLA cannot serialize (a closed-over constant): not stored
         return step
     try:
@@ -230,77 +228,59 @@ def _compile_keyed(compile: Callable[[], Any]) -> tuple[Any, str | None]:
     return step, (watch.keys[-1] if watch.keys else None)
 
 
-class _StepPickler(pickle.Pickler):
-    """jax.experimental.serialize_executable's pickling of a compiled step (devices and client by reference), with
-    the executable itself as the key of its JAX cache entry."""
+def _step_pickling() -> tuple[type, type]:
+    """jax.experimental.serialize_executable's pickler and unpickler of a compiled step (devices and client by
+    reference), with the executable itself as the key of its JAX cache entry, read from there as JAX does on a hit."""
+    from jax._src import compilation_cache
+    from jax._src.lib import xla_client as xc
+    from jax.experimental import serialize_executable
 
-    def __init__(self, file: io.BytesIO, jax_key: str):
-        super().__init__(file)
-        self.jax_key = jax_key
+    class Pickler(serialize_executable._JaxPjrtPickler):
+        def __init__(self, file: io.BytesIO, jax_key: str):
+            super().__init__(file)
+            self.jax_key = jax_key
 
-    def persistent_id(self, obj: Any) -> Any:
-        from jax._src.lib import xla_client as xc
+        def persistent_id(self, obj: Any) -> Any:
+            return ("jax-entry", self.jax_key) if isinstance(obj, xc.LoadedExecutable) else super().persistent_id(obj)
 
-        if isinstance(obj, xc.LoadedExecutable):
-            return ("jax-entry", self.jax_key)
-        if isinstance(obj, xc.Device):
-            return ("device", obj.id)
-        if isinstance(obj, xc.Client):
-            return ("client",)
-        return None
-
-    @classmethod
-    def dumps(cls, step: Any, jax_key: str) -> bytes:
-        import jax
-
-        unloaded = getattr(step._executable, "_unloaded_executable", None)
-        if unloaded is None or step._params.const_args:
-            raise ValueError("this compiled step does not serialize")
-        args_info, in_tree = jax.tree_util.tree_flatten(step.args_info)
-        with io.BytesIO() as file:
-            cls(file, jax_key).dump((unloaded, args_info, step._no_kwargs))
-            return pickle.dumps((file.getvalue(), in_tree, step.out_tree))
-
-
-class _StepUnpickler(pickle.Unpickler):
-    """Loads what _StepPickler wrote, reading the executable from JAX's cache entry as JAX does on a hit."""
-
-    def __init__(self, record: bytes, backend: Any, devices: list):
-        from jax._src.lib import xla_client as xc
-
-        self.payload, self.in_tree, self.out_tree = pickle.loads(record)
-        super().__init__(io.BytesIO(self.payload))
-        self.backend, self.devices = backend, xc.DeviceList(tuple(devices))
-        self.by_id = {d.id: d for d in devices}
-
-    def persistent_load(self, pid: Any) -> Any:
-        from jax._src import compilation_cache
-
-        if pid[0] == "jax-entry":
+    class Unpickler(serialize_executable._JaxPjrtUnpickler):
+        def persistent_load(self, pid: Any) -> Any:
+            if pid[0] != "jax-entry":
+                return super().persistent_load(pid)
             cache = compilation_cache._get_cache(self.backend)
             try:
                 blob = cache.get(pid[1]) if cache is not None else None
-                if blob is None:
-                    raise _EntryGone(pid[1])
-                executable, _ = compilation_cache.extract_executable_and_time(
-                    compilation_cache.decompress_executable(blob))
-                return self.backend.deserialize_executable(executable, executable_devices=self.devices)
-            except _EntryGone:
-                raise
+                if blob is not None:
+                    executable, _ = compilation_cache.extract_executable_and_time(
+                        compilation_cache.decompress_executable(blob))
+                    return self.backend.deserialize_executable(executable, executable_devices=self.execution_devices)
             except Exception as error:  # noqa: BLE001 - a damaged entry: JAX warns when its compile reads it
                 raise _EntryGone(pid[1]) from error
-        if pid[0] == "device":
-            return self.by_id[pid[1]]
-        if pid[0] == "client":
-            return self.backend
-        raise pickle.UnpicklingError(f"unknown reference {pid[0]!r}")
+            raise _EntryGone(pid[1])
 
-    def load_step(self) -> Any:
-        import jax
+    return Pickler, Unpickler
 
-        unloaded, args_info, no_kwargs = self.load()
-        return jax.stages.Compiled(unloaded.load(), [], self.in_tree.unflatten(args_info), self.out_tree,
-                                   no_kwargs=no_kwargs)
+
+def _dumps_step(step: Any, jax_key: str) -> bytes:
+    """A compiled step as serialize_executable.serialize writes it, its executable referring to `jax_key`."""
+    import jax
+
+    unloaded = getattr(step._executable, "_unloaded_executable", None)
+    if unloaded is None or step._params.const_args:
+        raise ValueError("this compiled step does not serialize")
+    args_info, in_tree = jax.tree_util.tree_flatten(step.args_info)
+    with io.BytesIO() as file:
+        _step_pickling()[0](file, jax_key).dump((unloaded, args_info, step._no_kwargs))
+        return pickle.dumps((file.getvalue(), in_tree, step.out_tree))
+
+
+def _loads_step(record: bytes, devices: list) -> Any:
+    """What _dumps_step wrote, as serialize_executable.deserialize_and_load loads it, on `devices`."""
+    import jax
+
+    payload, in_tree, out_tree = pickle.loads(record)
+    unloaded, args_info, no_kwargs = _step_pickling()[1](io.BytesIO(payload), devices[0].client, devices).load()
+    return jax.stages.Compiled(unloaded.load(), [], in_tree.unflatten(args_info), out_tree, no_kwargs=no_kwargs)
 
 
 def _prune(store: Path) -> None:

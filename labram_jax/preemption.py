@@ -92,9 +92,10 @@ class StopSignals:
             _say(f"{name}: already stopping after {self.received}; the save in progress finishes first")
 
 
-def ignore_in_worker() -> None:
-    """Pool worker initializer: stopping is the job process's decision. A Ctrl-C reaches the whole process group
-    (and some schedulers signal every process), and a worker that died of it would be taken for a crash."""
+def ignore_in_worker(*_: object) -> None:
+    """Pool and loader worker initializer (any arguments, such as grain's worker index and count, are ignored):
+    stopping is the job process's decision. A Ctrl-C reaches the whole process group (and some schedulers signal
+    every process), and a worker that died of it would be taken for a crash."""
     for number in SIGNALS:
         signal.signal(number, signal.SIG_IGN)
 

@@ -126,7 +126,7 @@ def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtim
     (configs.RUNTIME_FIELDS) to build it with, as the trainer runs it; an export keeps none."""
     path = Path(directory).resolve()
     meta = _read_meta(path)
-    cfg = model_config(path, runtime)
+    cfg = _with_runtime(_config(meta, path), runtime)
     model = build(cfg, meta["kind"]) if torch_order else nnx.eval_shape(lambda: build(cfg, meta["kind"]))
     state = nnx.state(model)
     expected = nnx.to_pure_dict(state)
@@ -150,7 +150,11 @@ def model_config(directory: str | os.PathLike, runtime: dict | None = None
     """The config of the model saved in `directory` by `save_model` (without loading it), with `runtime` settings
     (configs.RUNTIME_FIELDS) where given."""
     path = Path(directory).resolve()
-    cfg = _config(_read_meta(path), path)
+    return _with_runtime(_config(_read_meta(path), path), runtime)
+
+
+def _with_runtime(cfg: TransformerConfig | TokenizerConfig, runtime: dict | None
+                  ) -> TransformerConfig | TokenizerConfig:
     return with_runtime(cfg, **runtime) if runtime else cfg
 
 

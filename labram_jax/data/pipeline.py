@@ -328,15 +328,10 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
         # grain's workers read an absl flag, which raises outside absl.app.run unless the flags count as parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers), worker_init_fn=_stops_with_job)
+        # A worker that died of a group signal mid-evaluation failed the run with grain's "worker terminated"
+        # error instead of its save: the job decides; grain ends its workers when their iterator closes.
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers), worker_init_fn=ignore_in_worker)
     return it
-
-
-def _stops_with_job(index: int, count: int) -> None:
-    """Loader worker initializer: SIGTERM and SIGINT reach the whole process group (SLURM, Ctrl-C), and a worker
-    that died of one mid-evaluation failed the run with grain's "worker terminated" error instead of its save. The
-    job decides when to stop; grain ends its workers when their iterator closes (at last with SIGKILL)."""
-    ignore_in_worker()
 
 
 def eval_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | None = None,
