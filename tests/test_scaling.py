@@ -251,10 +251,12 @@ def _launch(workdir, *extra):
 
 
 @pytest.mark.slow
-def test_sigterm_stops_the_grid_with_a_checkpoint_that_resumes(tmp_path):
+def test_a_stopped_or_killed_grid_resumes(tmp_path):
     """A SIGTERM as the first point starts (its step compiling, before the trainer sets its own handlers) is kept:
-    the trainer stops at its first safe point, saves, and the grid exits 75; the same command resumes the point."""
-    point = tmp_path / "points" / "000-0.1M-0.1h"
+    the trainer stops at its first safe point, saves, and the grid exits 75; the point's own command resumes it.
+    Then the grid, killed while its second point trains, reruns: it skips the first and resumes the second. One
+    model size on two data subsets: the points share their compiled programs."""
+    first, second = (tmp_path / "points" / name for name in ("000-0.1M-0.1h", "001-0.1M-0.2h"))
     process = _launch(tmp_path)
     for line in process.stdout:
         if line.startswith("point 0 000-0.1M-0.1h: running"):
@@ -263,19 +265,13 @@ def test_sigterm_stops_the_grid_with_a_checkpoint_that_resumes(tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 75, output
     assert "preempted: stopped at step" in output
-    saved = sorted(int(p.name) for p in (point / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and not (point / "result.json").exists()
+    saved = sorted(int(p.name) for p in (first / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and not (first / "result.json").exists()
     rerun = _launch(tmp_path, "--point", "0")
     output, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, output
-    assert f"resumed from step {saved[-1]}" in output and (point / "result.json").exists()
+    assert f"resumed from step {saved[-1]}" in output and (first / "result.json").exists()
 
-
-@pytest.mark.slow
-def test_killed_grid_resumes(tmp_path):
-    """Kill the grid while its second point trains; the rerun skips the first and resumes the second. One model
-    size on two data subsets: the points share their compiled programs."""
-    first, second = (tmp_path / "points" / name for name in ("000-0.1M-0.1h", "001-0.1M-0.2h"))
     process = _launch(tmp_path)
     deadline = time.time() + 240
     while not (second / "checkpoints").is_dir() or not any(p.name.isdigit() for p in
