@@ -17,11 +17,12 @@ backend.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 if TYPE_CHECKING:
     import jax
@@ -95,9 +96,25 @@ class StopSignals:
 def ignore_in_worker(*_: object) -> None:
     """Pool and loader worker initializer (any arguments, such as grain's worker index and count, are ignored):
     stopping is the job process's decision. A Ctrl-C reaches the whole process group (and some schedulers signal
-    every process), and a worker that died of it would be taken for a crash."""
+    every process), and a worker that died of it would be taken for a crash. A worker started under `held` gets
+    the signals held until now; one that came meanwhile is dropped here."""
     for number in SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+
+
+@contextlib.contextmanager
+def held() -> Iterator[None]:
+    """SIGTERM and SIGINT held (pending, not lost) in the calling thread, and in the threads and processes it
+    starts meanwhile, which keep them held from their start: a worker process cannot die of a group signal during
+    its start-up, before its initializer (ignore_in_worker) ignores it. This process still hears them: the kernel
+    hands a held signal to another of its threads, or to this one as the hold ends, and Python runs the handler
+    in the main thread."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class StopAgreement:

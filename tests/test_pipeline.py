@@ -258,6 +258,40 @@ def test_loader_workers_leave_stopping_to_the_job(tmp_path):
     assert sorted(ids) == list(range(400))
 
 
+def test_a_signal_during_the_workers_start_up_leaves_them_running(tmp_path):
+    """A group signal can come while a pass's workers are still starting, before their initializer ignores it:
+    the workers start with SIGTERM and SIGINT held, so the signal waits and is then dropped, and the pass goes on."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    folder = write(tmp_path / "a", range(40), per_shard=10)
+    iterator = iter(eval_dataset([folder], cfg(batch_size=2, workers=2), **ONE))
+    ids, failed = [], []
+
+    def read() -> None:
+        try:
+            ids.extend(i for batch in iterator for i in ids_of(batch).tolist())
+        except Exception as error:  # noqa: BLE001 - reported below
+            failed.append(error)
+
+    reader = threading.Thread(target=read)  # the pass starts its workers; this thread signals each at once
+    reader.start()
+    signalled: set[int] = set()
+    deadline = time.monotonic() + 60
+    while len(signalled) < 2 and time.monotonic() < deadline:
+        for worker in multiprocessing.active_children():
+            if worker.pid not in signalled:
+                os.kill(worker.pid, signal.SIGTERM)
+                os.kill(worker.pid, signal.SIGINT)
+                signalled.add(worker.pid)
+        time.sleep(0.001)
+    reader.join(timeout=120)
+    assert len(signalled) == 2 and not failed, failed
+    assert sorted(ids) == list(range(40))
+
+
 @pytest.mark.parametrize("shape", [(7, 2), (3, 5)])
 def test_oversized_window_names_its_recording(tmp_path, shape):
     folder = tmp_path / "big"

@@ -53,7 +53,7 @@ from absl import flags
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
 from labram_jax.errors import UserError
-from labram_jax.preemption import ignore_in_worker
+from labram_jax.preemption import held, ignore_in_worker
 
 PATCH = 200
 PathLike = str | os.PathLike
@@ -330,8 +330,32 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
             flags.FLAGS.mark_as_parsed()
         # A worker that died of a group signal mid-evaluation failed the run with grain's "worker terminated"
         # error instead of its save: the job decides; grain ends its workers when their iterator closes.
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers), worker_init_fn=ignore_in_worker)
+        it = _SignalsHeld(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers),
+                                         worker_init_fn=ignore_in_worker))
     return it
+
+
+class _SignalsHeld(grain.IterDataset):
+    """The workers' stream, its calls made with SIGTERM and SIGINT held (preemption.held): grain starts the
+    workers in the first `next` (and a restore may start them again), from this thread or from threads it
+    starts, and a group signal during a worker's start-up, before ignore_in_worker ran, killed the worker."""
+
+    def __iter__(self) -> _HeldIterator:
+        with held():
+            return _HeldIterator(self._parent.__iter__())
+
+
+class _HeldIterator(grain.DatasetIterator):
+    def __next__(self) -> dict[str, np.ndarray]:
+        with held():
+            return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        return self._parent.get_state()
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        with held():
+            self._parent.set_state(state)
 
 
 def eval_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | None = None,
