@@ -2,7 +2,7 @@
 of time (labram_jax.train.aot), data-parallel against FSDP, rematerialisation off and on.
 
     python bench/pod_memory.py [--models large,huge] [--devices 8,64,256] [--json OUT]
-    python bench/pod_memory.py --smoke    # seconds: TINY at width 200 (its tokenizer, global batch 64) on 8 devices, remat none
+    python bench/pod_memory.py --smoke    # seconds: TINY at width 200, its tokenizer, batch 64, 8 devices, remat none
 
 Each configuration compiles in its own process (the simulated device count is fixed when JAX starts), at the
 recipe's global batch (512 windows of 64 channels x 4 patches) with the blocks as one scan. Per device it prints

@@ -1,6 +1,7 @@
 """The persistent compilation cache every command turns on: a second run of the same recipe and shapes compiles
 nothing the first one compiled (counted from JAX's compile log, not timed), the train step is not even traced (it is
-stored, also where JAX's entry served it), a corrupt entry costs one warning and a compilation, and a cache folder that cannot be written leaves the run without a cache and one warning."""
+stored, also where JAX's entry served it), a corrupt entry costs one warning and a compilation, and a cache folder
+that cannot be written leaves the run without a cache and one warning."""
 import dataclasses
 import os
 import re

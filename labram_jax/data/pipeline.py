@@ -328,8 +328,9 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
         # grain's workers read an absl flag, which raises outside absl.app.run unless the flags count as parsed.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
-        # A worker that died of a group signal mid-evaluation failed the run with grain's "worker terminated"
-        # error instead of its save: the job decides; grain ends its workers when their iterator closes.
+        # A worker that died of a group signal (SLURM, Ctrl-C) failed the run with grain's "worker terminated"
+        # error instead of its save: the workers ignore the signals from their start (_SignalsHeld), the job
+        # decides; grain ends its workers when their iterator closes.
         it = _SignalsHeld(it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.workers),
                                          worker_init_fn=ignore_in_worker))
     return it
