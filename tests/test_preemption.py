@@ -153,29 +153,34 @@ def test_sigterm_saves_the_step_reached_and_the_rerun_ends_bit_identical(synthet
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["startup", "training", "validation", "packed"])
-def test_a_group_signal_with_loader_workers_saves_and_resumes(synthetic, tmp_path, moment):
-    """data.workers=2, and the signal to the whole process group, as SLURM and Ctrl-C send it: the job saves the
-    step it reaches and the rerun resumes from it, whether the signal comes while the workers start (with the
-    step compiling), with their prefetch buffers full (steps logged), while validating, or in packed training."""
+def test_a_group_signal_with_loader_workers_saves_and_resumes(synthetic, tmp_path):
+    """Packed training with data.workers=2, and the signal to the whole process group, as SLURM and Ctrl-C send it:
+    each run saves the step it reaches and the next resumes from it, whether the signal comes while the workers
+    start (with the step compiling), with their prefetch buffers full (steps logged) or while validating. One run
+    after another, each resuming the last: four processes, not two per moment."""
     workdir = tmp_path / "run"
-    extra = TEST_SIZE + ["data.workers=2", "train.steps=8"] + {
-        "validation": ["train.eval_every=6", "data.eval_batch_size=2", f"data.val={synthetic / 'val'}"],
-        "packed": ["data.pack_tokens=16", "data.pack_windows=2"]}.get(moment, [])
-    run = Child(recipe_command(workdir, synthetic) + extra, child_env())
-    if moment == "startup":
-        run.wait_for(lambda: (workdir / "config.json").exists())
-    else:
-        run.wait_for(lambda: len(logged_steps(workdir)) >= (6 if moment == "validation" else 4))
-    run.signal(signal.SIGTERM, group=True)
-    assert run.finish(timeout=GRACE_S) == EXIT_CODE, run.stderr[-3000:]
-    stopped = re.search(r"preempted: stopped at step (\d+)", run.stderr)
-    assert stopped, run.stderr[-3000:]
-    resumed = subprocess.run(recipe_command(workdir, synthetic) + extra, env=child_env(), capture_output=True,
-                             text=True, timeout=300)
+    command = recipe_command(workdir, synthetic) + TEST_SIZE + [
+        "data.workers=2", "train.steps=12", "train.eval_every=8", "data.eval_batch_size=2",
+        "data.pack_tokens=16", "data.pack_windows=2"]
+    reached = 0
+    for moment in ("startup", "training", "validation"):
+        run = Child(command, child_env())
+        if moment == "startup":
+            run.wait_for(lambda: (workdir / "config.json").exists())
+        else:  # the validation at step 8 starts as soon as step 8 is logged
+            run.wait_for(lambda: len(logged_steps(workdir)) >= (8 if moment == "validation" else reached + 3))
+        run.signal(signal.SIGTERM, group=True)
+        assert run.finish(timeout=GRACE_S) == EXIT_CODE, f"{moment}: {run.stderr[-3000:]}"
+        if reached:
+            assert f"resumed from step {reached} " in run.stdout, moment
+        stopped = re.search(r"preempted: stopped at step (\d+)", run.stderr)
+        assert stopped, f"{moment}: {run.stderr[-3000:]}"
+        reached = int(stopped[1])
+    assert reached == 8, "the signal during the validation at step 8 saves step 8"
+    resumed = subprocess.run(command, env=child_env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {stopped[1]} " in resumed.stdout
-    assert logged_steps(workdir)[-1] == 8
+    assert f"resumed from step {reached} " in resumed.stdout
+    assert logged_steps(workdir)[-1] == 12
 
 
 # -- training: two processes ---------------------------------------------------------------------------------------

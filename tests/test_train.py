@@ -326,9 +326,11 @@ def test_gradient_accumulation_equals_the_full_batch(synthetic, tmp_path, change
 
 # -- 4. preemption: kill -9, rerun, same parameters ----------------------------------------------------------------
 def recipe_command(workdir: Path, data: Path) -> list[str]:
-    """experiments/finetune_eegmat.py at test size (drop path 0.1 and layer decay from the recipe stay)."""
+    """experiments/finetune_eegmat.py at test size (drop path 0.1 and layer decay from the recipe stay), validated
+    at the end only (the recipe's validation every epoch would be every 4 steps here)."""
     return [sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir", str(workdir),
-            "--data", str(data), "--set", "train.epochs=0", "train.warmup_epochs=0", "train.steps=24",
+            "--data", str(data), "--set", "train.epochs=0", "train.warmup_epochs=0", "train.eval_epochs=0",
+            "train.steps=24",
             "train.warmup_steps=2", "train.save_every=4", "train.batch_size=8", "train.log_every=1",
             "model.depth=2", "model.embed_dim=100", "model.num_heads=5", "model.out_chans=4",
             f"data.max_channels={CHANNELS}", f"data.max_patches={PATCHES}"]
