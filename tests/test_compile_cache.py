@@ -42,35 +42,37 @@ def test_a_second_run_compiles_nothing_and_a_corrupt_entry_is_survived(synthetic
         return *compiled(done.stderr), done.stderr
 
     first, first_hits, _ = run("first")
-    # Another seed: the same programs, each loaded from JAX's entries; the train step is traced (its key, the
-    # resolved config, differs) and stored from JAX's entry too (XLA's CPU backend cannot serialize an executable
-    # it loaded from one). Then the first seed again: its stored step is used, not even traced.
+    # Another seed: the step's program is the same (the seed draws its inputs), so the first run's stored step
+    # serves it, not even traced, and every other program is loaded from JAX's entries.
     second, second_hits, _ = run("second", "train.seed=1")
-    again, again_hits, _ = run("again")
     assert first and not first_hits  # an empty cache: everything compiled
-    assert sorted(second) == sorted(first)
-    assert len(second_hits) == len(second), f"{len(second) - len(second_hits)} programs compiled again"
-    assert STEP in first and STEP not in again
-    assert sorted(again) == sorted(p for p in first if p != STEP) and len(again_hits) == len(again)
-    # Both seeds' stored steps refer to the one JAX entry of their program: the one the first seed's run loaded.
+    assert STEP in first and STEP not in second
+    assert sorted(second) == sorted(p for p in first if p != STEP) and len(second_hits) == len(second)
+    # A setting that changes the stored step's key but not its program (remat auto resolves to none here): the
+    # step is traced and loaded from JAX's entry, and stored from it too (XLA's CPU backend cannot serialize an
+    # executable it loaded from one).
+    other, other_hits, _ = run("other", "runtime.remat=none")
+    assert sorted(other) == sorted(first) and len(other_hits) == len(other)
+    # Both stored steps refer to the one JAX entry of their program: the one the first run wrote.
     steps = list((cache / "steps").glob("*.step"))
     referred = {tuple(re.findall(rb"jit__train_step-[0-9a-f]{64}", p.read_bytes())) for p in steps}
     assert len(steps) == 2 and len(referred) == 1 and len(next(iter(referred))) == 1
     assert (cache / f"{next(iter(referred))[0].decode()}-cache").is_file()
-    # the stored steps of both seeds and the train step's XLA entry (the largest) cut short: a warning each, the
-    # step compiled again, the run goes on
+    # the stored steps and the train step's XLA entry (the largest) cut short: a warning each, the step compiled
+    # again, the run goes on
     for entry in (*steps, max(cache.glob("*-cache"), key=lambda p: p.stat().st_size)):
         entry.write_bytes(entry.read_bytes()[: entry.stat().st_size // 2])
-    third, third_hits, stderr = run("third", "train.seed=1")
+    third, third_hits, stderr = run("third", "train.seed=2")
     assert stderr.count("did not load") == 1, stderr[-3000:]
     assert stderr.count("Error reading persistent compilation cache entry") == 1, stderr[-3000:]
     assert STEP in third and len(third) - len(third_hits) == 1
 
 
 def test_the_stored_step_is_keyed_by_what_decides_its_program(tmp_path):
-    """Two trainers of one experiment share a key; a changed setting, model size or batch shape gives another."""
+    """Two trainers of one experiment share a key, and so do runs that differ in settings the program does not
+    read (NOT_IN_THE_STEP); a changed setting, model size or batch shape gives another."""
     from labram_jax import compile_cache, configs
-    from labram_jax.train.config import DataConfig, Experiment, TrainConfig
+    from labram_jax.train.config import DataConfig, Experiment, TrainConfig, override
     from labram_jax.train.trainer import Trainer
 
     exp = Experiment(stage="finetune", model=configs.tiny(num_classes=2),
@@ -79,6 +81,10 @@ def test_the_stored_step_is_keyed_by_what_decides_its_program(tmp_path):
     key = lambda e: compile_cache.step_key(Trainer(e, tmp_path)._step_parts())
     same = key(exp)
     assert key(exp) == same
+    start = Trainer(exp, tmp_path / "start").export("export")  # a checkpoint to start from
+    assert key(override(exp, "train.seed=3", f"init={start}", "data.train=a,b", "data.val=v",
+                        "data.workers=2", "train.log_every=1", "train.save_every=2", "train.eval_every=2",
+                        "train.best_metric=val/loss")) == same
     changed = [exp.replace(train=dataclasses.replace(exp.train, lr=1e-3)), exp.replace(model=exp.model.replace(depth=1)),
                exp.replace(model=exp.model.replace(num_heads=1)), exp.replace(data=dataclasses.replace(exp.data, max_patches=3)),
                exp.replace(train=dataclasses.replace(exp.train, batch_size=16))]

@@ -100,11 +100,11 @@ def test_the_wheel_runs_demo_train_prep_and_embed_outside_the_clone(demo_run):
         assert {p.stem for p in folder.glob("*.png")} >= names, stage
 
     assert "finetune_eegmat " in run([labram, "train", "--list"], cwd, env)
-    # The recipe on the demo's build of the sample, for 5 steps, with 2 of its 12 blocks, validated at the end only
-    # (the installed recipe, its loader, trainer and export are what is tested; the 10 blocks more cost two minutes
-    # of XLA compilation): the window shape (5 s, not the recipe's 4) comes from the build's manifests.
+    # The recipe on the demo's build of the sample, for 5 steps of 16 windows, with 2 of its 12 blocks, validated at
+    # the end only (the installed recipe, its loader, trainer and export are what is tested; the 10 blocks more cost
+    # two minutes of XLA compilation): the window shape (5 s, not the recipe's 4) comes from the build's manifests.
     out = run([labram, "train", "finetune_eegmat", "--workdir", "w", "--data", "d/data", "--set", "train.steps=5",
-               "model.depth=2", "train.eval_epochs=0"], cwd, env)
+               "train.batch_size=16", "model.depth=2", "train.eval_epochs=0"], cwd, env)
     assert "val/balanced_accuracy" in out
     config = json.loads((cwd / "w" / "config.json").read_text())
     assert config["model"]["embed_dim"] == 200 and config["model"]["depth"] == 2 and config["train"]["steps"] == 5

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -46,6 +47,14 @@ from labram_jax.train.progress import Progress
 from labram_jax.train.stages import STAGES, check_labels, loss_weight, usage_and_perplexity
 
 State = dict[str, Any]
+
+# Settings the train step's program does not read: where the data comes from and how the host loads it, the seed
+# (its keys and the weights it draws are the step's inputs), the checkpoint started from (its weights are), and
+# the cadence of logs, validations and saves. A stored step's key leaves them out, so a sweep of seeds, of
+# pretrained starts or of data subsets loads the step the first run stored instead of tracing it again.
+NOT_IN_THE_STEP = ("init", "data.train", "data.val", "data.test", "data.weights", "data.workers", "data.pack_buffer",
+                   "data.eval_batch_size", "train.seed", "train.log_every", "train.eval_every", "train.eval_epochs",
+                   "train.save_every", "train.keep", "train.best_metric", "train.force_resume")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -742,12 +751,16 @@ class Trainer:
     def _step_parts(self) -> dict[str, Any]:
         """What decides the train step's program besides labram_jax's code and JAX's environment
         (compile_cache.step_key), known before the model is built: the resolved experiment (the models are built
-        from it), the pretraining tokenizer's config (its checkpoint brings its own), the files that define the
-        stage's functions, the batch's layout and the mesh. Whatever the step reads from `self` derives from these;
-        the state's layout is checked against a stored step when it is used (_takes)."""
+        from it) less NOT_IN_THE_STEP, the pretraining tokenizer's config (its checkpoint brings its own), the files
+        that define the stage's functions, the batch's layout and the mesh. Whatever the step reads from `self`
+        derives from these; the state's layout is checked against a stored step when it is used (_takes)."""
         stage_code = [fn for fn in vars(self.stage).values() if callable(fn)]  # a stage registered from outside
         tokenizer = self.exp.tokenizer_checkpoint and self._tokenizer_identity()
-        return {"experiment": dataclasses.asdict(self.exp), "tokenizer": tokenizer,
+        experiment = dataclasses.asdict(self.exp)
+        for name in NOT_IN_THE_STEP:
+            *groups, key = name.split(".")
+            functools.reduce(dict.__getitem__, groups, experiment).pop(key)
+        return {"experiment": experiment, "tokenizer": tokenizer,
                 "stage": compile_cache.code_of(*stage_code), "batch": _layout(self.abstract_batch()),
                 "mesh": [dict(self.mesh.shape), [d.id for d in self.mesh.devices.flat]]}
 
