@@ -2,7 +2,7 @@
 of time (labram_jax.train.aot), data-parallel against FSDP, rematerialisation off and on.
 
     python bench/pod_memory.py [--models large,huge] [--devices 8,64,256] [--json OUT]
-    python bench/pod_memory.py --smoke    # seconds: TINY at width 200, its tokenizer, batch 64, 8 devices, remat none
+    python bench/pod_memory.py --smoke    # seconds: TINY at width 200, its tokenizer, batch 64, 8 devices, FSDP
 
 Each configuration compiles in its own process (the simulated device count is fixed when JAX starts), at the
 recipe's global batch (512 windows of 64 channels x 4 patches) with the blocks as one scan. Per device it prints
@@ -71,21 +71,21 @@ def main() -> None:
     parser.add_argument("--devices", default="8,64,256")
     parser.add_argument("--json", help="also write every figure to this file")
     parser.add_argument("--smoke", action="store_true", help="a check of the script in seconds: TINY on 8 "
-                        "devices, both layouts, remat none")
+                        "devices, FSDP, remat none")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(*args.child)
-    remats = ("none", "block")
-    if args.smoke:
-        args.models, args.devices, remats = "tiny", "8", ("none",)
+    remats, layouts = ("none", "block"), tuple(LAYOUTS)
+    if args.smoke:  # FSDP: the layout whose shardings reach furthest (data parallelism is its special case)
+        args.models, args.devices, remats, layouts = "tiny", "8", ("none",), ("fsdp",)
     rows = []
     print("| model | devices | layout | remat | arguments GiB | temporaries GiB | peak GiB | TFLOP/device | "
           "compile s | involuntary remat |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for model in args.models.split(","):
         for devices in map(int, args.devices.split(",")):
-            for layout in LAYOUTS:
+            for layout in layouts:
                 for remat in remats:
                     r = measure(model, devices, layout, remat)
                     rows.append({"model": model, "devices": devices, "layout": layout, "remat": remat, **r})

@@ -33,8 +33,9 @@ def test_a_bench_script_runs_its_smoke_mode(script, tmp_path):
     """Each script's --smoke: the same code path at tiny shapes, in seconds, with no checkout of the original
     (step_parts runs its JAX side; its torch side then skips)."""
     # step_parts' torch side runs below; train_vs_pytorch replays one recorded stage (test_train_vs_reference
-    # replays them all)
-    args = {"step_parts.py": ["--side", "jax"], "train_vs_pytorch.py": ["--stages", "pretrain"]}.get(script, [])
+    # replays them all) and step_vs_pytorch times the other
+    args = {"step_parts.py": ["--side", "jax"], "train_vs_pytorch.py": ["--stages", "pretrain"],
+            "step_vs_pytorch.py": ["--stages", "finetune"]}.get(script, [])
     run = subprocess.run([sys.executable, str(BENCH / script), "--smoke", *args], cwd=tmp_path, capture_output=True,
                          text=True, timeout=600, env=child_env())
     assert run.returncode == 0, f"{script} --smoke: exit {run.returncode}\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
