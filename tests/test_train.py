@@ -330,8 +330,7 @@ def recipe_command(workdir: Path, data: Path) -> list[str]:
     at the end only (the recipe's validation every epoch would be every 4 steps here)."""
     return [sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir", str(workdir),
             "--data", str(data), "--set", "train.epochs=0", "train.warmup_epochs=0", "train.eval_epochs=0",
-            "train.steps=24",
-            "train.warmup_steps=2", "train.save_every=4", "train.batch_size=8", "train.log_every=1",
+            "train.steps=24", "train.warmup_steps=2", "train.save_every=4", "train.batch_size=8", "train.log_every=1",
             "model.depth=2", "model.embed_dim=100", "model.num_heads=5", "model.out_chans=4",
             f"data.max_channels={CHANNELS}", f"data.max_patches={PATCHES}"]
 
