@@ -11,6 +11,7 @@ from data_prep.bids import Selection, parse_split_subjects
 from data_prep.engine import DEFAULT_SHARD_WINDOWS
 from data_prep.plan import Params
 from data_prep.prep import run
+from labram_jax.configs import MAX_WINDOW_S
 from labram_jax.errors import UserError
 
 
@@ -111,9 +112,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
                "Rerunning the same command resumes an interrupted job, with identical output.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="EEG files, folders or glob patterns")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    p.add_argument("--window", type=_int_from(1, 16), metavar="SECONDS",
-                   help="window length, 1..16 s (default: per recording, the longest with channels x seconds "
-                        "<= 256, as the original chose for pretraining; e.g. 12 s for 20 channels)")
+    p.add_argument("--window", type=_int_from(1, MAX_WINDOW_S), metavar="SECONDS",
+                   help=f"window length, 1..{MAX_WINDOW_S} s (default: per recording, the longest with channels x "
+                        "seconds <= 256 within 16 s, as the original chose for pretraining; e.g. 12 s for 20 "
+                        "channels). Past 16 s a model needs more time_embed rows than the original's 16: the "
+                        "trainer extends them (train.extend_time)")
     p.add_argument("--stride", type=_int_from(1), metavar="SECONDS", help="window step (default: the window)")
     p.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="sample type in the records (default: float32)")

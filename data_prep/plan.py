@@ -14,7 +14,7 @@ from typing import Any, Callable
 import mne
 
 from data_prep.preprocess import Recording, read_recording
-from labram_jax.configs import MAX_PATCHES
+from labram_jax.configs import MAX_PATCHES, MAX_WINDOW_S
 from labram_jax.errors import UserError
 
 MAX_TOKENS = 256  # the original picks each pretraining dataset's window so that channels x seconds <= 256
@@ -38,8 +38,8 @@ class Params:
     sfreq: float = 200.0
 
     def __post_init__(self) -> None:
-        if self.window is not None and not 1 <= self.window <= MAX_PATCHES:
-            raise PrepError(f"--window must be 1..{MAX_PATCHES} seconds (rows of time_embed), got {self.window}")
+        if self.window is not None and not 1 <= self.window <= MAX_WINDOW_S:
+            raise PrepError(f"--window must be 1..{MAX_WINDOW_S} seconds, got {self.window}")
         if self.stride is not None and self.stride < 1:
             raise PrepError(f"--stride must be at least 1 second, got {self.stride}")
         if self.dtype not in ("float32", "float16"):

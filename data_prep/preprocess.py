@@ -13,7 +13,7 @@ import numpy as np
 
 from data_prep.xdf import read_xdf
 from labram_jax.channels import ResolvedChannels, resolve_channels
-from labram_jax.configs import MAX_PATCHES, PATCH_SIZE
+from labram_jax.configs import MAX_WINDOW_S, PATCH_SIZE
 from labram_jax.errors import one_line
 
 
@@ -83,8 +83,8 @@ def preprocess(raw: mne.io.BaseRaw, *, notch: float | None = 50.0, l_freq: float
 def windows(signal: np.ndarray, seconds: int, stride: int | None = None) -> np.ndarray:
     """float32 [W, N, seconds, 200]: windows of `seconds` 1-s patches every `stride` seconds (default: no overlap),
     the tail that does not fill a window dropped."""
-    if not (isinstance(seconds, (int, np.integer)) and 1 <= seconds <= MAX_PATCHES):
-        raise ValueError(f"seconds must be an integer from 1 to {MAX_PATCHES} (time_embed rows), got {seconds!r}")
+    if not (isinstance(seconds, (int, np.integer)) and 1 <= seconds <= MAX_WINDOW_S):
+        raise ValueError(f"seconds must be an integer from 1 to {MAX_WINDOW_S}, got {seconds!r}")
     stride = seconds if stride is None else stride
     if not (isinstance(stride, (int, np.integer)) and stride >= 1):
         raise ValueError(f"stride must be a positive integer number of seconds, got {stride!r}")

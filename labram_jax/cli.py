@@ -80,8 +80,8 @@ def _read_model(source: Path, args: argparse.Namespace) -> Model:
 
 def convert(args: argparse.Namespace) -> int:
     from labram_jax.checkpoint import is_export, save_model
-    from labram_jax.convert import kind_of, state_dict, write_pth, write_safetensors
-    from labram_jax.convert.braindecode import DEFAULT_N_TIMES, TimeEmbeddingWarning, to_braindecode
+    from labram_jax.convert import kind_of, original_state_dict, write_pth, write_safetensors
+    from labram_jax.convert.braindecode import TimeEmbeddingWarning, n_times_of, to_braindecode
 
     source, out = Path(args.input), Path(args.output)
     # Without --to, OUT's suffix decides; an export directory goes back to a .pth, anything else to an export.
@@ -89,18 +89,20 @@ def convert(args: argparse.Namespace) -> int:
                      "pth" if out.suffix == ".pth" or is_export(source) else "export")
     if args.n_times is not None and to != "braindecode":
         raise CommandError("--n-times applies only to --to braindecode")
-    n_times = DEFAULT_N_TIMES if args.n_times is None else args.n_times
+    if args.truncate_time and to not in ("pth", "safetensors"):
+        raise CommandError("--truncate-time applies only to a .pth or .safetensors output (the original's layout)")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", TimeEmbeddingWarning)
         model = _read_model(source, args)
+        n_times = n_times_of(model) if args.n_times is None else args.n_times
         if to == "export":
             out = save_model(model, out)
         elif to == "braindecode":
             out = to_braindecode(model, out, n_times=n_times)
         elif to == "safetensors":
-            write_safetensors(out, state_dict(model))
+            write_safetensors(out, original_state_dict(model, truncate_time=args.truncate_time))
         else:
-            write_pth(out, {"model": state_dict(model)})
+            write_pth(out, {"model": original_state_dict(model, truncate_time=args.truncate_time)})
     for warning in caught:
         if issubclass(warning.category, TimeEmbeddingWarning):
             print(f"labram convert: warning: {one_line(str(warning.message))}", file=sys.stderr)
@@ -204,7 +206,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="head width when the .pth has another (or none) (default: the .pth's)")
     p.add_argument("--n-times", type=int, metavar="SAMPLES",
                    help="with --to braindecode: the window braindecode's model takes, in samples at 200 Hz "
-                        "(default 3000: keeps all 16 time_embed rows; a shorter window drops the rows past it)")
+                        "(default: all of the model's time_embed rows, 3000 for the original's 16; a shorter "
+                        "window drops the rows past it)")
+    p.add_argument("--truncate-time", action="store_true",
+                   help="with a .pth or .safetensors output: a model with more than the original's 16 time_embed "
+                        "rows (trained on windows past 16 s) keeps its first 16, so the original loads it "
+                        "(default: such a model is refused)")
     p.set_defaults(run=convert)
 
     p = commands.add_parser("demo", help="the whole pipeline on the bundled real EEG sample",

@@ -18,7 +18,9 @@ from labram_jax.errors import UserError
 
 PATCH_SIZE = 200  # samples per patch: one second at 200 Hz
 NUM_CHANNEL_ROWS = 128  # channel slots of pos_embed; row 0 is the cls token
-MAX_PATCHES = 16  # rows of time_embed: at most 16 one-second patches per channel
+MAX_PATCHES = 16  # the original's rows of time_embed: at most 16 one-second patches per channel
+# The longest window a model (time_rows) or labram prep takes: 10 minutes, past what attention over a window holds.
+MAX_WINDOW_S = 600
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +48,9 @@ class TransformerConfig:
     init_scale: float = 0.001
     # The pretraining vocabulary (lm_head width); the tokenizer's codebook size.
     vocab_size: int = 8192
+    # Rows of time_embed, one per one-second patch of a window: the original's 16, or more for longer windows (a
+    # run extends a checkpoint's rows as train.extend_time says).
+    time_rows: int = MAX_PATCHES
     # The runtime settings (RUNTIME_FIELDS), which an export does not keep.
     # None/'xla': the explicit softmax attention (layers.softmax_attention), anywhere; 'chunked': the same over
     # cache-sized chunks of the batch, for CPUs (the trainer's choice there); 'cudnn': cuDNN's fused kernel
@@ -65,6 +70,8 @@ class TransformerConfig:
         if self.in_chans == 0 and 25 * self.out_chans != self.embed_dim:
             raise UserError(f"TemporalConv gives 25 * out_chans = {25 * self.out_chans} features, "
                             f"but embed_dim is {self.embed_dim}")
+        if not (isinstance(self.time_rows, int) and 1 <= self.time_rows <= MAX_WINDOW_S):
+            raise UserError(f"time_rows must be an integer from 1 to {MAX_WINDOW_S}, not {self.time_rows!r}")
 
     @property
     def head_dim(self) -> int:

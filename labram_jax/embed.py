@@ -61,7 +61,7 @@ def embed(checkpoint: str | os.PathLike, recordings: list[str | os.PathLike], *,
     for index, path in enumerate(recordings):
         recording = preprocess(read_recording(path), notch=notch, source=str(path))
         n = recording.signal.shape[0]
-        seconds = window or max(1, min(16, MAX_TOKENS // n))
+        seconds = window or max(1, min(model.cfg.time_rows, MAX_TOKENS // n))
         step = stride or seconds
         x = to_model_input(windows(recording.signal, seconds, step))
         if not len(x):

@@ -310,6 +310,7 @@ def test_unlabelled_and_regression_targets(tmp_path):
     np.testing.assert_array_equal(batch["target"], np.array([np.nan, 2.5, 4.0], np.float32))
 
 
-def test_config_rejects_more_patches_than_the_time_embedding():
-    with pytest.raises(ValueError, match="max_patches <= 16"):
-        cfg(max_patches=17)
+def test_config_rejects_windows_past_ten_minutes():
+    cfg(max_patches=17)  # past the original's 16 time_embed rows: the model decides (model.time_rows)
+    with pytest.raises(ValueError, match="max_patches <= 600"):
+        cfg(max_patches=601)

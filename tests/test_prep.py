@@ -516,7 +516,7 @@ def test_usage_errors(tmp_path, capsys):
     assert main(["prep", str(SUBJECT00_2), "--out", str(tmp_path / "o"), "--labels",
                  str(tmp_path / "labels.csv")]) == 2
     assert "needs the columns recording,label[,subject]" in capsys.readouterr().err
-    for flags in (["--window", "17"], ["--dtype", "float64"], ["--stride", "0"]):
+    for flags in (["--window", "601"], ["--dtype", "float64"], ["--stride", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             main(["prep", str(SUBJECT00_2), "--out", str(tmp_path / "o"), *flags])
         assert exit_info.value.code == 2

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from labram_jax.convert.pth import read_pth, write_pth
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
+from labram_jax.configs import MAX_PATCHES
 from labram_jax.convert.state_dict import (Model, ModelKind, build, infer_config, kind_of, load_state_dict,
-                                           state_dict, student_weights)
+                                           state_dict, student_weights, with_time_rows)
 from labram_jax.errors import UserError
 
 
@@ -54,14 +57,28 @@ def from_pytorch(path: str | os.PathLike, kind: ModelKind = "classify", *, num_c
     return model
 
 
-def to_pytorch(model: Model, path: str | os.PathLike) -> None:
+def original_state_dict(model: Model, *, truncate_time: bool = False) -> dict:
+    """The state dict the original loads with strict=True: its 16 time_embed rows. A model with more (windows past
+    16 s) is refused in one line, or with `truncate_time` cut to its first 16 rows (windows of at most 16 s)."""
+    weights = state_dict(model)
+    rows = max(np.shape(v)[1] for k, v in weights.items() if k.split(".")[-1] == "time_embed")
+    if rows > MAX_PATCHES and not truncate_time:
+        raise UserError(f"the model has {rows} time_embed rows (windows up to {rows} s); the original LaBraM has "
+                        f"{MAX_PATCHES} and would not load it: truncate to its first {MAX_PATCHES} rows (labram "
+                        "convert --truncate-time), or keep it as a labram-jax export")
+    return with_time_rows(weights, MAX_PATCHES, "truncate") if rows > MAX_PATCHES else weights
+
+
+def to_pytorch(model: Model, path: str | os.PathLike, *, truncate_time: bool = False) -> None:
     """Write `{'model': state_dict}` in the original's key layout, which the original loads with strict=True; a
-    path ending in .safetensors gets the same state dict as a safetensors file."""
+    path ending in .safetensors gets the same state dict as a safetensors file. `truncate_time`: as
+    original_state_dict."""
+    weights = original_state_dict(model, truncate_time=truncate_time)
     if _is_safetensors(path):
-        write_safetensors(path, state_dict(model))
+        write_safetensors(path, weights)
     else:
-        write_pth(path, {"model": state_dict(model)})
+        write_pth(path, {"model": weights})
 
 
-__all__ = ["from_pytorch", "to_pytorch", "read_pth", "write_pth", "read_safetensors", "write_safetensors",
+__all__ = ["from_pytorch", "to_pytorch", "original_state_dict", "read_pth", "write_pth", "read_safetensors", "write_safetensors",
            "state_dict", "load_state_dict", "kind_of"]

@@ -89,21 +89,28 @@ def braindecode_config(cfg: TransformerConfig, n_times: int = DEFAULT_N_TIMES) -
             "attn_head_dim": None, "activation": _GELU, "braindecode_version": VERSION}
 
 
-def _time_rows(n_times: int) -> int:
-    """Rows of braindecode's temporal_embedding for a window of n_times samples."""
+def n_times_of(model: Model) -> int:
+    """The window, in samples, whose braindecode temporal_embedding holds all of `model`'s time_embed rows (3000
+    for the original's 16: braindecode gives n_times // 200 + 1 rows)."""
+    return (model.cfg.time_rows - 1) * PATCH_SIZE if isinstance(model, LaBraM) else DEFAULT_N_TIMES
+
+
+def _time_rows(n_times: int, have: int) -> int:
+    """Rows of braindecode's temporal_embedding for a window of n_times samples, of the model's `have`."""
     if isinstance(n_times, bool) or not isinstance(n_times, int) or n_times < PATCH_SIZE:
         raise UserError(f"n_times must be a whole number of {PATCH_SIZE}-sample patches, got {n_times!r}")
     if n_times % PATCH_SIZE:
         raise UserError(f"n_times {n_times} is not a multiple of {PATCH_SIZE} (samples per patch at 200 Hz)")
     rows = n_times // PATCH_SIZE + 1
-    if rows > MAX_PATCHES:
-        raise UserError(f"n_times {n_times} needs {rows} time_embed rows; LaBraM has {MAX_PATCHES} "
-                         f"(n_times at most {DEFAULT_N_TIMES})")
+    if rows > have:
+        raise UserError(f"n_times {n_times} needs {rows} time_embed rows; the model has {have} "
+                         f"(n_times at most {(have - 1) * PATCH_SIZE})")
     return rows
 
 
-def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int = DEFAULT_N_TIMES) -> Path:
+def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int | None = None) -> Path:
     """Write `model` as a directory that braindecode's `Labram.from_pretrained` loads; returns its path.
+    n_times: the window braindecode's model takes (default n_times_of(model), all of its time_embed rows).
 
     `directory` must not exist or be empty. config.json is written last, so a directory that has one is whole.
     """
@@ -112,13 +119,15 @@ def to_braindecode(model: Model, directory: str | os.PathLike, *, n_times: int =
                          "counterpart there")
     if model.cfg.layer_norm_eps != 1e-6:
         raise UserError(f"layer_norm_eps {model.cfg.layer_norm_eps}: braindecode's Labram fixes 1e-6")
-    rows = _time_rows(n_times)
+    n_times = n_times_of(model) if n_times is None else n_times
+    have = model.cfg.time_rows
+    rows = _time_rows(n_times, have)
     target = Path(directory).resolve()
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: already exists and is not an empty directory")
     weights = state_dict(model, layout=braindecode_key)
-    if rows < MAX_PATCHES:
-        warnings.warn(f"n_times={n_times} keeps time_embed rows 0-{rows - 1}; rows {rows}-{MAX_PATCHES - 1} are "
+    if rows < have:
+        warnings.warn(f"n_times={n_times} keeps time_embed rows 0-{rows - 1}; rows {rows}-{have - 1} are "
                       "dropped (an import back sets them to zero)", TimeEmbeddingWarning, stacklevel=2)
         weights["temporal_embedding"] = weights["temporal_embedding"][:, :rows]
     target.mkdir(parents=True, exist_ok=True)
@@ -143,7 +152,7 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
     Strict where braindecode's own loader (strict=False) is not: every constructor argument that changes the
     model must be LaBraM's, config.json must describe the weights it sits beside, and one error names every
     missing, unexpected or mis-shaped tensor. A temporal_embedding of fewer than 16 rows (a smaller n_times) is
-    padded with zero rows, with a warning.
+    padded with zero rows, with a warning; one of more (a window past 16 s) gives a model with as many.
     """
     path = Path(directory)
     config, config_path, weights_path = _read_config(path), path / CONFIG, path / WEIGHTS
@@ -183,10 +192,8 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
     if mismatches:
         raise UserError(f"{config_path}: " + "; ".join(mismatches))
 
-    if rows is not None and rows > MAX_PATCHES:
-        raise UserError(f"{weights_path}: temporal_embedding has {rows} rows; LaBraM has {MAX_PATCHES} "
-                         f"(n_times at most {DEFAULT_N_TIMES})")
     if rows is not None and rows < MAX_PATCHES:
+        cfg = cfg.replace(time_rows=MAX_PATCHES)
         time = weights["temporal_embedding"]
         weights["temporal_embedding"] = np.concatenate(
             [time, np.zeros((1, MAX_PATCHES - rows) + time.shape[2:], time.dtype)], axis=1)

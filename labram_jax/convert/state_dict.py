@@ -128,6 +128,7 @@ def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, 
         in_chans=proj.shape[1] if proj is not None else 0,
         qkv_bias=prefix + "blocks.0.attn.q_bias" in weights, qk_norm=q_norm is not None,
         init_values=0.1 if prefix + "blocks.0.gamma_1" in weights else 0.0,
+        time_rows=np.shape(weights.get(prefix + "time_embed", np.zeros((1, configs.MAX_PATCHES))))[1],
         num_classes=head.shape[0] if head is not None else 0,
         vocab_size=weights[prefix + "lm_head.weight"].shape[0] if prefix + "lm_head.weight" in weights else 8192)
 
@@ -156,6 +157,40 @@ def student_weights(weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     what the fine-tuning model does not have (mask_token, the student's norm and lm_head)."""
     kept = {k[len("student."):]: v for k, v in weights.items() if k.startswith("student.")}
     return {k: v for k, v in kept.items() if not k.startswith(("mask_token", "norm.", "lm_head."))}
+
+
+TimeExtension = Literal["linear", "hold"]
+
+
+def resize_time_embed(table: np.ndarray, rows: int, method: TimeExtension | Literal["truncate"]) -> np.ndarray:
+    """A time_embed [1, R, D] with `rows` rows. "linear": the R learned rows resampled at `rows` evenly spaced
+    points from the first row to the last (as a ViT's position table is resized to a new grid), so the window's
+    start and end keep their rows; "hold": the R rows kept and each new one a copy of the last, so a window of at
+    most R seconds embeds exactly as before; "truncate", or fewer rows than R: the first `rows` rows."""
+    table = np.asarray(table)
+    have = table.shape[1]
+    if method == "truncate" or rows <= have:
+        return table[:, :rows]
+    if method == "hold":
+        return np.concatenate([table, np.repeat(table[:, -1:], rows - have, axis=1)], axis=1)
+    points = np.linspace(0.0, have - 1, rows) if rows > 1 else np.zeros(1)
+    low = np.minimum(np.floor(points).astype(int), have - 1)
+    high = np.minimum(low + 1, have - 1)
+    frac = (points - low).astype(np.float64)[None, :, None]
+    return ((1 - frac) * table[:, low].astype(np.float64) + frac * table[:, high].astype(np.float64)
+            ).astype(table.dtype)
+
+
+def time_rows(weights: dict[str, np.ndarray]) -> int:
+    """The fewest time_embed rows among a state dict's Transformers (a tokenizer has two)."""
+    return min(np.shape(v)[1] for k, v in weights.items() if k.split(".")[-1] == "time_embed")
+
+
+def with_time_rows(weights: dict[str, np.ndarray], rows: int, method: TimeExtension | Literal["truncate"]
+                   ) -> dict[str, np.ndarray]:
+    """`weights` with each time_embed of another row count resized to `rows` (resize_time_embed)."""
+    return {k: resize_time_embed(v, rows, method) if k.split(".")[-1] == "time_embed" and np.shape(v)[1] != rows
+            else v for k, v in weights.items()}
 
 
 def build(cfg: configs.TransformerConfig | configs.TokenizerConfig, kind: ModelKind, seed: int = 0) -> Model:

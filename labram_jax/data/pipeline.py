@@ -50,6 +50,7 @@ import jax
 import numpy as np
 from absl import flags
 
+from labram_jax.configs import MAX_WINDOW_S
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
 from labram_jax.errors import UserError
@@ -78,9 +79,9 @@ class LoaderConfig:
     pack_buffer: int = 256  # windows packed together: first-fit decreasing looks this far ahead
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= 16:
-            # 16: the number of rows in the model's time embedding
-            raise UserError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= 16, got {self}")
+        if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= MAX_WINDOW_S:
+            raise UserError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= {MAX_WINDOW_S}, "
+                            f"got {self}")
         if self.pack_tokens < 0 or (self.pack_tokens and (self.pack_windows < 1 or self.pack_buffer < 1)):
             raise UserError(f"need pack_tokens >= 0 and, when packing, pack_windows >= 1 and pack_buffer >= 1; "
                              f"got pack_tokens={self.pack_tokens}, pack_windows={self.pack_windows}, "
@@ -157,14 +158,16 @@ class _Tokens:
     """Decodes one tagged record into its patch tokens, unpadded, for packing."""
 
     pack_tokens: int
+    max_patches: int  # the model's time_embed rows
 
     def __call__(self, item: tuple[int, bytes]) -> dict[str, Any]:
         source, record = item
         window = decode(record)
         n, a, _ = window.signal.shape
-        if n * a > self.pack_tokens or a > 16:
+        if n * a > self.pack_tokens or a > self.max_patches:
             raise UserError(f"window of {window.recording!r} at {window.start:g} s has {n} channels x {a} patches, "
-                             f"more than the loader's pack_tokens={self.pack_tokens} tokens or 16 patches")
+                             f"more than the loader's pack_tokens={self.pack_tokens} tokens or "
+                             f"max_patches={self.max_patches}")
         label, target = _labels(window)
         return {"x": (window.signal / np.float32(100)).reshape(n * a, PATCH).astype(np.float32),
                 "token_channels": np.repeat(window.channel_rows.astype(np.int32), a),
@@ -317,7 +320,7 @@ def make_dataset(sources: Sources, cfg: LoaderConfig, *, process_index: int | No
     ds = ds[process_index::process_count]
     read = grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=cfg.prefetch)
     if cfg.pack_tokens:
-        it = _Packed(ds.map(_Tokens(cfg.pack_tokens)).to_iter_dataset(read), cfg)
+        it = _Packed(ds.map(_Tokens(cfg.pack_tokens, cfg.max_patches)).to_iter_dataset(read), cfg)
         it = it.batch(cfg.batch_size // process_count, drop_remainder=True)
     else:
         # Batching before to_iter_dataset keeps a batch's content independent of the number of workers.

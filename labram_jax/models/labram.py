@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, TransformerConfig
+from labram_jax.configs import NUM_CHANNEL_ROWS, TransformerConfig
 from labram_jax.errors import UserError
 from labram_jax.models.layers import (FINETUNE_INIT, PRETRAIN_INIT, Block, InitScheme, PatchEmbed, TemporalConv,
                                       dropout, layer_norm, linear, param, scaled, torch_default_uniform)
@@ -44,7 +44,7 @@ class Transformer(nnx.Module):
         if mask_token:  # defined here so state dicts list it where the original does, after cls_token
             self.mask_token = param(rngs.params(), (1, 1, d), init.weight, (None, None, "embed"))
         self.pos_embed = param(rngs.params(), (1, NUM_CHANNEL_ROWS + 1, d), init.weight, (None, None, "embed"))
-        self.time_embed = param(rngs.params(), (1, MAX_PATCHES, d), init.weight, (None, None, "embed"))
+        self.time_embed = param(rngs.params(), (1, cfg.time_rows, d), init.weight, (None, None, "embed"))
         self.blocks = nnx.List([_block(cfg, i + 1, rngs, init) for i in range(cfg.depth)])
 
     def embed(self, patches: jax.Array, input_chans: jax.Array, num_patches: int, cls_row: jax.Array) -> jax.Array:
@@ -97,7 +97,7 @@ class Transformer(nnx.Module):
                      ) -> tuple[jax.Array, jax.Array, jax.Array | None]:
         """Checked inputs -> (patch embeddings [B, N*A, D], input_chans, padding [B, N*A] or None)."""
         input_chans = jnp.asarray(input_chans)
-        _check_input(x, input_chans, padding)
+        _check_input(x, input_chans, padding, self.cfg.time_rows)
         b, n, a = x.shape[:3]
         padding = None if padding is None else jnp.asarray(padding, bool).reshape(b, n * a)
         return self.patch_embed(x.astype(self.cfg.dtype), padding), input_chans, padding
@@ -155,14 +155,15 @@ def _scanned_blocks(blocks: nnx.List, x: jax.Array, mask: jax.Array | None, rng:
     return jax.lax.scan(body, x, (stacked, rates, jnp.arange(len(blocks))))[0]
 
 
-def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None) -> None:
+def _check_input(x: jax.Array, input_chans: jax.Array, padding: jax.Array | None, time_rows: int) -> None:
     if x.ndim != 4:
         raise UserError(f"x must be [B, N, A, 200] (batch, channels, patches, samples); got shape {x.shape}")
     if input_chans.shape not in ((x.shape[1] + 1,), (x.shape[0], x.shape[1] + 1)):
         raise UserError(f"input_chans must be [N+1] or [B, N+1] with N+1 = {x.shape[1] + 1} (a leading 0 for "
                         f"cls); got shape {input_chans.shape}")
-    if x.shape[2] > MAX_PATCHES:
-        raise UserError(f"at most {MAX_PATCHES} patches per channel (time_embed rows); got A = {x.shape[2]}")
+    if x.shape[2] > time_rows:
+        raise UserError(f"at most {time_rows} patches per channel (the model's time_embed rows, model.time_rows); "
+                        f"got A = {x.shape[2]}")
     if padding is not None and tuple(padding.shape) != tuple(x.shape[:3]):
         raise UserError(f"mask must be [B, N, A] = {tuple(x.shape[:3])}; got shape {tuple(padding.shape)}")
 

@@ -71,6 +71,10 @@ class TrainConfig:
     # Resume a checkpoint whose data position was saved under another data layout (process count, batch size,
     # packing): the weights go on, the data starts a fresh pass. Without it such a resume stops with exit 2.
     force_resume: bool = False
+    # Windows longer than the model's time_embed rows (model.time_rows, the original's 16): "linear" or "hold" gives
+    # the models as many rows as the data's longest window (data.max_patches) and extends a checkpoint's learned rows
+    # that way (convert.state_dict.resize_time_embed); "off" stops with an error instead, as the original would.
+    extend_time: Literal["linear", "hold", "off"] = "linear"
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0  # steps between validations; 0 = only at the end

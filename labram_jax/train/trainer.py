@@ -30,7 +30,8 @@ from labram_jax import compile_cache, configs, host, preemption, sharding
 from labram_jax.checkpoint import load_model, model_config, save_model
 from labram_jax.convert import from_pytorch
 from labram_jax.configs import runtime_of, with_runtime
-from labram_jax.convert.state_dict import Model, kind_of, load_state_dict, rebuilt, state_dict, student_weights
+from labram_jax.convert.state_dict import (Model, build as build_model, kind_of, load_state_dict, rebuilt, state_dict,
+                                          student_weights, time_rows, with_time_rows)
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
 from labram_jax.errors import UserError
 from labram_jax.files import write_json
@@ -101,6 +102,27 @@ def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
                                 + {"dtype": "precision", "attention": "tokenizer_attention" if name != "model"
                                    else "attention"}.get(field, field))
     return exp.replace(**resolved)
+
+
+def fit_time_rows(exp: Experiment) -> tuple[Experiment, list[str]]:
+    """`exp` with as many time_embed rows as its windows have patches (data.max_patches) in the model it trains
+    (the tokenizer's encoder and decoder in the tokenizer stage), as train.extend_time allows, and what changed, to
+    be said. A checkpoint's rows are extended as the run loads it (Trainer.extended)."""
+    need, t = exp.data.max_patches, exp.train
+    tokenizer = exp.stage == "tokenizer"
+    have = min(exp.tokenizer.encoder.time_rows, exp.tokenizer.decoder.time_rows) if tokenizer else exp.model.time_rows
+    if need <= have:
+        return exp, []
+    setting = "tokenizer.encoder.time_rows and tokenizer.decoder.time_rows" if tokenizer else "model.time_rows"
+    if t.extend_time == "off":
+        raise UserError(f"windows of {need} patches (data.max_patches) are longer than the model's {have} time_embed "
+                        f"rows and train.extend_time is off: set {setting}={need}, or train.extend_time=linear")
+    if tokenizer:
+        exp = exp.replace(tokenizer=exp.tokenizer.replace(encoder=exp.tokenizer.encoder.replace(time_rows=need),
+                                                          decoder=exp.tokenizer.decoder.replace(time_rows=need)))
+    else:
+        exp = exp.replace(model=exp.model.replace(time_rows=need))
+    return exp, [f"windows of {need} s are longer than the model's {have} time_embed rows: {setting}={need}"]
 
 
 def load_weights(path: str, kind: str, runtime: dict | None = None) -> Model:
@@ -192,7 +214,9 @@ class Trainer:
                  devices: Sequence[jax.Device] | None = None):
         """abstract=True builds shapes and shardings only (no arrays), for ahead-of-time compilation. `devices`:
         the mesh's devices (default: all of them), e.g. one device to compare a run with its sharded twin."""
-        self.given, self.exp = exp, resolve_runtime(exp, abstract)
+        self.given = exp
+        # What the run changed in its models to fit the data, said in one line once they are built.
+        self.exp, self._time_notes = fit_time_rows(resolve_runtime(exp, abstract))
         self.workdir, self.devices = Path(workdir), devices
         self.abstract = abstract
         self.stage = STAGES[exp.stage]
@@ -213,6 +237,9 @@ class Trainer:
             self.tokenizer_graphdef, frozen = nnx.split(tokenizer)
             frozen = strong_types(frozen)
         model = build(self._model)
+        if self._time_notes and jax.process_index() == 0:
+            print("; ".join(self._time_notes) + f" (train.extend_time={self.exp.train.extend_time}; off stops "
+                  "instead)", file=sys.stderr, flush=True)
         self.graphdef, params, fixed, rest = strong_types(nnx.split(model, self.stage.trainable(self.exp), nnx.Param,
                                                                     ...))
         self.depth = (self.exp.tokenizer.encoder if exp.stage == "tokenizer" else self.exp.model).depth
@@ -285,7 +312,18 @@ class Trainer:
             elif "head.weight" in weights and weights["head.weight"].shape[0] != exp.model.num_classes:
                 weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
                 fresh = ("head.",)
-        load_state_dict(model, weights, allow_missing=fresh, source=exp.init)
+        rows = min(exp.tokenizer.encoder.time_rows, exp.tokenizer.decoder.time_rows) if exp.stage == "tokenizer" \
+            else exp.model.time_rows
+        load_state_dict(model, self.extended(weights, rows, f"init {exp.init}"), allow_missing=fresh, source=exp.init)
+
+    def extended(self, weights: dict[str, np.ndarray], rows: int, source: str) -> dict[str, np.ndarray]:
+        """A checkpoint's `weights` with fewer time_embed rows than `rows` extended as train.extend_time says (and
+        noted); unchanged when it has them all, or when extension is off (the strict load then names the shape)."""
+        method, have = self.exp.train.extend_time, time_rows(weights)
+        if have >= rows or method == "off":
+            return weights
+        self._time_notes.append(f"{source}'s {have} learned time_embed rows extended to {rows} ({method})")
+        return with_time_rows(weights, rows, method)
 
     def _tokenizer(self) -> nnx.Module:
         if self.exp.tokenizer_checkpoint:
@@ -294,6 +332,17 @@ class Trainer:
             if kind_of(tokenizer) != "tokenizer":
                 raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
                                 f"{kind_of(tokenizer)} model, not a tokenizer")
+            need = self.exp.data.max_patches
+            if min(tokenizer.cfg.encoder.time_rows, tokenizer.cfg.decoder.time_rows) < need:
+                if self.exp.train.extend_time == "off":
+                    raise UserError(f"windows of {need} patches (data.max_patches) are longer than the "
+                                    f"{self.exp.tokenizer_checkpoint} tokenizer's time_embed rows and "
+                                    "train.extend_time is off")
+                weights = self.extended(state_dict(tokenizer), need, f"tokenizer {self.exp.tokenizer_checkpoint}")
+                cfg = tokenizer.cfg.replace(encoder=tokenizer.cfg.encoder.replace(time_rows=need),
+                                            decoder=tokenizer.cfg.decoder.replace(time_rows=need))
+                tokenizer = build_model(cfg, "tokenizer")
+                load_state_dict(tokenizer, weights, source=self.exp.tokenizer_checkpoint)
             return tokenizer
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
             return VQNSP(self.exp.tokenizer, rngs=nnx.Rngs(0))
