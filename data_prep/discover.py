@@ -15,11 +15,13 @@ from __future__ import annotations
 import glob
 import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from labram_jax.errors import UserError
+from labram_jax.files import file_kind
 
 # What MNE's read_raw reads and a folder scan picks up. Left out on purpose: extensions that in an EEG corpus are
 # mostly something else (.txt, .dat, .mat, .bin, .asc, .hdr: notes, BrainVision data, MATLAB, eye tracking, fNIRS),
@@ -65,6 +67,8 @@ def _is_recording_name(name: str) -> bool:
 
 def brainvision_sidecars(header: Path) -> dict[str, str]:
     """{file name: role} of the data and marker files a BrainVision header names."""
+    if not_a_file(header):
+        return {}
     try:
         text = header.read_text(encoding="latin-1")
     except OSError:
@@ -105,8 +109,22 @@ class _Sidecars:
         return self.of(path.parent).get(path.name, "")
 
 
+def not_a_file(path: Path) -> str:
+    """Why `path` (a link: its target) is neither a regular file nor a folder, which opening would block on or
+    stream from (a FIFO, a socket, a device); "" for files, folders, and what does not exist."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return ""
+    return f"not a regular file ({file_kind(mode)}): never opened"
+
+
 def _not_read(path: Path, sidecars: _Sidecars) -> str:
     """Why a folder scan does not read this file."""
+    if special := not_a_file(path):
+        return special
     if path.name.startswith("."):
         return "hidden file"
     return sidecars.owner(path) or (f"not a recording format read from a folder ({_suffixes(path.name)}); name "
@@ -129,7 +147,7 @@ def _scan(root: Path, sidecars: _Sidecars) -> tuple[list[Path], list[tuple[Path,
         subfolders[:] = [d for d in subfolders if _extension(d) not in FOLDER_FORMATS]
         owned = sidecars.of(here, files + subfolders)
         for f in sorted(files):
-            if _is_recording_name(f) and f not in owned:
+            if _is_recording_name(f) and f not in owned and not not_a_file(here / f):
                 found.append(here / f)
             else:
                 skipped.append((here / f, _not_read(here / f, sidecars)))
@@ -155,14 +173,19 @@ def _sources(item: str, dataset: str | None, sidecars: _Sidecars) -> Iterable[So
     path = Path(item)
     if glob.has_magic(item):
         base = _glob_base(item)
-        matches = sorted(glob.glob(item, recursive=True))
+        # pathlib's ** does not follow links into folders (glob's does, so a link to "." never ends); hidden names
+        # match only a pattern that names them, as with glob.
+        rest = Path(item).relative_to(base)
+        hidden = any(part.startswith(".") for part in rest.parts)
+        matches = sorted(m for m in base.glob(rest.as_posix())
+                         if hidden or not any(p.startswith(".") for p in m.relative_to(base).parts))
         if not matches:
             raise DiscoveryError(f"{item}: matches nothing")
         name = dataset or _folder_name(base)
         for match in map(Path, matches):
             if match.is_dir() and _extension(match.name) not in FOLDER_FORMATS:
                 found, skipped = _scan(match, sidecars)
-            elif _is_recording_name(match.name) and not sidecars.owner(match):
+            elif _is_recording_name(match.name) and not sidecars.owner(match) and not not_a_file(match):
                 found, skipped = [match], []
             else:
                 found, skipped = [], [(match, _not_read(match, sidecars))]
@@ -175,7 +198,7 @@ def _sources(item: str, dataset: str | None, sidecars: _Sidecars) -> Iterable[So
         yield from (Source(str(f), f.relative_to(path).as_posix(), name, skip=why) for f, why in skipped)
     elif path.exists():
         yield Source(str(path), path.name, dataset or _folder_name(path.parent),
-                     skip=sidecars.owner(path) if path.is_file() else "")
+                     skip=not_a_file(path) or (sidecars.owner(path) if path.is_file() else ""))
     else:
         raise DiscoveryError(f"{item}: no such file or directory")
 

@@ -52,6 +52,7 @@ from data_prep.progress import Progress
 from labram_jax.channels import resolve_channels
 from labram_jax.data.records import Window
 from labram_jax.data.shards import SHARD_SUFFIX, DatasetStats, write_shard
+from labram_jax.files import append_no_follow, read_regular
 
 # A LaBraM window of up to 256 tokens is <= 205 KB in float32, so 2000 windows make shards of at most ~400 MB
 # (~200 MB in float16): large enough that a 25,000-hour corpus fits in a few thousand files (one open handle
@@ -231,7 +232,7 @@ def journals(out: Path, num_shards: int | None = None) -> list[Path]:
 def read_journal(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]], int] | None:
     """(header, batches, bytes of complete lines), or None before the header is complete (a job that is just
     starting, or was killed right then); a line cut short by a crash is not counted."""
-    data = path.read_bytes()
+    data = read_regular(path, follow=False)
     complete = data[:data.rfind(b"\n") + 1]
     lines = complete.decode().splitlines()
     if not lines:
@@ -247,7 +248,7 @@ class Journal:
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
-        self.file = path.open("ab")
+        self.file = append_no_follow(path)
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

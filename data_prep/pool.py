@@ -53,7 +53,8 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
     """fn over items in `workers` processes, yielded in input order, with at most 2 x workers items in flight.
 
     `poll` is called before each item is submitted and while a result is awaited, and may raise to abandon the
-    work (a stop signal); the workers still finish the items they hold before they exit.
+    work (a stop signal). Abandoned (poll raised, or the caller closed the iterator), the workers are killed at
+    once, whatever they are blocked on (a file that never answers): the items they held are done again by a rerun.
 
     A worker process that dies (a segfault in a file reader, the kernel's OOM killer) breaks the whole pool and
     every item in flight with it; the item at the head is then retried alone in a fresh process, which tells a
@@ -76,12 +77,14 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
             future.set_exception(error)
             return future
 
+    finished = False
     try:
         while True:
             while len(pending) < 2 * workers and (item := next(items, _END)) is not _END:
                 poll()
                 pending.append((item, submit(item)))
             if not pending:
+                finished = True
                 return
             item, future = pending.popleft()
             try:
@@ -97,11 +100,13 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
                 pending.extend((other, done if _succeeded(done) else submit(other)) for other, done in others)
             yield result
     finally:
+        if not finished:  # a worker blocked for good would hold the interpreter's exit, which joins the pool
+            _kill_survivors(executor)
         executor.shutdown(wait=False, cancel_futures=True)
 
 
 def _kill_survivors(executor: ProcessPoolExecutor) -> None:
-    """SIGKILL the workers a broken pool still has. The executor ends them with SIGTERM and then joins them, but
+    """SIGKILL the workers a broken or abandoned pool still has. The executor ends them with SIGTERM and then joins them, but
     workers ignore SIGTERM (ignore_in_worker), and one blocked writing a large result into the pipe that nobody
     reads any more would never exit: the join, and with it the whole job, would hang."""
     for process in list((executor._processes or {}).values()):  # the executor offers no public handle

@@ -40,7 +40,7 @@ from data_prep.plan import Item, Params, PrepError, Rule
 from data_prep.progress import Progress
 from labram_jax import host
 from labram_jax.data.shards import SHARD_SUFFIX, write_manifest
-from labram_jax.files import write_json
+from labram_jax.files import append_no_follow, write_json
 from labram_jax.preemption import Preempted, StopSignals
 
 REPORT = "report.json"
@@ -93,7 +93,7 @@ def make_items(sources: list[Source], labels: dict[str, tuple[int | float | None
 @contextlib.contextmanager
 def _folder_lock(out: Path) -> Iterator[None]:
     """Serialises the manifest and report rebuild between shard indices finishing at the same time."""
-    with (out / ".lock").open("a") as lock:
+    with append_no_follow(out / ".lock") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 

@@ -3,8 +3,10 @@ written through these, into a sibling temporary file that is synced and then ren
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import stat
 import uuid
 from pathlib import Path
 from typing import IO, Any, Callable
@@ -35,12 +37,68 @@ def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 1, **d
     replace_atomically(path, lambda f: f.write(text))
 
 
+def file_kind(mode: int) -> str:
+    """What a stat mode that is not a regular file's names (for one-line errors)."""
+    return ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else
+            "not a regular file")
+
+
+def check_regular(path: str | os.PathLike) -> None:
+    """A one-line UserError unless `path` (a link: its target) is a regular file: opening a FIFO blocks until a
+    writer comes, a device streams without end. A path that does not exist passes (its open reports it)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if not stat.S_ISREG(mode):
+        raise UserError(f"{os.fspath(path)}: not a regular file ({file_kind(mode)})")
+
+
+def _linked(path: str | os.PathLike) -> UserError:
+    return UserError(f"{os.fspath(path)}: a symbolic link, not followed (this job writes its own file there): "
+                     "remove it")
+
+
+def read_regular(path: str | os.PathLike, *, follow: bool = True) -> bytes:
+    """The bytes of a regular file. Opened without blocking and checked on the open file itself, so a FIFO or
+    device put in its place is refused (one-line UserError) rather than waited on; follow=False refuses a
+    symbolic link too (a job's own files)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
+    except OSError as error:
+        if error.errno == errno.ELOOP and not follow:
+            raise _linked(path) from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise UserError(f"{os.fspath(path)}: not a regular file ({file_kind(mode)})")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def append_no_follow(path: str | os.PathLike) -> IO[bytes]:
+    """`path` opened for appending (created if absent), refusing a symbolic link in its place: a link planted in
+    an output folder would have the job write, or lock, wherever it points."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise _linked(path) from None
+        raise
+    return os.fdopen(fd, "ab")
+
+
 def read_json_object(path: str | os.PathLike, missing: str, what: str) -> dict[str, Any]:
     """The JSON object in `path`, or a one-line UserError: `missing` when there is no such file, "unreadable" with
     the reason when it cannot be read or parsed, "not `what`" when it holds something other than an object."""
     path = Path(path)
     try:
-        value = json.loads(path.read_text())
+        value = json.loads(read_regular(path))
     except FileNotFoundError:
         raise UserError(missing) from None
     except (OSError, ValueError) as error:

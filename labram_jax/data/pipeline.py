@@ -54,6 +54,7 @@ from labram_jax.configs import MAX_WINDOW_S
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
 from labram_jax.errors import UserError
+from labram_jax.files import check_regular
 from labram_jax.preemption import held, ignore_in_worker
 
 PATCH = 200
@@ -96,6 +97,8 @@ def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources
         if not item.exists():
             raise UserError(f"no shard or folder {item}")
         paths.extend(shard_paths(item) if item.is_dir() else [item])
+    for path in paths:  # the reader would block on a FIFO named like a shard
+        check_regular(path)
     if not paths:
         raise UserError(f"no {SHARD_SUFFIX} shards in {[str(i) for i in items]}")
     return grain.sources.ArrayRecordDataSource([str(p) for p in paths])

@@ -303,4 +303,8 @@ class Checkpoints:
             return
         self._closed = True
         self.wait()
+        # The manager's start-up clean-up of temporary folders runs in a thread of its own that close() does not
+        # join (orbax 0.12.8): a run that stops right after starting (bad data) would have it fail at the
+        # interpreter's exit, with a traceback after the run's one-line error. Its first save awaits it too.
+        getattr(self.manager, "_maybe_await_cleanup_tmp_directory", lambda: None)()
         self.manager.close()
