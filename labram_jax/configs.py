@@ -65,6 +65,13 @@ class TransformerConfig:
     scan_blocks: bool = False
 
     def __post_init__(self) -> None:
+        for name, least in (("embed_dim", 1), ("depth", 0), ("num_heads", 1), ("out_chans", 1), ("in_chans", 0),
+                            ("num_classes", 0), ("vocab_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise UserError(f"{name} must be an integer of at least {least}, not {value!r}")
+        if not (isinstance(self.mlp_ratio, (int, float)) and 0 < self.mlp_ratio < 1e6):
+            raise UserError(f"mlp_ratio must be a positive number, not {self.mlp_ratio!r}")
         if self.embed_dim % self.num_heads:
             raise UserError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.in_chans == 0 and 25 * self.out_chans != self.embed_dim:
@@ -119,6 +126,34 @@ class TokenizerConfig:
 
     def replace(self, **changes) -> "TokenizerConfig":
         return dataclasses.replace(self, **changes)
+
+
+# The largest model a checkpoint or export may describe before it is built: its file's shapes decide the model, so
+# a few bytes could otherwise ask for hundreds of gigabytes. Five times LaBraM-Huge's 369M.
+MAX_PARAMETERS = 2_000_000_000
+
+
+def parameter_count(cfg: "TransformerConfig | TokenizerConfig") -> int:
+    """About how many parameters the model has (within a third: 7.5M for LaBraM-Base's 5.8M, 376M for Huge's 383M
+    in pretraining), from its config alone: the blocks' matrices, the embeddings and the widest heads; a
+    tokenizer's encoder, decoder, codebook and heads. What a size limit needs, before anything is built."""
+    if isinstance(cfg, TokenizerConfig):
+        e, dec = cfg.encoder, cfg.decoder
+        heads = 2 * (dec.embed_dim * dec.embed_dim + dec.embed_dim * cfg.decoder_out_dim)
+        return (parameter_count(e.replace(num_classes=0)) + parameter_count(dec.replace(num_classes=0))
+                + cfg.codebook_size * cfg.code_dim + 2 * e.embed_dim * cfg.code_dim + heads)
+    d, h = cfg.embed_dim, cfg.mlp_dim
+    block = 4 * d * d + 2 * d * h + 10 * d + h
+    embeddings = (NUM_CHANNEL_ROWS + 2 + cfg.time_rows) * d + max(cfg.in_chans, 1) * d
+    return cfg.depth * block + embeddings + d * (cfg.num_classes + cfg.vocab_size)
+
+
+def check_size(cfg: "TransformerConfig | TokenizerConfig", source: str, limit: int = MAX_PARAMETERS) -> None:
+    """A one-line UserError when `cfg` describes a model of more than `limit` parameters."""
+    count = parameter_count(cfg)
+    if count > limit:
+        raise UserError(f"{source} describes a model of {count:,} parameters, more than the {limit:,} this "
+                        "reader builds (configs.MAX_PARAMETERS)")
 
 
 RUNTIME_FIELDS = ("attention", "dtype", "remat", "scan_blocks")

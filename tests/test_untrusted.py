@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep.pool import ordered_map
@@ -101,3 +102,117 @@ def test_prep_does_not_write_through_a_link_planted_in_its_output(tmp_path, plan
     assert done.stderr.strip().splitlines() == [f"labram prep: o/{planted}: a symbolic link, not followed (this "
                                                 "job writes its own file there): remove it"]
     assert not target.exists()
+
+
+# -- checkpoints that would allocate without limit, or escape the one-line error -----------------------------------
+P2 = b"\x80\x02"
+
+
+def _long(value: int) -> bytes:  # LONG1
+    data = value.to_bytes(value.bit_length() // 8 + 1, "little", signed=True)
+    return b"\x8a" + bytes([len(data)]) + data
+
+
+def _tensor(size: tuple[int, ...], stride: tuple[int, ...]) -> bytes:
+    """torch._utils._rebuild_tensor_v2 over FloatStorage '0' of 4 elements, at `size` and `stride`."""
+    def ints(values):
+        return b"(" + b"".join(_long(v) for v in values) + b"t"
+    return (b"ctorch._utils\n_rebuild_tensor_v2\n((X\x07\x00\x00\x00storagectorch\nFloatStorage\n"
+            b"X\x01\x00\x00\x000X\x03\x00\x00\x00cpuK\x04tQK\x00" + ints(size) + ints(stride)
+            + b"\x89ccollections\nOrderedDict\n)RtR")
+
+
+def _state_dict(tensor: bytes) -> bytes:
+    return P2 + b"}X\x05\x00\x00\x00model}X\x01\x00\x00\x00w" + tensor + b"ss."
+
+
+def _pth(path: Path, pickled: bytes, storage: bytes = b"\0" * 16, compress: int = 0, spread: int = 1) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", pickled)
+        info = zipfile.ZipInfo("archive/data/0")
+        info.compress_type = compress
+        with zf.open(info, "w", force_zip64=spread > 1) as f:
+            for _ in range(spread):
+                f.write(storage)
+
+
+def _safetensors(path: Path, header: dict, data: bytes = b"") -> None:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+
+
+def _f32(shape: list[int], start: int = 0) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": [start, start + 4 * int(np.prod(shape))]}
+
+
+def _export(path: Path, **config) -> None:
+    base = {"embed_dim": 200, "depth": 12, "num_heads": 10, "out_chans": 8}
+    path.mkdir()
+    (path / "labram.json").write_text(json.dumps({"format": "labram-jax/params", "version": 2, "kind": "classify",
+                                                  "config": base | config}))
+
+
+CRAFTED = {  # name: (how to make it, what its one line says)
+    "codecs.pth": (lambda p: _pth(p, P2 + b"c_codecs\nencode\nK\x01K\x02\x86R."), "_codecs.encode of int"),
+    "persistent.pth": (lambda p: _pth(p, P2 + b"K\x05Q."), "persistent record 5 is not a (storage"),
+    "nested.pth": (lambda p: _pth(p, P2 + b")" + b"\x85" * 1_000_000 + b"."), "no state dict found"),
+    "getattr.pth": (lambda p: _pth(p, P2 + b"c__builtin__\ngetattr\nK\x01X\x04\x00\x00\x00real\x86R."),
+                    "no state dict found"),
+    "stride.pth": (lambda p: _pth(p, _state_dict(_tensor((2, 2), (2 ** 70, 1)))), "lies outside its storage"),
+    "repeated.pth": (lambda p: _pth(p, _state_dict(_tensor((500_000_000,), (0,)))),
+                     "tensor view of size (500000000,) has more elements than its storage of 4"),
+    "bytearray.pth": (lambda p: _pth(p, P2 + b"c__builtin__\nbytearray\n" + _long(3_000_000_000) + b"\x85R."),
+                      "bytearray() of 3,000,000,000 items, more than its"),
+    "range.pth": (lambda p: _pth(p, P2 + b"c__builtin__\nlist\nc__builtin__\nrange\n" + _long(10 ** 8)
+                                 + b"\x85R\x85R."), "list() of 100,000,000 items"),
+    "bytes8.pth": (lambda p: _pth(p, b"\x80\x04\x8e" + (10 ** 12).to_bytes(8, "little") + b"xx"),
+                   "expected 1000000000000 bytes in a bytes8"),
+    # 1 GiB of zeros in a 1 MB bzip2 member, for a tensor of 4 floats
+    "bomb.pth": (lambda p: _pth(p, _state_dict(_tensor((2, 2), (2, 1))), b"\0" * 2 ** 26, 12, 16),
+                 "record archive/data/0 declares 1,073,741,824 bytes, its tensors need 16"),
+    "float8.safetensors": (lambda p: _safetensors(p, {"cls_token": {"dtype": "F8_E4M3", "shape": [1, 1, 4],
+                                                                    "data_offsets": [0, 4]}}, b"\0" * 4),
+                           "tensor 'cls_token' has dtype 'F8_E4M3'"),
+    "empty.safetensors": (lambda p: _safetensors(p, {"cls_token": _f32([0, 1, 4000]),
+                                                     "blocks.0.mlp.fc1.weight": _f32([16000, 0]),
+                                                     "blocks.99.x": _f32([0])}),
+                          "cls_token has shape (0, 1, 4000), not (1, 1, embed_dim)"),
+    "heads.safetensors": (lambda p: _safetensors(p, {"cls_token": _f32([1, 1, 4]), "blocks.0.mlp.fc1.weight":
+                                                     _f32([8, 4], 16), "blocks.0.attn.q_norm.weight": _f32([8], 144)},
+                                                 b"\0" * 176), "a head of 8 features does not divide embed_dim 4"),
+    "digits.safetensors": (lambda p: _safetensors(p, {"cls_token": _f32([1, 1, 4]), "blocks.0.mlp.fc1.weight":
+                                                      _f32([8, 4], 16), f"blocks.{'9' * 5000}.x": _f32([1], 144)},
+                                                  b"\0" * 148), "a block number of 5000 digits"),
+    "huge_export": (lambda p: _export(p, embed_dim=4000, depth=100, out_chans=160),
+                    "describes a model of 19,2"),
+    "headless_export": (lambda p: _export(p, num_heads=0), "num_heads must be an integer of at least 1, not 0"),
+}
+HARNESS = """
+import contextlib, io, json, resource, sys, time
+from labram_jax.cli import main
+results = {}
+for path in sys.argv[1:]:
+    err, tic = io.StringIO(), time.monotonic()
+    with contextlib.redirect_stderr(err):
+        code = main(["convert", path, path + ".out.safetensors"])
+    results[path] = [code, err.getvalue(), time.monotonic() - tic]
+print(json.dumps({"results": results, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+"""
+
+
+def test_crafted_checkpoints_end_in_one_line_with_bounded_memory(tmp_path):
+    """Each file is a few bytes to a megabyte that asked for gigabytes, or raised a traceback, before: each now
+    ends within seconds with exit 2 and one line naming it, and the process that read them all stayed small."""
+    for name, (make, _) in CRAFTED.items():
+        make(tmp_path / name)
+    done = subprocess.run([sys.executable, "-c", HARNESS, *(str(tmp_path / n) for n in CRAFTED)], env=child_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.splitlines()[-1])
+    for name, (_, says) in CRAFTED.items():
+        code, err, seconds = report["results"][str(tmp_path / name)]
+        assert code == 2 and err.count("\n") == 1 and says in err and name in err, (name, code, err)
+        assert seconds < 20, (name, seconds)
+    assert report["peak_mb"] < 600, report["peak_mb"]

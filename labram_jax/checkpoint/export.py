@@ -16,7 +16,8 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from labram_jax.configs import RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture, with_runtime
+from labram_jax.configs import (RUNTIME_FIELDS, TokenizerConfig, TransformerConfig, architecture, check_size,
+                                with_runtime)
 from labram_jax.convert.state_dict import Model, build, kind_of
 from labram_jax.errors import UserError, key_mismatch, one_line
 from labram_jax.files import read_json_object, write_json
@@ -97,10 +98,10 @@ def _config(meta: dict, path: Path) -> TransformerConfig | TokenizerConfig:
             raw["decoder"] = _transformer(raw["decoder"], version, path)
             return TokenizerConfig(**raw)
         return _transformer(raw, version, path)
-    except UserError:
-        raise
+    except UserError as error:
+        raise (error if str(path) in str(error) else UserError(f"{path}: invalid config in {META}: {error}")) from None
     except (KeyError, TypeError, ValueError) as error:
-        raise UserError(f"{path}: invalid config in {META}: {error}") from None
+        raise UserError(f"{path}: invalid config in {META}: {one_line(error)}") from None
 
 
 def _flat(tree: object) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -127,9 +128,10 @@ def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtim
     path = Path(directory).resolve()
     meta = _read_meta(path)
     cfg = _with_runtime(_config(meta, path), runtime)
-    model = build(cfg, meta["kind"]) if torch_order else nnx.eval_shape(lambda: build(cfg, meta["kind"]))
-    state = nnx.state(model)
-    expected = nnx.to_pure_dict(state)
+    check_size(cfg, str(path / META))
+    # The stored arrays are checked against the model as shapes before anything is allocated.
+    abstract = nnx.eval_shape(lambda: build(cfg, meta["kind"]))
+    expected = nnx.to_pure_dict(nnx.state(abstract))
     # This process's own device: in a multi-host run jax.devices()[0] may belong to another process.
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), expected)
@@ -139,6 +141,8 @@ def load_model(directory: str | os.PathLike, *, torch_order: bool = True, runtim
         except Exception as error:  # Orbax reports a missing or damaged checkpoint with assorted types
             raise UserError(f"{path}: no readable Orbax state: {one_line(error)}") from None
         _check_stored(stored, expected, path, meta["kind"])
+        model = build(cfg, meta["kind"]) if torch_order else abstract
+        state = nnx.state(model)
         restored = checkpointer.restore(path / STATE, target)
     nnx.replace_by_pure_dict(state, restored)
     nnx.update(model, state)

@@ -8,7 +8,7 @@ import numpy as np
 from labram_jax.convert.pth import read_pth, write_pth
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.configs import MAX_PATCHES
-from labram_jax.convert.state_dict import (Model, ModelKind, build, infer_config, kind_of, load_state_dict,
+from labram_jax.convert.state_dict import (Model, ModelKind, checked_build, infer_config, kind_of, load_state_dict,
                                            state_dict, student_weights, with_time_rows)
 from labram_jax.errors import UserError
 
@@ -52,9 +52,7 @@ def from_pytorch(path: str | os.PathLike, kind: ModelKind = "classify", *, num_c
         weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
         fresh = ("head.",)
     cfg = infer_config(weights, kind, source, num_classes=num_classes, head_dim=head_dim)
-    model = build(cfg, kind, seed)
-    load_state_dict(model, weights, allow_missing=fresh, source=source)
-    return model
+    return checked_build(cfg, kind, weights, allow_missing=fresh, source=source, seed=seed)
 
 
 def original_state_dict(model: Model, *, truncate_time: bool = False) -> dict:

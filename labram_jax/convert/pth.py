@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import builtins
 import collections
+import io
+import lzma
+import math
 import os
 import pickle
+import pickletools
 import struct
 import zipfile
+import zlib
 from typing import IO, Any
 
 import ml_dtypes
 import numpy as np
 
-from labram_jax.errors import UserError
-from labram_jax.files import replace_atomically
+from labram_jax.errors import UserError, one_line
+from labram_jax.files import check_regular, replace_atomically
 
 _STORAGES = {
     'FloatStorage': np.float32, 'DoubleStorage': np.float64, 'HalfStorage': np.float16,
@@ -57,13 +62,26 @@ class Placeholder:
 
 def _rebuild_tensor(storage: np.ndarray, offset: int, size: tuple, stride: tuple, *_: Any) -> np.ndarray:
     shape, strides = tuple(size), tuple(stride)
+    if not (isinstance(storage, np.ndarray) and all(isinstance(v, int) for v in (offset, *shape, *strides))
+            and len(shape) == len(strides) and min(shape, default=0) >= 0):
+        raise UserError(f'a tensor record that is not (storage, offset, size, stride): {offset!r}, {shape!r}, '
+                        f'{strides!r}')
     if 0 not in shape:  # as_strided reads raw memory, so a corrupt view must be stopped before it
         last = offset + sum((n - 1) * s for n, s in zip(shape, strides))
         if offset < 0 or min(strides, default=0) < 0 or last >= storage.size:
             raise UserError(f'tensor view (offset {offset}, size {shape}, stride {strides}) '
                             f'lies outside its storage of {storage.size} elements')
+        # A view repeating its storage (stride 0) would copy more than the file holds: a tiny file, any size.
+        if math.prod(shape) > storage.size:
+            raise UserError(f'tensor view of size {shape} has more elements than its storage of {storage.size}')
     view = np.lib.stride_tricks.as_strided(storage[offset:], shape, [s * storage.itemsize for s in strides])
     return np.array(view, dtype=storage.dtype.newbyteorder('='), order='C')
+
+
+def _latin1(text: str, _encoding: str) -> bytes:  # how protocol 2 pickles bytes: _codecs.encode(text, 'latin1')
+    if not isinstance(text, str):
+        raise UserError(f'_codecs.encode of {type(text).__name__}, not of a str')
+    return text.encode('latin1')
 
 
 _ALLOWED = {
@@ -73,15 +91,50 @@ _ALLOWED = {
     ('torch._tensor', '_rebuild_from_type_v2'): lambda func, _type, args, _state: func(*args),
     ('torch', 'Size'): tuple,
     ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('_codecs', 'encode'): lambda text, _encoding: text.encode('latin1'),  # how protocol 2 pickles bytes
+    ('_codecs', 'encode'): _latin1,
 }
+# What a crafted pickle can raise through the calls it is allowed (builtins, the tensor rebuild) and the opcodes
+# themselves: read_pth turns these into one line. Anything else is a bug of ours and keeps its traceback.
+_CRAFTED = (ValueError, TypeError, AttributeError, KeyError, IndexError, EOFError, OverflowError, RecursionError,
+            pickle.UnpicklingError, struct.error, zlib.error, lzma.LZMAError, NotImplementedError, OSError)
+PICKLE_MAX_BYTES = 256 * 2 ** 20  # a state dict's pickle is its keys and tensor records: a base model's is 60 KB
+
+
+def _bounded(fn: Any, limit: int) -> Any:
+    """A builtin as a pickle may call it, refusing to make anything larger than the pickle that asks for it
+    (bytearray(3e9), list(range(1e8)): a few bytes of pickle, gigabytes of memory)."""
+    def call(*args: Any) -> Any:
+        for arg in args:
+            size = arg if isinstance(arg, int) and fn in (bytes, bytearray) else \
+                len(arg) if isinstance(arg, range) else 0
+            if size > limit:
+                raise UserError(f'{fn.__name__}() of {size:,} items, more than its {limit:,}-byte pickle holds')
+        return fn(*args)
+    return call
+
+
+def _member(zf: zipfile.ZipFile, name: str, size: int, exact: bool = True) -> bytes:
+    """A zip member's bytes, `size` of them (at most, unless `exact`), read through a bounded reader: its header's
+    sizes are the file's word, and a compressed member may expand far beyond them."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise UserError(f'missing record {name}') from None
+    if info.file_size > size or (exact and info.file_size < size):
+        raise UserError(f'record {name} declares {info.file_size:,} bytes, ' +
+                        (f'its tensors need {size:,}' if exact else f'more than the {size:,} allowed'))
+    with zf.open(info) as f:
+        data = f.read(size + 1)
+    if len(data) != info.file_size:
+        raise UserError(f'record {name} holds {len(data):,} bytes, its header says {info.file_size:,}')
+    return data
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file: IO[bytes], zf: zipfile.ZipFile, prefix: str):
+    def __init__(self, file: IO[bytes], zf: zipfile.ZipFile, prefix: str, size: int):
         super().__init__(file)
-        self._zf, self._prefix, self._storages = zf, prefix, {}
-        big = prefix + 'byteorder' in zf.namelist() and zf.read(prefix + 'byteorder') == b'big'
+        self._zf, self._prefix, self._storages, self._size = zf, prefix, {}, size
+        big = prefix + 'byteorder' in zf.namelist() and _member(zf, prefix + 'byteorder', 8, exact=False) == b'big'
         self._order = '>' if big else '<'
 
     def find_class(self, module: str, name: str) -> Any:
@@ -90,21 +143,18 @@ class _Unpickler(pickle.Unpickler):
         if module == 'torch' and name in _STORAGES:
             return np.dtype(_STORAGES[name])
         if module in ('builtins', '__builtin__') and name in _SAFE_BUILTINS:
-            return getattr(builtins, name)
+            return _bounded(getattr(builtins, name), self._size)
         return type(name, (Placeholder,), {'qualname': f'{module}.{name}'})
 
     def persistent_load(self, pid: Any) -> np.ndarray:
+        if not (isinstance(pid, tuple) and len(pid) == 5):
+            raise UserError(f'persistent record {pid!r} is not a (storage, type, key, location, size) tuple')
         kind, dtype, key, _location, numel = pid
-        if kind != 'storage' or not isinstance(dtype, np.dtype):
-            raise UserError(f'unsupported persistent record {kind!r} of type {dtype!r}')
+        if kind != 'storage' or not isinstance(dtype, np.dtype) or not isinstance(key, str) \
+                or not isinstance(numel, int) or numel < 0:
+            raise UserError(f'unsupported persistent record {kind!r} of type {dtype!r}, key {key!r}, size {numel!r}')
         if key not in self._storages:
-            record = f'{self._prefix}data/{key}'
-            try:
-                raw = self._zf.read(record)
-            except KeyError:
-                raise UserError(f'missing storage record {record}') from None
-            if len(raw) < numel * dtype.itemsize:
-                raise UserError(f'storage record {record} holds {len(raw)} bytes, expected {numel * dtype.itemsize}')
+            raw = _member(self._zf, f'{self._prefix}data/{key}', numel * dtype.itemsize)
             self._storages[key] = np.frombuffer(raw, dtype.newbyteorder(self._order), count=numel)
         return self._storages[key]
 
@@ -115,17 +165,24 @@ def read_pth(path: str | os.PathLike) -> Any:
     Globals other than torch's tensor machinery and plain containers come back as ``Placeholder`` objects.
     """
     name = os.fspath(path)
+    check_regular(name)
     try:
         with zipfile.ZipFile(name) as zf:
             pickles = [n for n in zf.namelist() if n.endswith('/data.pkl') and n.count('/') == 1]
             if not pickles:
                 raise UserError('no <prefix>/data.pkl record')
-            with zf.open(pickles[0]) as f:
-                return _Unpickler(f, zf, pickles[0][:-len('data.pkl')]).load()
+            data = _member(zf, pickles[0], PICKLE_MAX_BYTES, exact=False)
+            # Every opcode's length checked against the bytes there (a BYTES8 claiming a terabyte would otherwise
+            # be allocated before it is read), nothing built.
+            for _ in pickletools.genops(data):
+                pass
+            return _Unpickler(io.BytesIO(data), zf, pickles[0][:-len('data.pkl')], len(data)).load()
+    except UserError as e:
+        raise UserError(f'{name}: {one_line(e)}') from None
     except zipfile.BadZipFile as e:
-        raise UserError(f'{name}: not a PyTorch zip checkpoint (legacy or corrupt file: {e})') from e
-    except (ValueError, EOFError, pickle.UnpicklingError) as e:
-        raise UserError(f'{name}: {e}') from e
+        raise UserError(f'{name}: not a PyTorch zip checkpoint (legacy or corrupt file: {e})') from None
+    except _CRAFTED as e:
+        raise UserError(f'{name}: unreadable checkpoint: {type(e).__name__}: {one_line(e)}') from None
 
 
 def _int(v: int) -> bytes:

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from labram_jax import configs
-from labram_jax.errors import UserError, key_mismatch
+from labram_jax.errors import UserError, key_mismatch, one_line
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 from labram_jax.models.vqnsp import VQNSP, CodeAge
 
@@ -113,11 +113,21 @@ def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, 
                       head_dim: int | None = None) -> configs.TransformerConfig:
     """A TransformerConfig from the shapes of one Transformer's weights (keys under `prefix`)."""
     _require(weights, [prefix + "cls_token", prefix + "blocks.0.mlp.fc1.weight"], source, kind)
-    d = weights[prefix + "cls_token"].shape[-1]
-    depth = 1 + max(int(m.group(1)) for k in weights if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k)))
-    q_norm = weights.get(prefix + "blocks.0.attn.q_norm.weight")
+    shape = lambda key: tuple(np.shape(weights[key])) if key in weights else None  # noqa: E731
+    cls = shape(prefix + "cls_token")
+    if len(cls) != 3 or cls[:2] != (1, 1) or cls[2] < 1:
+        raise UserError(f"{source}: {prefix}cls_token has shape {cls}, not (1, 1, embed_dim)")
+    d = cls[2]
+    numbers = [m.group(1) for k in weights if (m := re.match(re.escape(prefix) + r"blocks\.(\d+)\.", k))]
+    if max(map(len, numbers)) > 6:
+        raise UserError(f"{source}: a block number of {max(map(len, numbers))} digits under {prefix}blocks")
+    depth = 1 + max(map(int, numbers))
+    q_norm = shape(prefix + "blocks.0.attn.q_norm.weight")
     # Without q/k norm the head count is not in the weights; LaBraM's tokenizers all use head_dim 20.
-    heads = d // (q_norm.shape[0] if q_norm is not None else head_dim or 20)
+    size = q_norm[0] if q_norm else head_dim or 20
+    if not 1 <= size <= d or d % size:
+        raise UserError(f"{source}: a head of {size} features does not divide embed_dim {d}")
+    heads = d // size
     conv1 = weights.get(prefix + "patch_embed.conv1.weight")
     proj = weights.get(prefix + "patch_embed.proj.weight")
     head = weights.get(prefix + "head.weight")
@@ -136,6 +146,19 @@ def infer_transformer(weights: dict[str, np.ndarray], prefix: str, source: str, 
 def infer_config(weights: dict[str, np.ndarray], kind: ModelKind, source: str = "checkpoint", *,
                  num_classes: int | None = None, head_dim: int | None = None
                  ) -> configs.TransformerConfig | configs.TokenizerConfig:
+    """The architecture that `weights`' shapes describe, refused in one line where they describe none (shapes
+    that do not relate as LaBraM's, or a model larger than configs.MAX_PARAMETERS). Nothing is built: the keys
+    and shapes are checked against this config's model before it is (checked_build)."""
+    try:
+        cfg = _inferred(weights, kind, source, num_classes, head_dim)
+    except (TypeError, ValueError, IndexError) as error:  # shapes no LaBraM has (UserError is a ValueError)
+        raise UserError(error if isinstance(error, UserError) else f"{source}: {one_line(error)}") from None
+    configs.check_size(cfg, source)
+    return cfg
+
+
+def _inferred(weights: dict[str, np.ndarray], kind: ModelKind, source: str, num_classes: int | None,
+              head_dim: int | None) -> configs.TransformerConfig | configs.TokenizerConfig:
     if kind == "pretrain":
         return infer_transformer(weights, "student.", source, kind)
     if kind == "classify":
@@ -198,6 +221,29 @@ def build(cfg: configs.TransformerConfig | configs.TokenizerConfig, kind: ModelK
     if kind == "tokenizer":
         return VQNSP(cfg, rngs=rngs)
     return LaBraMForMEM(cfg, rngs=rngs) if kind == "pretrain" else LaBraM(cfg, rngs=rngs)
+
+
+def checked_build(cfg: configs.TransformerConfig | configs.TokenizerConfig, kind: ModelKind,
+                  weights: dict[str, np.ndarray], *, allow_missing: tuple[str, ...] = (), source: str = "checkpoint",
+                  layout: Callable[[str], str] = _same, seed: int = 0) -> Model:
+    """The model of `cfg` holding `weights`, whose keys and shapes are checked against the model's as shapes
+    before anything is allocated (load_state_dict's one-line error), so a file cannot make it build what it does
+    not hold."""
+    abstract = nnx.eval_shape(lambda: build(cfg, kind, seed))
+    want = {layout(torch_key(path)): _torch_shape(path, var) for path, var in _variables(abstract)}
+    problems = key_mismatch({k: tuple(np.shape(v)) for k, v in weights.items()}, want, allow_missing=allow_missing)
+    if problems:
+        raise UserError(f"{source} does not match {type(abstract).__name__}: {problems}")
+    model = build(cfg, kind, seed)
+    load_state_dict(model, weights, allow_missing=allow_missing, source=source, layout=layout)
+    return model
+
+
+def _torch_shape(path: tuple, var: nnx.Variable) -> tuple[int, ...]:
+    shape = tuple(var.get_value().shape)
+    if path[-1] == "kernel":
+        return shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+    return shape
 
 
 def kind_of(model: Model) -> ModelKind:
