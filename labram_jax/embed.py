@@ -19,7 +19,7 @@ from flax import nnx
 from labram_jax.checkpoint import load_model
 from labram_jax.convert import from_pytorch
 from labram_jax.convert.state_dict import load_state_dict, state_dict, student_weights
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 from labram_jax.models.labram import LaBraM, LaBraMForMEM
 
 MAX_TOKENS = 256  # the original's windows hold at most 256 patches (channels x seconds)
@@ -45,6 +45,7 @@ def embed(checkpoint: str | os.PathLike, recordings: list[str | os.PathLike], *,
           stride: int | None = None, patches: bool = False, notch: float = 50.0,
           batch_size: int = 32) -> dict[str, Any]:
     """Embeddings of every window of every recording, with where each window comes from."""
+    from data_prep.discover import not_a_file
     from data_prep.preprocess import preprocess, read_recording, to_model_input, windows
 
     model = load_encoder(checkpoint)
@@ -59,7 +60,12 @@ def embed(checkpoint: str | os.PathLike, recordings: list[str | os.PathLike], *,
     out: dict[str, Any] = {"embeddings": [], "recording": [], "start": [], "recordings": [], "channels": []}
     patch_out: dict[str, np.ndarray] = {}
     for index, path in enumerate(recordings):
-        recording = preprocess(read_recording(path), notch=notch, source=str(path))
+        if special := not_a_file(Path(path)):  # MNE would wait on a FIFO for good (a folder may be a .mff)
+            raise UserError(f"{path}: {special}")
+        try:
+            recording = preprocess(read_recording(path), notch=notch, source=str(path))
+        except ValueError as error:  # not a recording MNE reads, or one preprocessing refuses: its own one line
+            raise UserError(one_line(error)) from None
         n = recording.signal.shape[0]
         seconds = window or max(1, min(model.cfg.time_rows, MAX_TOKENS // n))
         step = stride or seconds

@@ -34,8 +34,10 @@ _CACHE = None
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     _CACHE = tempfile.mkdtemp(prefix="labram-jax-tests-xla-cache-")
     # Every program, however fast it compiled: the tiny test models compile in well under JAX's default 1 s.
+    # Bounded, as labram_jax.compile_cache bounds the commands' cache: JAX keeps an access-time file beside each
+    # entry only when bounded, and a bounded process that finds entries without one warns at every write.
     os.environ |= {"JAX_COMPILATION_CACHE_DIR": _CACHE, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+                   "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0", "JAX_COMPILATION_CACHE_MAX_SIZE": str(8 * 2 ** 30)}
 
 
 @pytest.hookimpl(trylast=True)

@@ -216,3 +216,52 @@ def test_crafted_checkpoints_end_in_one_line_with_bounded_memory(tmp_path):
         assert code == 2 and err.count("\n") == 1 and says in err and name in err, (name, code, err)
         assert seconds < 20, (name, seconds)
     assert report["peak_mb"] < 600, report["peak_mb"]
+
+
+# -- data that escaped the one-line error --------------------------------------------------------------------------
+def test_bad_manifests_shards_and_recordings_end_in_one_line(tmp_path, synthetic):
+    """Manifests that are not JSON objects or hold impossible fields, a garbage or truncated shard, and `labram
+    embed` of files that are no recording (garbage, a folder, a looping link named .edf): exit 2, one line."""
+    from labram_jax.checkpoint import save_model
+    from labram_jax.models.labram import LaBraM
+    from labram_jax import configs
+    from flax import nnx
+
+    good = json.loads((synthetic / "train" / "manifest.json").read_text())
+    manifests = {"text": "not json", "list": "[1, 2]", "infinite": json.dumps(good).replace('"windows": 32',
+                                                                                          '"windows": Infinity'),
+                 "string": json.dumps(good | {"windows": "16"}),
+                 "long_window": json.dumps(good | {"preprocessing": {"window_s": 10 ** 9}}),
+                 "wide": json.dumps(good | {"channel_sets": {" ".join(f"E{i}" for i in range(200_000)): 32}})}
+    says = {"text": "not a manifest: Expecting value", "list": "not a manifest (a JSON list, not an object)",
+            "infinite": "not a manifest: Infinity is not JSON", "string": "windows is '16', not a count",
+            "long_window": "preprocessing's window is 1000000000, not 1 to 600 seconds",
+            "wide": "channel_sets holds a set of 200000 channels; a window has 1 to 128"}
+    runs = {}
+    for name, text in manifests.items():
+        folder = tmp_path / name
+        shutil.copytree(synthetic / "train", folder)
+        (folder / "manifest.json").write_text(text)
+        runs[name] = (folder, says[name])
+    for name, content in (("garbage", os.urandom(5000)), ("truncated", None)):
+        folder = tmp_path / name
+        shutil.copytree(synthetic / "train", folder)
+        shard = folder / "syn-00000.array_record"
+        shard.write_bytes(content if content is not None else shard.read_bytes()[:len(shard.read_bytes()) // 2])
+        runs[name] = (folder, f"{shard}: not a readable ArrayRecord shard")
+    for name, (folder, expected) in runs.items():
+        done = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
+                               str(tmp_path / f"w_{name}"), "--data", str(folder), "--set", "train.steps=2",
+                               "model.depth=1", "data.max_channels=4", "data.max_patches=2"],
+                              env=child_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, (name, done.stderr)
+
+    model = save_model(LaBraM(configs.tiny(), rngs=nnx.Rngs(0)), tmp_path / "model")
+    (tmp_path / "garbage.edf").write_bytes(os.urandom(3000))
+    (tmp_path / "folder.edf").mkdir()
+    os.symlink("loop.edf", tmp_path / "loop.edf")
+    for name, expected in (("garbage.edf", "cannot read as an EEG recording"),
+                           ("folder.edf", "cannot read as an EEG recording"),
+                           ("loop.edf", "cannot read as an EEG recording")):
+        done = labram("embed", str(model), name, "--out", "e.npz", cwd=tmp_path)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, (name, done.stderr)

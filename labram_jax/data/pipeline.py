@@ -50,10 +50,10 @@ import jax
 import numpy as np
 from absl import flags
 
-from labram_jax.configs import MAX_WINDOW_S
+from labram_jax.configs import MAX_WINDOW_S, NUM_CHANNEL_ROWS
 from labram_jax.data.records import decode
 from labram_jax.data.shards import SHARD_SUFFIX, shard_paths
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 from labram_jax.files import check_regular
 from labram_jax.preemption import held, ignore_in_worker
 
@@ -80,9 +80,10 @@ class LoaderConfig:
     pack_buffer: int = 256  # windows packed together: first-fit decreasing looks this far ahead
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.max_channels < 1 or not 1 <= self.max_patches <= MAX_WINDOW_S:
-            raise UserError(f"need batch_size >= 1, max_channels >= 1 and 1 <= max_patches <= {MAX_WINDOW_S}, "
-                            f"got {self}")
+        if self.batch_size < 1 or not 1 <= self.max_channels <= NUM_CHANNEL_ROWS \
+                or not 1 <= self.max_patches <= MAX_WINDOW_S:
+            raise UserError(f"need batch_size >= 1, 1 <= max_channels <= {NUM_CHANNEL_ROWS} (the model's channel "
+                            f"rows) and 1 <= max_patches <= {MAX_WINDOW_S}, got {self}")
         if self.pack_tokens < 0 or (self.pack_tokens and (self.pack_windows < 1 or self.pack_buffer < 1)):
             raise UserError(f"need pack_tokens >= 0 and, when packing, pack_windows >= 1 and pack_buffer >= 1; "
                              f"got pack_tokens={self.pack_tokens}, pack_windows={self.pack_windows}, "
@@ -101,7 +102,15 @@ def window_source(paths_or_dirs: PathLike | Sequence[PathLike]) -> grain.sources
         check_regular(path)
     if not paths:
         raise UserError(f"no {SHARD_SUFFIX} shards in {[str(i) for i in items]}")
-    return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    try:
+        return grain.sources.ArrayRecordDataSource([str(p) for p in paths])
+    except RuntimeError:  # ArrayRecord's reader names neither the file nor, always, the fault: find the file
+        for path in paths:
+            try:
+                grain.sources.ArrayRecordDataSource([str(path)])
+            except RuntimeError as error:
+                raise UserError(f"{path}: not a readable ArrayRecord shard ({one_line(error)})") from None
+        raise
 
 
 @dataclasses.dataclass(frozen=True)

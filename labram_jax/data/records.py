@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from labram_jax.errors import UserError
+from labram_jax.errors import UserError, one_line
 
 MAGIC = b"LBRW1"  # LaBraM window, format 1
 _LEN = struct.Struct("<I")
@@ -65,8 +65,16 @@ def encode(window: Window) -> bytes:
 
 
 def decode(record: bytes) -> Window:
+    """The window in a record; a record that is not one (a damaged shard, another tool's) is refused in one line."""
     if record[:len(MAGIC)] != MAGIC:
         raise UserError(f"not a labram-jax window record (starts {record[:8]!r})")
+    try:
+        return _decoded(record)
+    except (ValueError, TypeError, KeyError, IndexError, struct.error, RecursionError) as error:
+        raise UserError(f"a damaged window record: {type(error).__name__}: {one_line(error)}") from None
+
+
+def _decoded(record: bytes) -> Window:
     (size,) = _LEN.unpack_from(record, len(MAGIC))
     start = len(MAGIC) + _LEN.size
     header: dict[str, Any] = json.loads(record[start:start + size])

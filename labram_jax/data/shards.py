@@ -16,8 +16,10 @@ from typing import Any, Iterable
 import numpy as np
 from array_record.python.array_record_module import ArrayRecordWriter
 
+from labram_jax.configs import MAX_WINDOW_S, NUM_CHANNEL_ROWS
 from labram_jax.data.records import Window, encode
-from labram_jax.files import write_json
+from labram_jax.errors import UserError, one_line
+from labram_jax.files import read_regular, write_json
 
 SHARD_SUFFIX = ".array_record"
 MANIFEST = "manifest.json"
@@ -112,7 +114,59 @@ def write_manifest(directory: str | os.PathLike, stats: dict[str, DatasetStats],
     return manifest
 
 
+MANIFEST_MAX_BYTES = 64 * 2 ** 20  # a manifest lists channel sets and datasets: a 2-million-window corpus's is 1 MB
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
-    """A folder's manifest.json, or None where there is none (a shard file, a folder written by other tools)."""
+    """A folder's manifest.json, or None where there is none (a shard file, a folder written by other tools).
+    What the loader and the trainer read of it is checked first, so that a manifest from elsewhere is refused in
+    one line naming the field rather than failing, or allocating, later: windows, channel_sets (at most
+    NUM_CHANNEL_ROWS channels a set, the model's channel rows), the window length, datasets' labels."""
     path = Path(directory) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    if path.stat().st_size > MANIFEST_MAX_BYTES:
+        raise UserError(f"{path}: {path.stat().st_size:,} bytes, more than a manifest's {MANIFEST_MAX_BYTES:,}")
+    try:
+        manifest = json.loads(read_regular(path), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:
+        raise UserError(f"{path}: not a manifest: {one_line(error)}") from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"{path}: not a manifest (a JSON {type(manifest).__name__}, not an object)")
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise UserError(f"{path}: {problem}")
+    return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _manifest_problem(manifest: dict[str, Any]) -> str:
+    """What is wrong with the fields a manifest's readers use, or ""."""
+    if not _count(manifest.get("windows")):
+        return f"windows is {manifest.get('windows')!r}, not a count"
+    sets = manifest.get("channel_sets")
+    if not isinstance(sets, dict) or not all(isinstance(k, str) and _count(v) for k, v in sets.items()):
+        return "channel_sets is not an object of channel names to window counts"
+    wide = [names for names in sets if not 1 <= len(names.split()) <= NUM_CHANNEL_ROWS]
+    if wide:
+        return (f"channel_sets holds a set of {len(wide[0].split())} channels; a window has 1 to "
+                f"{NUM_CHANNEL_ROWS} (the model's channel rows)")
+    params = manifest.get("preprocessing", {})
+    window = params.get("window_s", params.get("window")) if isinstance(params, dict) else None
+    if not (isinstance(window, str) and window.startswith("auto") or window is None
+            or _count(window) and 1 <= window <= MAX_WINDOW_S):
+        return f"preprocessing's window is {window!r}, not 1 to {MAX_WINDOW_S} seconds"
+    datasets = manifest.get("datasets", {})
+    if not isinstance(datasets, dict) or not all(
+            isinstance(d, dict) and isinstance(d.get("labels", {}), dict)
+            and all(isinstance(k, str) and _count(v) for k, v in d.get("labels", {}).items())
+            for d in datasets.values()):
+        return "datasets is not an object of datasets with label counts"
+    return ""
