@@ -20,9 +20,24 @@ ROOT = Path(__file__).resolve().parents[1]
 EDF = ROOT / "labram_jax" / "sample_data" / "eegmat" / "Subject00_2.edf"
 
 
+# Runs a command and appends its peak memory (the largest of it and the processes it waited for) to stderr.
+_PEAK = ("import resource, subprocess, sys; done = subprocess.run(sys.argv[1:]); "
+         "sys.stderr.write(f'peak_mb {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024:.0f}\\n'); "
+         "sys.exit(done.returncode)")
+
+
+def measured(command: list[str], cwd: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """subprocess.run's result, with the command's own peak memory in MB as `.peak_mb` (its last stderr line,
+    taken off)."""
+    done = subprocess.run([sys.executable, "-c", _PEAK, *command], cwd=cwd, env=child_env(), capture_output=True,
+                          text=True, timeout=timeout)
+    *lines, last = done.stderr.splitlines(keepends=True)
+    done.stderr, done.peak_mb = "".join(lines), float(last.split()[1])
+    return done
+
+
 def labram(*words: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "labram_jax.cli", *words], cwd=cwd, env=child_env(),
-                          capture_output=True, text=True, timeout=timeout)
+    return measured([sys.executable, "-m", "labram_jax.cli", *words], cwd=cwd, timeout=timeout)
 
 
 # -- inputs that hang ---------------------------------------------------------------------------------------------
@@ -57,9 +72,8 @@ def test_train_refuses_a_fifo_named_like_a_shard(tmp_path, synthetic):
     shards = tmp_path / "train"
     shutil.copytree(synthetic / "train", shards)
     os.mkfifo(shards / "d-00000.array_record")
-    done = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
-                           str(tmp_path / "w"), "--data", str(shards), "--set", "train.steps=2", "model.depth=1"],
-                          env=child_env(), capture_output=True, text=True, timeout=120)
+    done = measured([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
+                     str(tmp_path / "w"), "--data", str(shards), "--set", "train.steps=2", "model.depth=1"])
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == \
         f"error: {shards / 'd-00000.array_record'}: not a regular file (a FIFO)"
@@ -250,11 +264,11 @@ def test_bad_manifests_shards_and_recordings_end_in_one_line(tmp_path, synthetic
         shard.write_bytes(content if content is not None else shard.read_bytes()[:len(shard.read_bytes()) // 2])
         runs[name] = (folder, f"{shard}: not a readable ArrayRecord shard")
     for name, (folder, expected) in runs.items():
-        done = subprocess.run([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
-                               str(tmp_path / f"w_{name}"), "--data", str(folder), "--set", "train.steps=2",
-                               "model.depth=1", "data.max_channels=4", "data.max_patches=2"],
-                              env=child_env(), capture_output=True, text=True, timeout=120)
+        done = measured([sys.executable, str(ROOT / "experiments" / "finetune_eegmat.py"), "--workdir",
+                         str(tmp_path / f"w_{name}"), "--data", str(folder), "--set", "train.steps=2", "model.depth=1",
+                         "data.max_channels=4", "data.max_patches=2"])
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, (name, done.stderr)
+        assert done.peak_mb < 600, (name, done.peak_mb)
 
     model = save_model(LaBraM(configs.tiny(), rngs=nnx.Rngs(0)), tmp_path / "model")
     (tmp_path / "garbage.edf").write_bytes(os.urandom(3000))
@@ -265,3 +279,4 @@ def test_bad_manifests_shards_and_recordings_end_in_one_line(tmp_path, synthetic
                            ("loop.edf", "cannot read as an EEG recording")):
         done = labram("embed", str(model), name, "--out", "e.npz", cwd=tmp_path)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and expected in done.stderr, (name, done.stderr)
+        assert done.peak_mb < 600, (name, done.peak_mb)
