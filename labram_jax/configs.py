@@ -156,6 +156,21 @@ def check_size(cfg: "TransformerConfig | TokenizerConfig", source: str, limit: i
                         "reader builds (configs.MAX_PARAMETERS)")
 
 
+def time_rows_of(cfg: "TransformerConfig | TokenizerConfig") -> int:
+    """The windows' patches a model of `cfg` embeds: its time_embed rows (a tokenizer's encoder and decoder: the
+    fewer)."""
+    if isinstance(cfg, TokenizerConfig):
+        return min(cfg.encoder.time_rows, cfg.decoder.time_rows)
+    return cfg.time_rows
+
+
+def with_time_rows(cfg: "TransformerConfig | TokenizerConfig", rows: int) -> "TransformerConfig | TokenizerConfig":
+    """`cfg` with `rows` time_embed rows (a tokenizer's encoder and decoder both)."""
+    if isinstance(cfg, TokenizerConfig):
+        return cfg.replace(encoder=cfg.encoder.replace(time_rows=rows), decoder=cfg.decoder.replace(time_rows=rows))
+    return cfg.replace(time_rows=rows)
+
+
 RUNTIME_FIELDS = ("attention", "dtype", "remat", "scan_blocks")
 Config = TypeVar("Config", TransformerConfig, TokenizerConfig)
 

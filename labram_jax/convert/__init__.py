@@ -9,7 +9,7 @@ from labram_jax.convert.pth import read_pth, write_pth
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.configs import MAX_PATCHES
 from labram_jax.convert.state_dict import (Model, ModelKind, checked_build, infer_config, kind_of, load_state_dict,
-                                           state_dict, student_weights, with_time_rows)
+                                           state_dict, student_weights, resize_time_rows)
 from labram_jax.errors import UserError
 
 
@@ -64,7 +64,7 @@ def original_state_dict(model: Model, *, truncate_time: bool = False) -> dict:
         raise UserError(f"the model has {rows} time_embed rows (windows up to {rows} s); the original LaBraM has "
                         f"{MAX_PATCHES} and would not load it: truncate to its first {MAX_PATCHES} rows (labram "
                         "convert --truncate-time), or keep it as a labram-jax export")
-    return with_time_rows(weights, MAX_PATCHES, "truncate") if rows > MAX_PATCHES else weights
+    return resize_time_rows(weights, MAX_PATCHES, "truncate") if rows > MAX_PATCHES else weights
 
 
 def to_pytorch(model: Model, path: str | os.PathLike, *, truncate_time: bool = False) -> None:

@@ -204,13 +204,13 @@ def resize_time_embed(table: np.ndarray, rows: int, method: TimeExtension | Lite
             ).astype(table.dtype)
 
 
-def time_rows(weights: dict[str, np.ndarray]) -> int:
+def weights_time_rows(weights: dict[str, np.ndarray]) -> int:
     """The fewest time_embed rows among a state dict's Transformers (a tokenizer has two)."""
     return min(np.shape(v)[1] for k, v in weights.items() if k.split(".")[-1] == "time_embed")
 
 
-def with_time_rows(weights: dict[str, np.ndarray], rows: int, method: TimeExtension | Literal["truncate"]
-                   ) -> dict[str, np.ndarray]:
+def resize_time_rows(weights: dict[str, np.ndarray], rows: int, method: TimeExtension | Literal["truncate"]
+                     ) -> dict[str, np.ndarray]:
     """`weights` with each time_embed of another row count resized to `rows` (resize_time_embed)."""
     return {k: resize_time_embed(v, rows, method) if k.split(".")[-1] == "time_embed" and np.shape(v)[1] != rows
             else v for k, v in weights.items()}

@@ -29,9 +29,9 @@ from jax.experimental import multihost_utils
 from labram_jax import compile_cache, configs, host, preemption, sharding
 from labram_jax.checkpoint import load_model, model_config, save_model
 from labram_jax.convert import from_pytorch
-from labram_jax.configs import runtime_of, with_runtime
-from labram_jax.convert.state_dict import (Model, build as build_model, kind_of, load_state_dict, rebuilt, state_dict,
-                                          student_weights, time_rows, with_time_rows)
+from labram_jax.configs import runtime_of, time_rows_of, with_runtime, with_time_rows
+from labram_jax.convert.state_dict import (Model, build as build_model, kind_of, load_state_dict, rebuilt,
+                                          resize_time_rows, state_dict, student_weights, weights_time_rows)
 from labram_jax.data.pipeline import LoaderConfig, eval_dataset, make_dataset, restore_state, save_state
 from labram_jax.errors import UserError
 from labram_jax.files import write_json
@@ -107,21 +107,17 @@ def resolve_runtime(exp: Experiment, abstract: bool = False) -> Experiment:
 def fit_time_rows(exp: Experiment) -> tuple[Experiment, list[str]]:
     """`exp` with as many time_embed rows as its windows have patches (data.max_patches) in the model it trains
     (the tokenizer's encoder and decoder in the tokenizer stage), as train.extend_time allows, and what changed, to
-    be said. A checkpoint's rows are extended as the run loads it (Trainer.extended)."""
-    need, t = exp.data.max_patches, exp.train
-    tokenizer = exp.stage == "tokenizer"
-    have = min(exp.tokenizer.encoder.time_rows, exp.tokenizer.decoder.time_rows) if tokenizer else exp.model.time_rows
+    be said. A checkpoint's rows are extended as the run loads it (Trainer._extended)."""
+    need, tokenizer = exp.data.max_patches, exp.stage == "tokenizer"
+    have = time_rows_of(exp.tokenizer if tokenizer else exp.model)
     if need <= have:
         return exp, []
     setting = "tokenizer.encoder.time_rows and tokenizer.decoder.time_rows" if tokenizer else "model.time_rows"
-    if t.extend_time == "off":
+    if exp.train.extend_time == "off":
         raise UserError(f"windows of {need} patches (data.max_patches) are longer than the model's {have} time_embed "
                         f"rows and train.extend_time is off: set {setting}={need}, or train.extend_time=linear")
-    if tokenizer:
-        exp = exp.replace(tokenizer=exp.tokenizer.replace(encoder=exp.tokenizer.encoder.replace(time_rows=need),
-                                                          decoder=exp.tokenizer.decoder.replace(time_rows=need)))
-    else:
-        exp = exp.replace(model=exp.model.replace(time_rows=need))
+    exp = exp.replace(tokenizer=with_time_rows(exp.tokenizer, need)) if tokenizer else \
+        exp.replace(model=with_time_rows(exp.model, need))
     return exp, [f"windows of {need} s are longer than the model's {have} time_embed rows: {setting}={need}"]
 
 
@@ -312,18 +308,17 @@ class Trainer:
             elif "head.weight" in weights and weights["head.weight"].shape[0] != exp.model.num_classes:
                 weights = {k: v for k, v in weights.items() if not k.startswith("head.")}
                 fresh = ("head.",)
-        rows = min(exp.tokenizer.encoder.time_rows, exp.tokenizer.decoder.time_rows) if exp.stage == "tokenizer" \
-            else exp.model.time_rows
-        load_state_dict(model, self.extended(weights, rows, f"init {exp.init}"), allow_missing=fresh, source=exp.init)
+        weights = self._extended(weights, time_rows_of(model.cfg), f"init {exp.init}")
+        load_state_dict(model, weights, allow_missing=fresh, source=exp.init)
 
-    def extended(self, weights: dict[str, np.ndarray], rows: int, source: str) -> dict[str, np.ndarray]:
+    def _extended(self, weights: dict[str, np.ndarray], rows: int, source: str) -> dict[str, np.ndarray]:
         """A checkpoint's `weights` with fewer time_embed rows than `rows` extended as train.extend_time says (and
         noted); unchanged when it has them all, or when extension is off (the strict load then names the shape)."""
-        method, have = self.exp.train.extend_time, time_rows(weights)
+        method, have = self.exp.train.extend_time, weights_time_rows(weights)
         if have >= rows or method == "off":
             return weights
         self._time_notes.append(f"{source}'s {have} learned time_embed rows extended to {rows} ({method})")
-        return with_time_rows(weights, rows, method)
+        return resize_time_rows(weights, rows, method)
 
     def _tokenizer(self) -> nnx.Module:
         if self.exp.tokenizer_checkpoint:
@@ -333,15 +328,13 @@ class Trainer:
                 raise UserError(f"tokenizer_checkpoint {self.exp.tokenizer_checkpoint} holds a "
                                 f"{kind_of(tokenizer)} model, not a tokenizer")
             need = self.exp.data.max_patches
-            if min(tokenizer.cfg.encoder.time_rows, tokenizer.cfg.decoder.time_rows) < need:
+            if time_rows_of(tokenizer.cfg) < need:
                 if self.exp.train.extend_time == "off":
                     raise UserError(f"windows of {need} patches (data.max_patches) are longer than the "
                                     f"{self.exp.tokenizer_checkpoint} tokenizer's time_embed rows and "
                                     "train.extend_time is off")
-                weights = self.extended(state_dict(tokenizer), need, f"tokenizer {self.exp.tokenizer_checkpoint}")
-                cfg = tokenizer.cfg.replace(encoder=tokenizer.cfg.encoder.replace(time_rows=need),
-                                            decoder=tokenizer.cfg.decoder.replace(time_rows=need))
-                tokenizer = build_model(cfg, "tokenizer")
+                weights = self._extended(state_dict(tokenizer), need, f"tokenizer {self.exp.tokenizer_checkpoint}")
+                tokenizer = build_model(with_time_rows(tokenizer.cfg, need), "tokenizer")
                 load_state_dict(tokenizer, weights, source=self.exp.tokenizer_checkpoint)
             return tokenizer
         if self.abstract:  # shapes only (ahead-of-time compilation): the recipe's tokenizer config stands in
