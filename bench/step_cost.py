@@ -2,6 +2,7 @@
 
     python bench/step_cost.py [--model base] [--stage finetune] [--steps 3] [--batch 32]
     python bench/step_cost.py --shapes 64x4,64x8,64x16 --batch 8    # 256, 512 and 1,024 tokens a window
+    python bench/step_cost.py --shapes 64x16 --batch 8 --set runtime.attention=xla   # without the chunks
     python bench/step_cost.py --smoke    # seconds: TINY, two small shapes, one step each
 
 For windows of 19x4, 64x4, 23x10 and 32x8 patches (within the original's 256 tokens; --shapes sets others, a
@@ -30,6 +31,8 @@ def main() -> None:
     parser.add_argument("--stage", default="finetune", choices=("finetune", "pretrain"))
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="windows a step (default 32)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="config overrides, as labram train --set (e.g. runtime.attention=xla)")
     parser.add_argument("--shapes", type=lambda text: tuple(tuple(map(int, s.split("x"))) for s in text.split(",")),
                         default=SHAPES, help="channels x patches of each window, e.g. 64x4,64x8,64x16")
     parser.add_argument("--smoke", action="store_true",
@@ -41,7 +44,7 @@ def main() -> None:
         args.model, args.steps, shapes = "tiny", 1, (SHAPES[0], (4, 20))
     tokens, times, cpu_times = [], [], []
     for channels, patches in shapes:
-        trainer, batch = jax_step(args.model, args.stage, channels, patches, args.batch)
+        trainer, batch = jax_step(args.model, args.stage, channels, patches, args.batch, tuple(args.set))
         rng = jax.random.key(0)
         compiled = trainer.compiled_step()
         memory = compiled.memory_analysis()
