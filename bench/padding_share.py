@@ -84,8 +84,9 @@ def main() -> None:
             share, with_cls, windows = padded_share(args.batches, cfg, folder)
             print(f"grid {n} x {a}: padded share {share:.1%} of patch tokens ({with_cls:.1%} with cls), "
                   f"{windows / args.batches:.1f} windows per batch of {args.batch_size} rows")
-        cfg = LoaderConfig(batch_size=args.batch_size, max_channels=1, max_patches=1, seed=args.seed,
-                           pack_tokens=args.pack_tokens, pack_windows=args.pack_windows,
+        # packed rows keep max_patches as the model's time_embed rows a window may use: the data's longest
+        cfg = LoaderConfig(batch_size=args.batch_size, max_channels=grids[0][0], max_patches=grids[0][1],
+                           seed=args.seed, pack_tokens=args.pack_tokens, pack_windows=args.pack_windows,
                            pack_buffer=args.pack_buffer)
         share, with_cls, windows = padded_share(args.batches, cfg, folder)
         print(f"packed {args.pack_tokens} tokens, <= {args.pack_windows} windows per row: padded share "

@@ -12,6 +12,7 @@ field at all: the trainer sets it around its step.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Literal, TypeVar
 
 from labram_jax.errors import UserError
@@ -129,8 +130,10 @@ class TokenizerConfig:
 
 
 # The largest model a checkpoint or export may describe before it is built: its file's shapes decide the model, so
-# a few bytes could otherwise ask for hundreds of gigabytes. Five times LaBraM-Huge's 369M.
+# a few bytes could otherwise ask for hundreds of gigabytes. Five times LaBraM-Huge's 369M; LABRAM_JAX_MAX_PARAMETERS
+# sets another limit, for a model larger still.
 MAX_PARAMETERS = 2_000_000_000
+MAX_PARAMETERS_ENV = "LABRAM_JAX_MAX_PARAMETERS"
 
 
 def parameter_count(cfg: "TransformerConfig | TokenizerConfig") -> int:
@@ -148,12 +151,16 @@ def parameter_count(cfg: "TransformerConfig | TokenizerConfig") -> int:
     return cfg.depth * block + embeddings + d * (cfg.num_classes + cfg.vocab_size)
 
 
-def check_size(cfg: "TransformerConfig | TokenizerConfig", source: str, limit: int = MAX_PARAMETERS) -> None:
-    """A one-line UserError when `cfg` describes a model of more than `limit` parameters."""
-    count = parameter_count(cfg)
+def check_size(cfg: "TransformerConfig | TokenizerConfig", source: str) -> None:
+    """A one-line UserError when `cfg` describes a model of more parameters than the limit (MAX_PARAMETERS, or
+    LABRAM_JAX_MAX_PARAMETERS where set)."""
+    text = os.environ.get(MAX_PARAMETERS_ENV, "")
+    if text and not text.isdigit():
+        raise UserError(f"{MAX_PARAMETERS_ENV}={text!r} is not a whole number of parameters")
+    limit, count = int(text or MAX_PARAMETERS), parameter_count(cfg)
     if count > limit:
         raise UserError(f"{source} describes a model of {count:,} parameters, more than the {limit:,} this "
-                        "reader builds (configs.MAX_PARAMETERS)")
+                        f"reader builds (set {MAX_PARAMETERS_ENV} to build it)")
 
 
 def time_rows_of(cfg: "TransformerConfig | TokenizerConfig") -> int:
