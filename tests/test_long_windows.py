@@ -15,12 +15,12 @@ from labram_jax import configs
 from labram_jax.checkpoint import load_model, save_model
 from labram_jax.convert.state_dict import resize_time_embed
 from labram_jax.data.records import Window
-from labram_jax.data.shards import DatasetStats, write_manifest, write_shard
 from labram_jax.errors import UserError
 from labram_jax.models.labram import LaBraM
 from labram_jax.models.vqnsp import VQNSP
 from labram_jax.train.config import DataConfig, Experiment, TrainConfig
 from labram_jax.train.trainer import Trainer
+from test_train import write_split
 
 ONE = jax.devices()[:1]
 
@@ -36,13 +36,7 @@ def windows(folder, count: int, channels: int, seconds: int, seed: int = 0):
                            channel_rows=np.arange(1, channels + 1, dtype=np.int16),
                            channel_names=tuple(f"C{k}" for k in range(channels)), recording=f"long/{i}", start=0.0,
                            dataset="long", subject=f"S{i % 4}", label=i % 2))
-    folder.mkdir(parents=True)
-    write_shard(folder / "long-00000.array_record", made)
-    stats = DatasetStats()
-    for window in made:
-        stats.add(window)
-    write_manifest(folder, {"long": stats}, {"sfreq": 200.0, "window_s": seconds})
-    return folder
+    return write_split(folder, made)
 
 
 def run(stage: str, folder, **changes) -> Experiment:

@@ -54,12 +54,13 @@ def synthetic_window(i: int, label: int, rng: np.random.Generator, scale: float 
 
 
 def write_split(folder: Path, windows: list[Window]) -> Path:
+    """The windows as one shard and its manifest (their window length: the first one's patches)."""
     folder.mkdir(parents=True)
     write_shard(folder / "syn-00000.array_record", windows)
     stats = DatasetStats()
     for window in windows:
         stats.add(window)
-    write_manifest(folder, {"syn": stats}, {"sfreq": 200.0, "window_s": PATCHES})
+    write_manifest(folder, {windows[0].dataset: stats}, {"sfreq": 200.0, "window_s": windows[0].signal.shape[1]})
     return folder
 
 
