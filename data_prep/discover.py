@@ -15,13 +15,12 @@ from __future__ import annotations
 import glob
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from labram_jax.errors import UserError
-from labram_jax.files import file_kind
+from labram_jax.files import not_regular
 
 # What MNE's read_raw reads and a folder scan picks up. Left out on purpose: extensions that in an EEG corpus are
 # mostly something else (.txt, .dat, .mat, .bin, .asc, .hdr: notes, BrainVision data, MATLAB, eye tracking, fNIRS),
@@ -112,13 +111,8 @@ class _Sidecars:
 def not_a_file(path: Path) -> str:
     """Why `path` (a link: its target) is neither a regular file nor a folder, which opening would block on or
     stream from (a FIFO, a socket, a device); "" for files, folders, and what does not exist."""
-    try:
-        mode = path.stat().st_mode
-    except OSError:
-        return ""
-    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
-        return ""
-    return f"not a regular file ({file_kind(mode)}): never opened"
+    kind = not_regular(path, folders=True)
+    return f"not a regular file ({kind}): never opened" if kind else ""
 
 
 def _not_read(path: Path, sidecars: _Sidecars) -> str:

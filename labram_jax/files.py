@@ -44,15 +44,20 @@ def file_kind(mode: int) -> str:
             "not a regular file")
 
 
-def check_regular(path: str | os.PathLike) -> None:
-    """A one-line UserError unless `path` (a link: its target) is a regular file: opening a FIFO blocks until a
-    writer comes, a device streams without end. A path that does not exist passes (its open reports it)."""
+def not_regular(path: str | os.PathLike, *, folders: bool = False) -> str:
+    """What `path` (a link: its target) is when it is not a regular file (nor, with `folders`, a folder): opening a
+    FIFO blocks until a writer comes, a device streams without end. "" for what does not exist (its open says)."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return
-    if not stat.S_ISREG(mode):
-        raise UserError(f"{os.fspath(path)}: not a regular file ({file_kind(mode)})")
+        return ""
+    return "" if stat.S_ISREG(mode) or (folders and stat.S_ISDIR(mode)) else file_kind(mode)
+
+
+def check_regular(path: str | os.PathLike) -> None:
+    """A one-line UserError unless `path` is a regular file (not_regular)."""
+    if kind := not_regular(path):
+        raise UserError(f"{os.fspath(path)}: not a regular file ({kind})")
 
 
 def _linked(path: str | os.PathLike) -> UserError:
