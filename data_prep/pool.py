@@ -106,9 +106,10 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int, on_crash
 
 
 def _kill_survivors(executor: ProcessPoolExecutor) -> None:
-    """SIGKILL the workers a broken or abandoned pool still has. The executor ends them with SIGTERM and then joins them, but
-    workers ignore SIGTERM (ignore_in_worker), and one blocked writing a large result into the pipe that nobody
-    reads any more would never exit: the join, and with it the whole job, would hang."""
+    """SIGKILL the workers a broken or abandoned pool still has. The executor ends them with SIGTERM and then joins
+    them, but workers ignore SIGTERM (ignore_in_worker), and one blocked writing a large result into the pipe that
+    nobody reads any more, or on a file that never answers, would never exit: the join, and with it the whole job,
+    would hang."""
     for process in list((executor._processes or {}).values()):  # the executor offers no public handle
         process.kill()
 

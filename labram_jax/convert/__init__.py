@@ -78,5 +78,5 @@ def to_pytorch(model: Model, path: str | os.PathLike, *, truncate_time: bool = F
         write_pth(path, {"model": weights})
 
 
-__all__ = ["from_pytorch", "to_pytorch", "original_state_dict", "read_pth", "write_pth", "read_safetensors", "write_safetensors",
-           "state_dict", "load_state_dict", "kind_of"]
+__all__ = ["from_pytorch", "to_pytorch", "original_state_dict", "read_pth", "write_pth", "read_safetensors",
+           "write_safetensors", "state_dict", "load_state_dict", "kind_of"]
