@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 
-from labram_jax import configs
 from labram_jax.configs import MAX_PATCHES, NUM_CHANNEL_ROWS, PATCH_SIZE, TransformerConfig
 from labram_jax.convert.safetensors_file import read_safetensors, write_safetensors
 from labram_jax.convert.state_dict import (Model, Renames, checked_build, infer_config, rename, state_dict,
@@ -211,5 +210,4 @@ def from_braindecode(directory: str | os.PathLike, *, seed: int = 0) -> LaBraM:
     cfg = cfg.replace(drop_rate=float(numbers["drop_prob"]), attn_drop_rate=float(numbers["attn_drop_prob"]),
                       drop_path_rate=float(numbers["drop_path_prob"]), init_scale=float(numbers["init_scale"]),
                       init_values=float(numbers["init_values"] or 0.0))
-    configs.check_size(cfg, str(weights_path))
     return checked_build(cfg, "classify", weights, source=str(weights_path), layout=braindecode_key, seed=seed)

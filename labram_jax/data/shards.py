@@ -129,8 +129,9 @@ def read_manifest(directory: str | os.PathLike) -> dict[str, Any] | None:
     path = Path(directory) / MANIFEST
     if not path.is_file():
         return None
-    if path.stat().st_size > MANIFEST_MAX_BYTES:
-        raise UserError(f"{path}: {path.stat().st_size:,} bytes, more than a manifest's {MANIFEST_MAX_BYTES:,}")
+    size = path.stat().st_size
+    if size > MANIFEST_MAX_BYTES:
+        raise UserError(f"{path}: {size:,} bytes, more than a manifest's {MANIFEST_MAX_BYTES:,}")
     try:
         manifest = json.loads(read_regular(path), parse_constant=_refuse_constant)
     except (ValueError, RecursionError) as error:
